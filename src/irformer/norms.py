@@ -1,0 +1,311 @@
+"""Normalisation layers for token sequences and the one residual-merge point.
+
+Every Transformer block in :mod:`irformer.archs` normalises its input with a
+norm from :func:`build_norm`, runs a branch (attention or MLP) on the result and
+adds the branch back with :func:`merge_residual`. The norm decides how the
+branch is rescaled before the add, which is where i-LN hooks in:
+
+    x + sqrt(var + eps) * f(LN*(x))          (i-LN, paper Eq. 5)
+
+Norms are stateless between calls (the i-LN authors keep ``self.last_var`` on
+the module, which breaks under activation checkpointing and re-entrant calls):
+``stats = norm.statistics(x)`` returns whatever the branch rescale needs, and it
+is passed explicitly to :func:`merge_residual`.
+
+Tokens are ``(B, L, C)``. Parameter names (``weight``/``bias``) follow
+``nn.LayerNorm`` so that official checkpoints load into ``ln`` models.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORM_NAMES: tuple[str, ...] = (
+    "ln",
+    "ln_star",
+    "iln",
+    "rms",
+    "in",
+    "bn",
+    "none",
+    "layerscale",
+    "rezero",
+)
+"""Every name :func:`build_norm` accepts (the paper's Table 1 set)."""
+
+NormRole = Literal["branch", "embed", "final"]
+"""Where a norm sits: ``branch`` feeds an attention/MLP branch that is merged
+back into the residual stream; ``embed`` follows patch embedding; ``final``
+follows the body (no residual of its own)."""
+
+ILN_EPS = 1e-4
+"""i-LN's eps, from the authors' configs (NOTES.md)."""
+
+LAYERSCALE_INIT = 1e-4
+"""LayerScale's initial per-channel branch scale (CaiT uses 1e-4..1e-1 by depth)."""
+
+
+class TokenNorm(nn.Module):
+    """Base class: a norm over tokens ``(B, L, C)`` with an explicit statistics pass.
+
+    Subclasses implement :meth:`statistics` and :meth:`normalize`; the default
+    :meth:`rescale_branch` leaves the branch unchanged (plain pre-norm residual).
+    """
+
+    def statistics(self, x: Tensor) -> Tensor | None:
+        """Statistics that :meth:`normalize` and :meth:`rescale_branch` share."""
+        return None
+
+    def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
+        """Scale the branch output before the residual add (identity by default)."""
+        return branch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x, self.statistics(x))
+
+
+class _ChannelAffine(TokenNorm):
+    """Shared per-channel ``weight``/``bias`` (named as in ``nn.LayerNorm``)."""
+
+    def __init__(self, dim: int, *, bias: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def _affine(self, y: Tensor) -> Tensor:
+        y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}"
+
+
+class ChannelAffine(_ChannelAffine):
+    """No normalisation, only ``y = weight * x + bias``.
+
+    i-LN replaces the norms after patch embedding, before patch unembedding and
+    after the body with this (the authors' HAT code; removing the final vanilla
+    LN "helps a lot"), keeping the same parameter names.
+    """
+
+    def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
+        return self._affine(x)
+
+
+class LayerNorm(_ChannelAffine):
+    """Per-token LayerNorm (the baseline): statistics over C for every token."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5) -> None:
+        super().__init__(dim)
+        self.eps = eps
+
+    def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+class HolisticLayerNorm(_ChannelAffine):
+    """LN*: one mean/variance per image over all ``L*C`` values (paper Eq. 4).
+
+    With ``rescale=True`` this is i-LN: the branch fed by this norm is multiplied
+    by ``sqrt(var + eps)`` before the residual add, so the block is homogeneous
+    of degree one in its input. Statistics are per sample (never across the
+    batch), biased, and computed in fp32 even under autocast; the gradient flows
+    through the std as in the authors' code.
+    """
+
+    def __init__(self, dim: int, *, eps: float = ILN_EPS, rescale: bool = False) -> None:
+        super().__init__(dim)
+        self.eps = eps
+        self.rescale = rescale
+
+    def statistics(self, x: Tensor) -> Tensor:
+        """Returns ``(B, 2, 1)``: mean and ``sqrt(var + eps)`` per sample."""
+        return holistic_stats(x, self.eps)
+
+    def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
+        if stats is None:
+            stats = self.statistics(x)
+        mean, std = stats[:, 0:1], stats[:, 1:2]
+        y = (x.float() - mean) / std
+        return self._affine(y.to(x.dtype))
+
+    def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
+        if not self.rescale:
+            return branch
+        if stats is None:
+            raise ValueError("i-LN rescale needs the statistics of the norm that fed the branch")
+        std = stats[:, 1:2].reshape((stats.shape[0],) + (1,) * (branch.dim() - 1))
+        return branch * std.to(branch.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, rescale={self.rescale}"
+
+
+def holistic_stats(x: Tensor, eps: float) -> Tensor:
+    """Per-sample mean and ``sqrt(var + eps)`` over every non-batch dim, in fp32.
+
+    x: (B, ...). Returns (B, 2, 1) so the two can be broadcast against (B, L, C).
+    """
+    flat = x.reshape(x.shape[0], -1).float()
+    var, mean = torch.var_mean(flat, dim=1, unbiased=False)
+    return torch.stack([mean, torch.sqrt(var + eps)], dim=1).unsqueeze(-1)
+
+
+class RMSNorm(TokenNorm):
+    """Per-token RMSNorm (no centring, no bias)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
+        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+
+
+class InstanceNorm(_ChannelAffine):
+    """InstanceNorm: per sample and per channel, statistics over the L tokens."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5) -> None:
+        super().__init__(dim)
+        self.eps = eps
+
+    def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
+        var, mean = torch.var_mean(x.float(), dim=1, keepdim=True, unbiased=False)
+        y = (x.float() - mean) * torch.rsqrt(var + self.eps)
+        return self._affine(y.to(x.dtype))
+
+
+class BatchNorm(TokenNorm):
+    """BatchNorm over channels with running statistics.
+
+    In training mode it normalises with the statistics of the whole batch (all
+    samples and tokens), so it is the one norm whose output for one sample
+    depends on the others. ``use_batch_stats_in_eval`` evaluates a trained model
+    with batch statistics (the paper reports BN both ways).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum)
+        self.use_batch_stats_in_eval = False
+
+    def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
+        b, l, c = x.shape
+        use_batch = self.training or self.use_batch_stats_in_eval
+        y = F.batch_norm(
+            x.reshape(b * l, c),
+            self.bn.running_mean,
+            self.bn.running_var,
+            self.bn.weight,
+            self.bn.bias,
+            training=use_batch,
+            momentum=self.bn.momentum if self.training else 0.0,
+            eps=self.bn.eps,
+        )
+        if self.training:
+            self.bn.num_batches_tracked += 1
+        return y.reshape(b, l, c)
+
+
+class Identity(TokenNorm):
+    """No normalisation at all (the paper's "None" row)."""
+
+    def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
+        return x
+
+
+class LayerScaleNorm(LayerNorm):
+    """LN plus LayerScale: a learnable per-channel branch scale, small at init."""
+
+    def __init__(self, dim: int, *, init: float = LAYERSCALE_INIT) -> None:
+        super().__init__(dim)
+        self.layer_scale = nn.Parameter(torch.full((dim,), init))
+
+    def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
+        return branch * self.layer_scale  # branch: (..., C)
+
+
+class ReZero(Identity):
+    """ReZero: no norm; the branch is scaled by one scalar initialised at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rezero_alpha = nn.Parameter(torch.zeros(1))
+
+    def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
+        return branch * self.rezero_alpha
+
+
+def build_norm(
+    name: str, dim: int, *, role: NormRole = "branch", eps: float | None = None
+) -> TokenNorm:
+    """The one norm factory: every architecture names its norms through here.
+
+    ``role`` places the norm: ``branch`` norms feed a residual branch; ``embed``
+    and ``final`` norms (after patch embedding / after the body) have no branch,
+    so i-LN replaces them with :class:`ChannelAffine` (as the authors' code
+    does), and ``rezero``/``none`` with the identity.
+    """
+    if name not in NORM_NAMES:
+        raise ValueError(f"unknown norm {name!r}; valid norms: {', '.join(NORM_NAMES)}")
+    if role not in ("branch", "embed", "final"):
+        raise ValueError(f"unknown norm role {role!r}; expected 'branch', 'embed' or 'final'")
+    kwargs = {} if eps is None else {"eps": eps}
+    if role != "branch":
+        if name == "iln":
+            return ChannelAffine(dim)
+        if name in ("rezero", "none"):
+            return Identity()
+        if name == "layerscale":
+            return LayerNorm(dim, **kwargs)
+    if name == "ln":
+        return LayerNorm(dim, **kwargs)
+    if name == "ln_star":
+        return HolisticLayerNorm(dim, **kwargs)
+    if name == "iln":
+        return HolisticLayerNorm(dim, rescale=True, **kwargs)
+    if name == "rms":
+        return RMSNorm(dim, **kwargs)
+    if name == "in":
+        return InstanceNorm(dim, **kwargs)
+    if name == "bn":
+        return BatchNorm(dim, **kwargs)
+    if name == "layerscale":
+        return LayerScaleNorm(dim)
+    if name == "rezero":
+        return ReZero()
+    return Identity()
+
+
+def merge_residual(x: Tensor, branch: Tensor, norm: TokenNorm, stats: Tensor | None) -> Tensor:
+    """The one residual-merge point: ``x + norm.rescale_branch(branch, stats)``.
+
+    ``norm`` is the norm that fed ``branch`` and ``stats`` what its
+    :meth:`TokenNorm.statistics` returned for ``x``; for i-LN this applies the
+    input-adaptive rescale, for LayerScale/ReZero their learnable scales.
+    """
+    return x + norm.rescale_branch(branch, stats)
+
+
+def set_batchnorm_eval_mode(model: nn.Module, *, use_batch_stats: bool) -> int:
+    """Choose running (False) or batch (True) statistics for every BN in eval.
+
+    Returns the number of BatchNorm layers changed.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BatchNorm):
+            module.use_batch_stats_in_eval = use_batch_stats
+            count += 1
+    return count
