@@ -1,0 +1,348 @@
+"""Building blocks shared by the Swin-style architectures.
+
+Window partitioning, relative-position bias, shifted-window masks (cached per
+input size, unlike the reference code, which rebuilds them whenever the size
+differs from the training patch), window attention with a fused path, the MLP,
+patch (un)embedding, upsamplers, and the Swin Transformer block whose residual
+merges go through :func:`irformer.norms.merge_residual`.
+
+Parameter names follow the official SwinIR code so checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from irformer.norms import TokenNorm, build_norm, merge_residual
+
+ActivationQuantizer = Callable[[Tensor], Tensor]
+
+MASK_VALUE = -100.0
+"""The additive mask value of the official Swin code (not -inf), kept for parity."""
+
+
+def window_partition(x: Tensor, window_size: int) -> Tensor:
+    """x: (B, H, W, C) -> (B * nW, ws, ws, C), windows in row-major order per image."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+
+
+def window_reverse(windows: Tensor, window_size: int, h: int, w: int) -> Tensor:
+    """windows: (B * nW, ws, ws, C) -> (B, H, W, C); inverse of :func:`window_partition`."""
+    b = windows.shape[0] // ((h // window_size) * (w // window_size))
+    x = windows.view(b, h // window_size, w // window_size, window_size, window_size, -1)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+
+
+def relative_position_index(window_h: int, window_w: int | None = None) -> Tensor:
+    """(Wh*Ww, Wh*Ww) index into a ``(2Wh-1)(2Ww-1)`` bias table (Swin convention)."""
+    window_w = window_h if window_w is None else window_w
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")
+    ).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel[:, :, 0] += window_h - 1
+    rel[:, :, 1] += window_w - 1
+    rel[:, :, 0] *= 2 * window_w - 1
+    return rel.sum(-1)
+
+
+@lru_cache(maxsize=64)
+def _shifted_window_mask_cpu(h: int, w: int, window_size: int, shift_size: int) -> Tensor:
+    img_mask = torch.zeros(1, h, w, 1)
+    slices = (
+        slice(0, -window_size),
+        slice(-window_size, -shift_size),
+        slice(-shift_size, None),
+    )
+    region = 0
+    for hs in slices:
+        for ws in slices:
+            img_mask[:, hs, ws, :] = region
+            region += 1
+    windows = window_partition(img_mask, window_size).view(-1, window_size * window_size)
+    diff = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return diff.ne(0).float() * MASK_VALUE
+
+
+_DEVICE_MASKS: dict[tuple[int, int, int, int, str], Tensor] = {}
+
+
+def shifted_window_mask(
+    h: int, w: int, window_size: int, shift_size: int, device: torch.device
+) -> Tensor:
+    """(nW, N, N) additive mask for shifted-window attention on an ``h x w`` map.
+
+    Cached per (size, window, shift, device): every block of a model shares one.
+    """
+    if device.type == "cpu":
+        return _shifted_window_mask_cpu(h, w, window_size, shift_size)
+    key = (h, w, window_size, shift_size, str(device))
+    mask = _DEVICE_MASKS.get(key)
+    if mask is None:
+        if len(_DEVICE_MASKS) > 64:
+            _DEVICE_MASKS.clear()
+        mask = _shifted_window_mask_cpu(h, w, window_size, shift_size).to(device)
+        _DEVICE_MASKS[key] = mask
+    return mask
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention within windows, with relative position bias.
+
+    Fused path: ``scaled_dot_product_attention`` with bias and mask folded into
+    one additive mask, heads and windows merged so the CPU flash kernel applies
+    (exact to float rounding). When any of ``quant_q``/``quant_k``/``quant_attn``
+    /``quant_v`` is set (compression), the explicit matmul path runs so that both
+    operands of both matmuls can be quantised.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads)
+        )
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        # Derived from window_size alone: official files carry it, we validate it
+        # on load instead of storing it.
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window_size), persistent=False
+        )
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.quant_q: ActivationQuantizer | None = None
+        self.quant_k: ActivationQuantizer | None = None
+        self.quant_attn: ActivationQuantizer | None = None
+        self.quant_v: ActivationQuantizer | None = None
+
+    def position_bias(self) -> Tensor:
+        """(heads, N, N) relative position bias."""
+        n = self.window_size * self.window_size
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
+    @property
+    def quantized(self) -> bool:
+        return any(
+            q is not None for q in (self.quant_q, self.quant_k, self.quant_attn, self.quant_v)
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B*nW, N, C); mask: (nW, N, N) additive or None."""
+        bw, n, c = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.position_bias()
+        if self.quantized:
+            out = self._explicit_attention(q, k, v, bias, mask)
+        else:
+            out = self._fused_attention(q, k, v, bias, mask)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+    def _fused_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        bw, heads, n, d = q.shape
+        if mask is None:
+            add = bias.unsqueeze(0).to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=self.scale)
+        nw = mask.shape[0]
+        add = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nw * heads, n, n).to(q.dtype)
+        shape = (bw // nw, nw * heads, n, d)
+        out = F.scaled_dot_product_attention(
+            q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=add, scale=self.scale
+        )
+        return out.view(bw, heads, n, d)
+
+    def _explicit_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        q = q * self.scale
+        if self.quant_q is not None:
+            q = self.quant_q(q)
+        if self.quant_k is not None:
+            k = self.quant_k(k)
+        attn = q @ k.transpose(-2, -1) + bias.unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            bw, heads, n, _ = attn.shape
+            attn = attn.view(bw // nw, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(bw, heads, n, n)
+        attn = attn.softmax(dim=-1)
+        if self.quant_attn is not None:
+            attn = self.quant_attn(attn)
+        if self.quant_v is not None:
+            v = self.quant_v(v)
+        return attn @ v
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (official key names)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwinTransformerBlock(nn.Module):
+    """Pre-norm (shifted) window attention + MLP; both merges via ``merge_residual``.
+
+    ``conv_branch`` (HAT's channel-attention block) is an optional module run on
+    the normalised input, whose output, times ``conv_scale``, joins the attention
+    branch before the merge (the authors' i-LN HAT rescales the sum).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float,
+        norm: str,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        conv_branch: nn.Module | None = None,
+        conv_scale: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size {shift_size} must be in [0, window_size={window_size})")
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.norm1: TokenNorm = build_norm(norm, dim)
+        self.attn = WindowAttention(
+            dim, window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale
+        )
+        if conv_branch is not None:
+            self.conv_block = conv_branch
+        self.conv_scale = conv_scale
+        self.norm2: TokenNorm = build_norm(norm, dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """x: (B, H*W, C) with ``x_size = (H, W)`` multiples of the window size."""
+        h, w = x_size
+        b, _, c = x.shape
+        stats = self.norm1.statistics(x)
+        y = self.norm1.normalize(x, stats)
+        branch = self._window_attention(y.view(b, h, w, c), h, w)
+        if hasattr(self, "conv_block"):
+            conv = self.conv_block(y.view(b, h, w, c).permute(0, 3, 1, 2))
+            branch = branch + self.conv_scale * conv.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        x = merge_residual(x, branch, self.norm1, stats)
+        stats = self.norm2.statistics(x)
+        return merge_residual(x, self.mlp(self.norm2.normalize(x, stats)), self.norm2, stats)
+
+    def _window_attention(self, y: Tensor, h: int, w: int) -> Tensor:
+        """y: (B, H, W, C) normalised tokens -> (B, H*W, C) attention branch."""
+        b, _, _, c = y.shape
+        ws, shift = self.window_size, self.shift_size
+        mask = None
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+            mask = shifted_window_mask(h, w, ws, shift, y.device)
+        windows = window_partition(y, ws).view(-1, ws * ws, c)
+        out = window_reverse(self.attn(windows, mask).view(-1, ws, ws, c), ws, h, w)
+        if shift:
+            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+        return out.reshape(b, h * w, c)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C) tokens, with the optional post-embedding norm."""
+
+    def __init__(self, dim: int, norm: str | None) -> None:
+        super().__init__()
+        if norm is not None:
+            self.norm = build_norm(norm, dim, role="embed")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(2).transpose(1, 2)
+        return self.norm(x) if hasattr(self, "norm") else x
+
+
+class PatchUnEmbed(nn.Module):
+    """(B, H*W, C) tokens -> (B, C, H, W)."""
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        b, _, c = x.shape
+        return x.transpose(1, 2).reshape(b, c, x_size[0], x_size[1])
+
+
+class Upsample(nn.Sequential):
+    """Conv + PixelShuffle stages for scale 2^n or 3 (official key layout)."""
+
+    def __init__(self, scale: int, num_feat: int) -> None:
+        layers: list[nn.Module] = []
+        if scale & (scale - 1) == 0:
+            for _ in range(int(math.log2(scale))):
+                layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+        elif scale == 3:
+            layers += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+        else:
+            raise ValueError(f"upscale {scale} is not supported; expected 2^n or 3")
+        super().__init__(*layers)
+
+
+class UpsampleOneStep(nn.Sequential):
+    """One conv + PixelShuffle straight to the output (lightweight models)."""
+
+    def __init__(self, scale: int, num_feat: int, num_out_ch: int) -> None:
+        super().__init__(
+            nn.Conv2d(num_feat, scale * scale * num_out_ch, 3, 1, 1), nn.PixelShuffle(scale)
+        )
+
+
+UPSAMPLERS: tuple[str, ...] = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
+"""Upsampler names of the originals ('' = same-size restoration)."""
+
+DF2K_RGB_MEAN: tuple[float, float, float] = (0.4488, 0.4371, 0.4040)
+DF2K_RGB_STD: tuple[float, float, float] = (0.2842, 0.2701, 0.2920)
+"""Input mean of the originals and the std that the i-LN code's ``stdnorm`` divides by."""
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Reflect-pad (B, C, H, W) on the bottom/right to a multiple (as the originals do)."""
+    h, w = x.shape[-2:]
+    pad_h = (multiple - h % multiple) % multiple
+    pad_w = (multiple - w % multiple) % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+    return x
+
+
+def check_channels(x: Tensor, expected: int, model_name: str) -> None:
+    """Raise a clear error for a wrong channel count or rank."""
+    if x.dim() != 4 or x.shape[1] != expected:
+        raise ValueError(
+            f"{model_name} expects input of shape (B, {expected}, H, W), got {tuple(x.shape)}"
+        )
