@@ -1,0 +1,396 @@
+"""Training configuration: frozen, typed dataclasses loaded from YAML.
+
+A config is plain values (an architecture and a norm are *names*, not classes)
+so it serialises back to YAML unchanged and can be stored next to a run. Loading
+is strict: an unknown or misspelled key is an error naming the key and the
+closest valid one, because a silently ignored ``lerning_rate`` wastes a run.
+
+    cfg = load_config("configs/swinir1/sr_x2_iln.yaml", ["train.lr=1e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS: tuple[str, ...] = ("sr", "dn", "car", "dr")
+"""Degradation tasks: super-resolution, denoising, JPEG artifact removal, deraining."""
+
+SCHEDULERS: tuple[str, ...] = ("steplr", "multisteplr", "none")
+
+DEFAULT_TRAIN_FOLDERS: tuple[str, ...] = ("datasets/DF2K/HR",)
+"""DF2K-style HR folder (DIV2K + Flickr2K HR images in one folder), relative to the
+working directory; override with ``--set data.train=[...]``."""
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a badly typed value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to build: ``irformer.archs.build_model(arch, norm=..., upscale=scale)``."""
+
+    arch: str = "swinir_light"
+    norm: str = "ln"
+    scale: int = 2
+    """Upscaling factor of the network (1 for DN/CAR/DR)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the preset (e.g. ``embed_dim``, ``depths``)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training pairs: HR folders degraded on the fly, or paired LQ/GT folders."""
+
+    train: tuple[str, ...] = DEFAULT_TRAIN_FOLDERS
+    """Ground-truth (HR / clean) image folders."""
+    train_lq: tuple[str, ...] = ()
+    """Paired degraded folders, same file stems as ``train`` (deraining); empty =
+    degrade ``train`` on the fly."""
+    task: str = "sr"
+    sigma: float = 15.0
+    """Gaussian noise std on the 0-255 scale (``dn``)."""
+    quality: int = 40
+    """JPEG quality (``car``)."""
+    patch_size: int = 64
+    """Ground-truth patch side in pixels (BasicSR's ``gt_size``); the LQ side is
+    ``patch_size // scale``."""
+    batch_size: int = 16
+    """Per-process batch; the global batch is ``batch_size * world_size``."""
+    workers: int = 2
+    grayscale: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, as in the i-LN paper's Tables 9-14 unless overridden."""
+
+    iters: int = 300_000
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    scheduler: str = "steplr"
+    step_size: int = 250_000
+    """StepLR period (the paper's "Milestones (K) 250" for StepLR)."""
+    milestones: tuple[int, ...] = ()
+    """MultiStepLR milestones in iterations."""
+    gamma: float = 0.5
+    grad_clip: float = 0.0
+    """Max global gradient norm; 0 disables clipping (paper Table 7, "GC")."""
+    kl_weight: float = 0.0
+    """Weight of the auxiliary KL(N(mu, var) || N(0, 1)) feature loss (Table 7, "KLD")."""
+    ema: float = 0.999
+    """EMA decay of the weights; 0 disables EMA."""
+    bf16: bool = False
+    """Run forward/backward under bf16 autocast (weights and optimiser stay fp32)."""
+    warm_start: str | None = None
+    """Checkpoint or exported weights to initialise from (x4 from x2); mismatched
+    tensors (the upsampler) are skipped."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ValConfig:
+    """Validation on benchmark sets during training."""
+
+    every: int = 5000
+    """Validate every N iterations; 0 disables validation."""
+    benchmarks: tuple[str, ...] = ("Set5",)
+    root: str = "../shared/data"
+    """Folder holding the benchmark sets (``sr/Set5/HR`` etc.)."""
+    max_images: int = 0
+    """Use only the first N images of each set (0 = all), for quick checks."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where a run writes and how often."""
+
+    out_dir: str = "runs/default"
+    every: int = 100
+    """Write a metrics record every N iterations."""
+    jsonl: bool = True
+    tensorboard: bool = False
+    checkpoint_every: int = 5000
+    keep_last: int = 3
+    probe_interval: int = 1000
+    """Call the trainer's hooks (the analysis probes) every N iterations; 0 = never."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training run."""
+
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.data.task not in TASKS:
+        raise ConfigError(f"data.task: {cfg.data.task!r} is not one of {', '.join(TASKS)}")
+    if cfg.train.scheduler not in SCHEDULERS:
+        raise ConfigError(
+            f"train.scheduler: {cfg.train.scheduler!r} is not one of {', '.join(SCHEDULERS)}"
+        )
+    if cfg.data.task == "sr" and cfg.model.scale < 2:
+        raise ConfigError(f"model.scale: task 'sr' needs a scale >= 2, got {cfg.model.scale}")
+    if cfg.data.task != "sr" and cfg.model.scale != 1:
+        raise ConfigError(
+            f"model.scale: task {cfg.data.task!r} restores at scale 1, got {cfg.model.scale}"
+        )
+    if cfg.data.patch_size % cfg.model.scale:
+        raise ConfigError(
+            f"data.patch_size: {cfg.data.patch_size} is not divisible by "
+            f"model.scale {cfg.model.scale}"
+        )
+    if cfg.data.train_lq and len(cfg.data.train_lq) != len(cfg.data.train):
+        raise ConfigError(
+            f"data.train_lq: {len(cfg.data.train_lq)} folders but data.train has "
+            f"{len(cfg.data.train)}; paired folders go one to one"
+        )
+    for key, value in (
+        ("train.iters", cfg.train.iters),
+        ("data.batch_size", cfg.data.batch_size),
+        ("data.patch_size", cfg.data.patch_size),
+        ("log.every", cfg.log.every),
+        ("log.keep_last", cfg.log.keep_last),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if not 0.0 <= cfg.train.ema < 1.0:
+        raise ConfigError(f"train.ema: decay must be in [0, 1), got {cfg.train.ema}")
+    if cfg.train.scheduler == "multisteplr" and list(cfg.train.milestones) != sorted(
+        cfg.train.milestones
+    ):
+        raise ConfigError(f"train.milestones: must be increasing, got {cfg.train.milestones}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _closest(key: str, valid: Sequence[str], prefix: str) -> str:
+    """The error suffix: the closest valid key (by difflib), else the whole list."""
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean {prefix + match[0]!r}?"
+    return f"; valid keys: {', '.join(prefix + v for v in valid)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated field type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        is_null = value is None or (
+            isinstance(value, str) and value.lower() in ("none", "null", "~", "")
+        )
+        if is_null and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot convert {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list | tuple):
+            value = [value]  # a single folder or milestone given without brackets
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _plain(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _plain(value: Any) -> Any:
+    """YAML values inside ``overrides`` dicts: lists become lists, nothing else changes."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, recursing into nested sections."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}{_closest(str(key), names, prefix)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from nested plain values (strict)."""
+    return _build(Config, raw, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], "1e-4"); the value is typed later."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    return key.strip().split("."), value.strip()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a raw config dict; keys are checked against the dataclasses.
+
+    Values are parsed as YAML (so ``[1, 2]`` is a list) and then coerced to the
+    field's type by :func:`config_from_dict`. ``model.overrides.KEY=V`` sets one
+    architecture keyword.
+    """
+    for text in overrides:
+        keys, value_text = parse_override(text)
+        cls: Any = Config
+        node = raw
+        for depth, key in enumerate(keys):
+            path = ".".join(keys[: depth + 1])
+            last = depth == len(keys) - 1
+            if cls is dict:  # inside model.overrides: free-form keys
+                if last:
+                    node[key] = yaml.safe_load(value_text) if value_text else None
+                else:
+                    node = node.setdefault(key, {})
+                continue
+            names = [f.name for f in dataclasses.fields(cls)]
+            if key not in names:
+                parent = ".".join(keys[:depth]) + "." if depth else ""
+                raise ConfigError(f"unknown config key {path!r}{_closest(key, names, parent)}")
+            tp = _field_types(cls)[key]
+            if last:
+                node[key] = value_text  # typed by _coerce against the field's annotation
+            elif dataclasses.is_dataclass(tp):
+                child = node.get(key)
+                node[key] = child = dict(child) if isinstance(child, Mapping) else {}
+                node, cls = child, tp
+            elif typing.get_origin(tp) is dict:
+                child = node.get(key)
+                node[key] = child = dict(child) if isinstance(child, Mapping) else {}
+                node, cls = child, dict
+            else:
+                raise ConfigError(f"override {text!r}: {path!r} is a value, not a section")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at top level, got {type(loaded)}")
+        raw = loaded
+    raw = apply_overrides(raw, overrides)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) that :func:`config_from_dict` reads back."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of a config, sections in declaration order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
