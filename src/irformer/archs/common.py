@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from irformer.norms import TokenNorm, build_norm, merge_residual
+from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, build_norm, merge_residual
 
 ActivationQuantizer = Callable[[Tensor], Tensor]
 
@@ -104,6 +104,11 @@ class WindowAttention(nn.Module):
     operands of both matmuls can be quantised.
     """
 
+    chunk_windows: int | None = None
+    """Windows per attention call (None: all at once). Set by
+    :func:`irformer.engine.infer.chunked_attention` to bound the memory of the
+    attention scores and mask on large images; the result is unchanged."""
+
     def __init__(
         self,
         dim: int,
@@ -150,6 +155,12 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B*nW, N, C); mask: (nW, N, N) additive or None."""
+        chunk = self.chunk_windows
+        if chunk is not None and x.shape[0] > chunk:
+            return self._attend_chunked(x, mask, chunk)
+        return self._attend(x, mask)
+
+    def _attend(self, x: Tensor, mask: Tensor | None) -> Tensor:
         bw, n, c = x.shape
         heads = self.num_heads
         qkv = self.qkv(x).reshape(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
@@ -160,6 +171,22 @@ class WindowAttention(nn.Module):
         else:
             out = self._fused_attention(q, k, v, bias, mask)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+    def _attend_chunked(self, x: Tensor, mask: Tensor | None, chunk: int) -> Tensor:
+        """:meth:`forward` over at most ``chunk`` windows at a time (same result).
+
+        Chunks never straddle two images, so each takes the matching slice of
+        the per-window mask.
+        """
+        bw = x.shape[0]
+        nw = bw if mask is None else mask.shape[0]
+        out = x.new_empty(bw, x.shape[1], self.proj.out_features)
+        for start in range(0, bw, nw):
+            for s in range(0, nw, chunk):
+                e = min(nw, s + chunk)
+                sub = None if mask is None else mask[s:e]
+                out[start + s : start + e] = self._attend(x[start + s : start + e], sub)
+        return out
 
     def _fused_attention(
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
@@ -217,7 +244,17 @@ class SwinTransformerBlock(nn.Module):
     ``conv_branch`` (HAT's channel-attention block) is an optional module run on
     the normalised input, whose output, times ``conv_scale``, joins the attention
     branch before the merge (the authors' i-LN HAT rescales the sum).
+
+    With ``chunk_windows`` set (see :func:`irformer.engine.infer.chunked_attention`)
+    the block runs the attention over rows of windows and the MLP over slices of
+    tokens, with the norm statistics of the whole image, so large inputs fit in
+    bounded memory and the output equals the unchunked one.
     """
+
+    chunk_windows: int | None = None
+    """Windows per attention chunk (None: the whole image at once)."""
+    chunk_tokens: int | None = None
+    """Tokens per MLP chunk (None: ``chunk_windows * window_size**2``)."""
 
     def __init__(
         self,
@@ -250,6 +287,8 @@ class SwinTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
         """x: (B, H*W, C) with ``x_size = (H, W)`` multiples of the window size."""
+        if self.chunk_windows is not None:
+            return self._forward_chunked(x, x_size, self.chunk_windows)
         h, w = x_size
         b, _, c = x.shape
         stats = self.norm1.statistics(x)
@@ -275,6 +314,65 @@ class SwinTransformerBlock(nn.Module):
         if shift:
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         return out.reshape(b, h * w, c)
+
+    def _forward_chunked(self, x: Tensor, x_size: tuple[int, int], chunk: int) -> Tensor:
+        """:meth:`forward` in bounded memory: equal output, peak ~3 feature maps.
+
+        The norm statistics (whole-image for i-LN) come from the full input; the
+        shifted-window roll is applied per chunk of window rows by indexing rows
+        modulo H, so neither the rolled map nor the full (nW, N, N) mask exists.
+        """
+        h, w = x_size
+        b, _, c = x.shape
+        ws, shift = self.window_size, self.shift_size
+        n_rows, n_cols = h // ws, w // ws
+        rows_per_chunk = max(1, chunk // max(1, b * n_cols))
+        stats = self.norm1.statistics(x)
+        y = self.norm1.normalize(x, stats).view(b, h, w, c)
+        conv = None
+        if hasattr(self, "conv_block"):
+            conv = self.conv_block(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # The 4 window kinds of a shifted map (interior, last column, last row,
+        # corner) are the 4 windows of a 2ws x 2ws map.
+        kinds = shifted_window_mask(2 * ws, 2 * ws, ws, shift, x.device) if shift else None
+        x4 = x.view(b, h, w, c)
+        out = torch.empty_like(x)
+        out4 = out.view(b, h, w, c)
+        for r0 in range(0, n_rows, rows_per_chunk):
+            r1 = min(n_rows, r0 + rows_per_chunk)
+            rows: slice | Tensor = slice(r0 * ws, r1 * ws)
+            mask = None
+            if shift:
+                rows = (torch.arange(r0 * ws, r1 * ws, device=x.device) + shift) % h
+                part = torch.roll(y[:, rows], shifts=-shift, dims=2)
+                kind = 2 * (torch.arange(r0, r1, device=x.device) == n_rows - 1).view(-1, 1)
+                kind = kind + (torch.arange(n_cols, device=x.device) == n_cols - 1).view(1, -1)
+                mask = kinds[kind.reshape(-1)]
+            else:
+                part = y[:, rows]
+            windows = window_partition(part, ws).view(-1, ws * ws, c)
+            attn = self.attn(windows, mask).view(-1, ws, ws, c)
+            branch = window_reverse(attn, ws, (r1 - r0) * ws, w)
+            if shift:
+                branch = torch.roll(branch, shifts=shift, dims=2)
+            if conv is not None:
+                branch = branch + self.conv_scale * conv[:, rows]
+            out4[:, rows] = merge_residual(x4[:, rows], branch, self.norm1, stats)
+        del y, conv
+        return self._mlp_chunked(out, self.chunk_tokens or chunk * ws * ws)
+
+    def _mlp_chunked(self, x: Tensor, tokens: int) -> Tensor:
+        """The MLP half of the block over slices of ``tokens`` tokens per image."""
+        stats = self.norm2.statistics(x)
+        # IN and BN pool over tokens inside normalize(): normalise the whole map.
+        pooled = isinstance(self.norm2, (InstanceNorm, BatchNorm))
+        y = self.norm2.normalize(x, stats) if pooled else None
+        out = torch.empty_like(x)
+        for s in range(0, x.shape[1], max(1, tokens)):
+            e = s + max(1, tokens)
+            part = y[:, s:e] if y is not None else self.norm2.normalize(x[:, s:e], stats)
+            out[:, s:e] = merge_residual(x[:, s:e], self.mlp(part), self.norm2, stats)
+        return out
 
 
 class PatchEmbed(nn.Module):
