@@ -1,0 +1,639 @@
+"""The training loop: one function, readable top to bottom.
+
+:func:`train` builds the model, optimiser, scheduler, EMA and the sample stream
+from a :class:`~irformer.engine.config.Config`, optionally resumes from the
+newest checkpoint of the run folder, and runs the L1 loop. Side concerns are
+small functions it calls: checkpoint I/O (:mod:`.checkpoint`), DDP
+(:mod:`.distributed`), the deterministic sample stream (:mod:`.data`), metric
+logging (:class:`MetricsLog`).
+
+Guarantees:
+
+* **Exact resume.** The k-th sample depends only on (seed, k); every RNG
+  state, the optimiser, scheduler and EMA are checkpointed; validation and
+  hooks run with the RNGs saved and restored. A killed run resumed from its
+  last checkpoint reproduces the uninterrupted run's losses bit for bit (CPU).
+* **DDP = big batch.** N ranks with batch B see the samples of one process
+  with batch N*B and average gradients, so they train the same model.
+* **Non-finite loss stops the run** before the optimiser step, naming the
+  iteration and the last good checkpoint (never overwritten afterwards).
+
+Hooks (``hooks=[fn]``, called as ``fn(state)`` every ``log.probe_interval``
+iterations on rank 0) are where :mod:`irformer.analysis` probes attach.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import irformer
+from irformer.engine.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    preserve_rng,
+    prune_checkpoints,
+    read_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from irformer.engine.config import Config, config_to_dict, dump_config
+from irformer.engine.data import ItemDataset, build_train_dataset, make_loader
+from irformer.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    unwrap,
+    wrap_ddp,
+)
+from irformer.norms import TokenNorm
+
+logger = logging.getLogger(__name__)
+
+Validator = Callable[[nn.Module], dict[str, float]]
+"""Model -> metrics such as ``{"Set5/psnr": 37.2, "Set5/ssim": 0.95}``; the first
+``*/psnr`` key decides the best checkpoint."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stopped without taking the step."""
+
+
+@dataclass
+class TrainState:
+    """What the loop exposes to hooks and the progress callback (read-only by convention)."""
+
+    config: Config
+    model: nn.Module
+    """The bare network being trained (never the DDP wrapper)."""
+    ema_model: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    run_dir: Path
+    dist: DistInfo
+    iteration: int = 0
+    """Iterations completed."""
+    start_iteration: int = 0
+    loss: float = math.nan
+    lr: float = math.nan
+    best: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+    metrics_log: MetricsLog | None = None
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append a record (e.g. probe results) to the run's metrics, tagged with the iteration."""
+        if self.metrics_log is not None:
+            self.metrics_log.write({"iter": self.iteration, **record})
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate/probe: EMA weights when EMA is on."""
+        return self.ema_model if self.ema_model is not None else self.model
+
+
+Hook = Callable[[TrainState], None]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    model: nn.Module | None = None,
+    train_set: ItemDataset | None = None,
+    validator: Validator | None = None,
+    hooks: Sequence[Hook] = (),
+    progress: Callable[[TrainState], None] | None = None,
+    dist_info: DistInfo | None = None,
+    device: str | None = None,
+) -> TrainState:
+    """Train ``cfg`` to ``cfg.train.iters`` iterations; returns the final state.
+
+    ``model``/``train_set``/``validator`` default to what the config describes
+    (``irformer.archs.build_model``, ``irformer.data.datasets``,
+    ``irformer.engine.evaluate``); pass them to train something else with the
+    same loop. ``progress(state)`` is called after every iteration on rank 0
+    (the CLI draws its progress bar there).
+    """
+    info = dist_info or init_distributed(device)
+    run_dir = Path(cfg.log.out_dir)
+    tc = cfg.train
+
+    # Model: seeded so that every fresh run with this seed starts identically.
+    seed_everything(tc.seed)
+    if model is None:
+        model = build_network(cfg)
+    model.to(info.device)
+    ema_model = make_ema(model) if tc.ema > 0 else None
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
+    )
+    scheduler = build_scheduler(optimizer, cfg)
+    state = TrainState(cfg, model, ema_model, optimizer, scheduler, run_dir, info)
+
+    # Where to start: a checkpoint of this run, a warm start, or scratch.
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = latest_checkpoint(ckpt_dir) if resume else None
+    resumed_rng: Any = None
+    if resume and ckpt_path is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+    if ckpt_path is not None:
+        resumed_rng = restore_checkpoint(state, load_checkpoint(ckpt_path, info.device))
+        logger.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
+    elif tc.warm_start:
+        warm_start(model, tc.warm_start)
+        if ema_model is not None:
+            ema_model.load_state_dict(model.state_dict())
+    state.start_iteration = state.iteration
+
+    # Data: an endless stream positioned after the samples already consumed.
+    if train_set is None:
+        train_set = build_train_dataset(cfg)
+    global_batch = cfg.data.batch_size * info.world_size
+    loader = make_loader(
+        train_set,
+        seed=tc.seed,
+        start=state.iteration * global_batch,
+        batch_size=cfg.data.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        workers=cfg.data.workers,
+        pin_memory=info.device.type == "cuda",
+    )
+    batches = iter(loader)
+    if validator is None and cfg.val.every > 0:
+        validator = default_validator(cfg, info.device)
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(cfg, run_dir)
+        state.metrics_log = MetricsLog(run_dir, cfg, truncate_after=state.iteration)
+    net = wrap_ddp(model, info)
+    feature_taps = FeatureTaps(model) if tc.kl_weight > 0 else None
+
+    # Per-rank stream for anything stochastic in the model itself; a resumed run
+    # continues the saved states instead.
+    seed_everything(tc.seed + 1_000_003 * (info.rank + 1))
+    if resumed_rng is not None:
+        set_rng_state(resumed_rng)
+
+    last_good = ckpt_path
+    t_last, it_last = time.perf_counter(), state.iteration
+    try:
+        for it in range(state.iteration + 1, tc.iters + 1):
+            batch = next(batches)
+            lq = batch["lq"].to(info.device, non_blocking=True)
+            gt = batch["gt"].to(info.device, non_blocking=True)
+
+            model.train()
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                out = net(lq)
+                loss = F.l1_loss(out.float(), gt)
+                if feature_taps is not None:
+                    loss = loss + tc.kl_weight * feature_taps.kl_to_standard_normal()
+            loss_value = all_reduce_mean(loss.detach(), info).item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss_value}) at iteration {it} of {cfg.name}; stopped "
+                    f"before the optimiser step. Last good checkpoint: "
+                    f"{last_good if last_good else 'none written yet'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if ema_model is not None:
+                update_ema(ema_model, model, tc.ema)
+
+            state.iteration = it
+            state.loss = loss_value
+            state.lr = optimizer.param_groups[0]["lr"]
+
+            if info.is_main and (it % cfg.log.every == 0 or it == tc.iters):
+                now = time.perf_counter()
+                rate = (it - it_last) / max(now - t_last, 1e-9)
+                t_last, it_last = now, it
+                state.log({"loss": loss_value, "lr": state.lr, "it_per_s": rate})
+            if progress is not None and info.is_main:
+                progress(state)
+            if hooks and cfg.log.probe_interval and it % cfg.log.probe_interval == 0:
+                run_hooks(hooks, state)
+            if (
+                cfg.val.every
+                and validator is not None
+                and (it % cfg.val.every == 0 or it == tc.iters)
+            ):
+                validate(state, validator)
+            if it % cfg.log.checkpoint_every == 0 or it == tc.iters:
+                last_good = write_checkpoint(state) or last_good
+    finally:
+        if state.metrics_log is not None:
+            state.metrics_log.close()
+        if feature_taps is not None:
+            feature_taps.remove()
+    return state
+
+
+# --------------------------------------------------------------------------- building
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's ``random``."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_network(cfg: Config) -> nn.Module:
+    """``irformer.archs.build_model`` for the config's preset, norm and scale."""
+    from irformer.archs import build_model
+
+    kwargs = dict(cfg.model.overrides)
+    kwargs.setdefault("norm", cfg.model.norm)
+    kwargs.setdefault("upscale", cfg.model.scale)
+    if cfg.data.grayscale:
+        kwargs.setdefault("in_chans", 1)
+    return build_model(cfg.model.arch, **kwargs)
+
+
+def default_validator(cfg: Config, device: torch.device) -> Validator:
+    """PSNR/SSIM on ``cfg.val.benchmarks`` with the field's conventions for the task.
+
+    Outputs are rounded to 8 bits before the metrics, as BasicSR validates.
+    """
+    from irformer.data.benchmarks import load_benchmark
+    from irformer.metrics import compute_metrics
+
+    task, scale = cfg.data.task, cfg.model.scale
+    sets = [
+        load_benchmark(
+            name,
+            cfg.val.root,
+            task=task,
+            scale=scale,
+            sigma=cfg.data.sigma,
+            quality=cfg.data.quality,
+        )
+        for name in cfg.val.benchmarks
+    ]
+
+    def run(model: nn.Module) -> dict[str, float]:
+        results: dict[str, float] = {}
+        for bench in sets:
+            sums = {"psnr": 0.0, "ssim": 0.0}
+            count = len(bench) if cfg.val.max_images <= 0 else min(cfg.val.max_images, len(bench))
+            for i in range(count):
+                item = bench[i]
+                lq = torch.from_numpy(item.lq).permute(2, 0, 1)[None].to(device)
+                out = model(lq).float().clamp(0, 1).mul(255).round().div(255)[0]
+                for key, value in compute_metrics(out, item.gt, task=task, scale=scale).items():
+                    sums[key] += value
+            for key, total in sums.items():
+                results[f"{bench.name}/{key}"] = total / max(count, 1)
+        return results
+
+    return run
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Config
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """StepLR / MultiStepLR stepped once per iteration (the paper's tables)."""
+    tc = cfg.train
+    if tc.scheduler == "steplr":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=tc.step_size, gamma=tc.gamma)
+    if tc.scheduler == "multisteplr":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(tc.milestones), gamma=tc.gamma
+        )
+    return None
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` whose weights track an exponential moving average."""
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers copied (BasicSR)."""
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def warm_start(model: nn.Module, path: str | Path) -> None:
+    """Initialise from another run's weights (x4 from x2): tensors whose name and
+    shape match are loaded, the rest (the upsampler) keep their initialisation."""
+    state, _meta = read_weights(path)
+    own = model.state_dict()
+    loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not loadable:
+        raise ValueError(f"warm start {path}: no tensor matches the model by name and shape")
+    skipped = sorted(set(own) - set(loadable))
+    model.load_state_dict(loadable, strict=False)
+    logger.info("warm start from %s: %d tensors loaded, %d kept", path, len(loadable), len(skipped))
+    if skipped:
+        logger.info("warm start kept initialisation for: %s", ", ".join(skipped))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def model_meta(cfg: Config, model: nn.Module) -> dict[str, Any]:
+    """The ``irformer`` metadata stored with every checkpoint and export."""
+    arch = getattr(model, "arch_name", None) or type(model).__name__.lower()
+    return {
+        "arch": str(arch),
+        "preset": cfg.model.arch,
+        "norm": cfg.model.norm,
+        "scale": cfg.model.scale,
+        "task": cfg.data.task,
+        "version": irformer.__version__,
+        "model_kwargs": dict(cfg.model.overrides),
+    }
+
+
+def gather_rng_states(info: DistInfo) -> list[Any]:
+    """Every rank's RNG states, indexed by rank (so each rank resumes its own stream)."""
+    mine = rng_state()
+    if not info.distributed:
+        return [mine]
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def write_checkpoint(state: TrainState) -> Path | None:
+    """Rank 0 writes ``checkpoints/iter_*.pth`` atomically and prunes old ones."""
+    cfg, info = state.config, state.dist
+    rngs = gather_rng_states(info)  # collective: every rank takes part
+    path = None
+    if info.is_main:
+        ckpt = {
+            "params": unwrap(state.model).state_dict(),
+            "params_ema": state.ema_model.state_dict() if state.ema_model is not None else {},
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else {},
+            "rng": rngs,
+            "data": {
+                "position": state.iteration * cfg.data.batch_size * info.world_size,
+                "seed": cfg.train.seed,
+            },
+            "iteration": state.iteration,
+            "best": dict(state.best),
+            "irformer": model_meta(cfg, state.model),
+            "config": config_to_dict(cfg),
+        }
+        ckpt_dir = state.run_dir / "checkpoints"
+        path = save_checkpoint(ckpt_dir / checkpoint_name(state.iteration), ckpt)
+        prune_checkpoints(ckpt_dir, cfg.log.keep_last)
+    barrier(info)
+    return path
+
+
+def restore_checkpoint(state: TrainState, ckpt: Mapping[str, Any]) -> Any:
+    """Load weights/optimiser/scheduler into ``state``; returns this rank's RNG states.
+
+    The RNG states are returned, not applied, so the caller can restore them
+    after everything that still draws random numbers during setup.
+    """
+    meta = ckpt.get("irformer", {})
+    cfg = state.config
+    for key, expected in (("preset", cfg.model.arch), ("norm", cfg.model.norm)):
+        if meta.get(key) not in (None, expected):
+            raise ValueError(
+                f"resume: checkpoint was trained with {key}={meta.get(key)!r} "
+                f"but the config says {expected!r}"
+            )
+    state.model.load_state_dict(ckpt["params"])
+    if state.ema_model is not None:
+        state.ema_model.load_state_dict(ckpt["params_ema"] or ckpt["params"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scheduler is not None and ckpt.get("scheduler"):
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.iteration = int(ckpt["iteration"])
+    state.best = dict(ckpt.get("best", {}))
+    expected_position = state.iteration * cfg.data.batch_size * state.dist.world_size
+    if ckpt["data"]["position"] != expected_position:
+        logger.warning(
+            "resume: batch size or world size changed (position %d, now %d per iteration); "
+            "the sample stream continues from iteration %d",
+            ckpt["data"]["position"],
+            expected_position,
+            state.iteration,
+        )
+    rngs = ckpt["rng"]
+    if len(rngs) != state.dist.world_size:
+        logger.warning(
+            "resume: %d ranks saved RNG states, running %d", len(rngs), state.dist.world_size
+        )
+    return rngs[min(state.dist.rank, len(rngs) - 1)]
+
+
+# --------------------------------------------------------------------------- validation, hooks
+
+
+def validate(state: TrainState, validator: Validator) -> dict[str, float]:
+    """Rank 0 evaluates the EMA model; the best ``*/psnr`` is tracked and saved."""
+    info = state.dist
+    results: dict[str, float] = {}
+    if info.is_main:
+        model = state.eval_model
+        was_training = model.training
+        model.eval()
+        with preserve_rng(), torch.no_grad():
+            results = {k: float(v) for k, v in validator(model).items()}
+        model.train(was_training)
+        state.last_val = results
+        state.log({f"val/{k}": v for k, v in results.items()})
+        key = next((k for k in results if k.endswith("psnr")), None)
+        if key is not None and results[key] > state.best.get("psnr", -math.inf):
+            state.best = {"psnr": results[key], "iter": float(state.iteration)}
+            save_best(state)
+            logger.info("new best %s = %.4f at iteration %d", key, results[key], state.iteration)
+    barrier(info)
+    return results
+
+
+def save_best(state: TrainState) -> Path:
+    """``best.pth``: weights of the best validation so far (not resumable state)."""
+    from irformer.engine.checkpoint import atomic_torch_save
+
+    path = state.run_dir / "checkpoints" / "best.pth"
+    atomic_torch_save(
+        {
+            "params": unwrap(state.model).state_dict(),
+            "params_ema": state.ema_model.state_dict() if state.ema_model is not None else {},
+            "iteration": state.iteration,
+            "val": dict(state.last_val),
+            "irformer": model_meta(state.config, state.model),
+        },
+        path,
+    )
+    return path
+
+
+def run_hooks(hooks: Sequence[Hook], state: TrainState) -> None:
+    """Call the hooks on rank 0 without letting them touch the RNGs or the train mode."""
+    if not state.dist.is_main:
+        return
+    modes = (state.model.training, state.eval_model.training)
+    with preserve_rng():
+        for hook in hooks:
+            hook(state)
+    state.model.train(modes[0])
+    state.eval_model.train(modes[1])
+
+
+# --------------------------------------------------------------------------- features
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every Transformer layer: a module with two or more direct :class:`TokenNorm` children
+    (``norm1``/``norm2`` of a pre-norm block), in forward-definition order."""
+    return [m for m in model.modules() if sum(isinstance(c, TokenNorm) for c in m.children()) >= 2]
+
+
+class FeatureTaps:
+    """Forward hooks keeping each Transformer layer's output for an auxiliary loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.blocks = transformer_blocks(model)
+        if not self.blocks:
+            raise ValueError(
+                f"{type(model).__name__}: no Transformer blocks (modules with norm1/norm2) "
+                "to regularise; train.kl_weight needs them"
+            )
+        self.features: list[Tensor] = []
+        self.handles = [b.register_forward_hook(self._keep) for b in self.blocks]
+
+    def _keep(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training:
+            self.features.append(output[0] if isinstance(output, tuple) else output)
+
+    def kl_to_standard_normal(self) -> Tensor:
+        """Mean over layers of KL(N(mu_c, var_c) || N(0, 1)), per sample and channel.
+
+        mu_c/var_c are each channel's mean/variance over the tokens of one image;
+        this is the paper's Table 7 "KLD" regulariser pulling features towards
+        unit Gaussian statistics. Features are consumed (cleared) by the call.
+        """
+        if not self.features:
+            raise RuntimeError("FeatureTaps: no features captured in this forward")
+        terms = []
+        for feat in self.features:
+            f = feat.float().reshape(feat.shape[0], -1, feat.shape[-1])  # (B, L, C)
+            var, mean = torch.var_mean(f, dim=1, unbiased=False)
+            var = var.clamp_min(1e-8)
+            terms.append(0.5 * (mean.square() + var - var.log() - 1.0).mean())
+        self.features.clear()
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> None:
+    """``config.yaml`` in the run folder; warn when a resumed run's config differs."""
+    path = run_dir / "config.yaml"
+    text = dump_config(cfg)
+    if path.is_file() and path.read_text() != text:
+        logger.warning("%s differs from the current config; keeping the new one", path)
+    path.write_text(text)
+
+
+class MetricsLog:
+    """JSONL (``metrics.jsonl``) and optional TensorBoard (``tb/``) writer.
+
+    On resume the JSONL is first cut back to the checkpoint's iteration, so the
+    records of iterations that are about to be re-run appear once.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, *, truncate_after: int) -> None:
+        self.path = run_dir / "metrics.jsonl" if cfg.log.jsonl else None
+        if self.path is not None:
+            _truncate_jsonl(self.path, truncate_after)
+            self.handle = self.path.open("a")
+        self.tb = None
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError(
+                    "log.tensorboard is on but tensorboard is not installed "
+                    "(pip install tensorboard)"
+                ) from exc
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=truncate_after + 1)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.path is not None:
+            self.handle.write(json.dumps(record, default=float) + "\n")
+            self.handle.flush()
+        if self.tb is not None:
+            step = int(record["iter"])
+            for key, value in record.items():
+                if key != "iter" and isinstance(value, int | float) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.handle.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_jsonl(path: Path, last_iteration: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if int(record.get("iter", 0)) <= last_iteration:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
