@@ -1,0 +1,327 @@
+"""Named test sets and where to find them under a data root.
+
+A data root is either *task-grouped*, like the shared data
+(``sr/Set5/HR/baby.png``, ``sr/Set5/LR_bicubic/X4/babyx4.png``,
+``dn/CBSD68/*.png``, ``car/classic5/*.png``,
+``derain/Rain100L/{rain,norain}/*.png``), or *flat*: one folder per benchmark
+named as the benchmark (``Set5/HR``, ``CBSD68``, ``Rain100L/rain`` ...).
+Both are searched, the task's own group first.
+
+Inputs follow the field's conventions:
+
+* ``sr``: GT is HR mod-cropped to a multiple of the scale; LR comes from
+  ``LR_bicubic/X{s}`` when that folder exists, otherwise it is made with
+  :func:`~irformer.data.degradations.matlab_imresize` (identical to the
+  MATLAB files, see the tests).
+* ``dn``: clean image plus Gaussian noise (sigma on 0-255), seeded per image
+  from ``(seed, benchmark, name, sigma)``, unclipped float.
+* ``car``: OpenCV JPEG at the given quality; greyscale sets (classic5) stay
+  single-channel and are compressed as greyscale JPEG.
+* ``dr``: ``rain``/``norain`` pairs.
+* Urban100 for ``dn``/``car`` is split into non-overlapping 256x256 patches
+  (remainders dropped), as the i-LN paper does for memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from irformer.data.datasets import check_pair_sizes, match_pairs, rain_pair_dirs
+from irformer.data.degradations import Degradation, derive_seed, make_degradation, mod_crop
+from irformer.data.io import ChannelMode, image_size, image_to_tensor, list_images, read_image
+
+__all__ = [
+    "BENCHMARKS",
+    "DEFAULT_BENCHMARKS",
+    "TASK_GROUPS",
+    "Benchmark",
+    "BenchmarkDataset",
+    "BenchmarkImage",
+    "BenchmarkSpec",
+    "find_benchmark_dir",
+    "get_benchmark",
+    "load_benchmark",
+]
+
+TASK_GROUPS: dict[str, str] = {"sr": "sr", "dn": "dn", "car": "car", "dr": "derain"}
+"""Sub-folder of a task-grouped data root holding each task's benchmarks."""
+
+CLEAN_SUBDIRS: tuple[str, ...] = ("HR", "GT", "gt", "original")
+"""Sub-folders that hold the clean images of a benchmark folder, in search order."""
+
+URBAN_PATCH = 256
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A named test set: the tasks it is used for and how its folder may be called."""
+
+    name: str
+    tasks: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+    grey: bool = False
+    patch_split: int | None = None
+    """Side of non-overlapping patches for ``dn``/``car`` (None: whole images)."""
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    s.name: s
+    for s in (
+        BenchmarkSpec("Set5", ("sr",)),
+        BenchmarkSpec("Set14", ("sr",)),
+        BenchmarkSpec("B100", ("sr",), aliases=("BSD100", "BSDS100")),
+        BenchmarkSpec("Urban100", ("sr", "dn", "car"), patch_split=URBAN_PATCH),
+        BenchmarkSpec("Manga109", ("sr",)),
+        BenchmarkSpec("CBSD68", ("dn",)),
+        BenchmarkSpec("Kodak24", ("dn",), aliases=("Kodak",)),
+        BenchmarkSpec("McMaster", ("dn",), aliases=("McMaster18",)),
+        BenchmarkSpec("LIVE1", ("car",), aliases=("LIVE",)),
+        BenchmarkSpec("classic5", ("car",), aliases=("Classic5",), grey=True),
+        BenchmarkSpec("Rain100L", ("dr",)),
+        BenchmarkSpec("Test100", ("dr",)),
+    )
+}
+"""The registry: canonical name -> spec."""
+
+DEFAULT_BENCHMARKS: dict[str, tuple[str, ...]] = {
+    "sr": ("Set5", "Set14", "B100", "Urban100", "Manga109"),
+    "dn": ("Urban100", "CBSD68", "Kodak24", "McMaster"),
+    "car": ("Urban100", "LIVE1", "classic5"),
+    "dr": ("Rain100L", "Test100"),
+}
+"""Each task's test sets in the order of the i-LN paper's Table 2."""
+
+
+def get_benchmark(name: str) -> BenchmarkSpec:
+    """Look up a benchmark by name or alias, case-insensitively."""
+    wanted = name.strip().lower()
+    for spec in BENCHMARKS.values():
+        if wanted in (n.lower() for n in (spec.name, *spec.aliases)):
+            return spec
+    raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+
+
+def find_benchmark_dir(name: str, data_root: str | Path, task: str) -> Path:
+    """The folder of benchmark ``name`` under ``data_root`` for ``task``.
+
+    Searches ``root/<task group>/<name>``, then ``root/<name>``, then the
+    other task groups (Urban100's HR images serve DN and CAR too), trying
+    every alias of the name.
+    """
+    spec = get_benchmark(name)
+    if task not in spec.tasks:
+        raise ValueError(
+            f"benchmark {spec.name} is not a {task!r} test set; it is used for {spec.tasks}"
+        )
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root not found: {root}")
+    own = TASK_GROUPS[task]
+    groups = [own, "", *(g for g in TASK_GROUPS.values() if g != own)]
+    tried = []
+    for group in groups:
+        for folder_name in (spec.name, *spec.aliases):
+            cand = root / group / folder_name if group else root / folder_name
+            tried.append(cand)
+            if cand.is_dir():
+                return cand
+    raise FileNotFoundError(
+        f"benchmark {spec.name} not found under {root}; looked in "
+        + ", ".join(str(t) for t in tried[:4])
+        + ", ..."
+    )
+
+
+def _clean_dir(bench_dir: Path) -> Path:
+    for sub in CLEAN_SUBDIRS:
+        if (bench_dir / sub).is_dir():
+            return bench_dir / sub
+    return bench_dir
+
+
+@dataclass(frozen=True)
+class BenchmarkImage:
+    """One test input and its ground truth.
+
+    ``lq``: float32 ``(h, w, C)`` in [0, 1] (noisy DN inputs are unclipped).
+    ``gt``: uint8 ``(H, W, C)``, the exact values metrics compare against.
+    """
+
+    name: str
+    lq: np.ndarray
+    gt: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    name: str
+    gt_path: Path
+    lq_path: Path | None = None
+    box: tuple[int, int, int] | None = None  # (top, left, side) of a patch
+
+
+class Benchmark(Sequence[BenchmarkImage]):
+    """A benchmark resolved to files; images are read and degraded on access."""
+
+    def __init__(
+        self,
+        spec: BenchmarkSpec,
+        task: str,
+        recipes: list[_Recipe],
+        *,
+        scale: int,
+        degradation: Degradation | None,
+        channels: ChannelMode,
+        seed: int,
+        settings: str,
+        sigma: float | None = None,
+        quality: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.task = task
+        self.scale = scale
+        self.sigma = sigma
+        self.quality = quality
+        self.channels = channels
+        self._recipes = recipes
+        self._degradation = degradation
+        self._seed = seed
+        self._settings = settings
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self._recipes]
+
+    def __len__(self) -> int:
+        return len(self._recipes)
+
+    def source_paths(self, index: int) -> tuple[Path, ...]:
+        """The files image ``index`` is read from (outputs must never replace them)."""
+        r = self._recipes[index]
+        return (r.gt_path,) if r.lq_path is None else (r.gt_path, r.lq_path)
+
+    def __iter__(self) -> Iterator[BenchmarkImage]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getitem__(self, index: int) -> BenchmarkImage:  # type: ignore[override]
+        r = self._recipes[index]
+        gt = read_image(r.gt_path, channels=self.channels)
+        if r.box is not None:
+            top, left, side = r.box
+            gt = gt[top : top + side, left : left + side]
+        if r.lq_path is not None:
+            lq = read_image(r.lq_path, channels=self.channels)
+            h, w = lq.shape[:2]
+            gt = gt[: h * self.scale, : w * self.scale]
+            if gt.shape[:2] != (h * self.scale, w * self.scale):
+                raise ValueError(
+                    f"size mismatch: {r.gt_path} is {gt.shape[0]}x{gt.shape[1]}, "
+                    f"{r.lq_path} is {h}x{w} at scale {self.scale}"
+                )
+            return BenchmarkImage(r.name, lq.astype(np.float32) / np.float32(255.0), gt)
+        gt = np.ascontiguousarray(mod_crop(gt, self.scale))
+        assert self._degradation is not None
+        key = f"{self.spec.name}/{r.name}/{self._settings}"
+        rng = np.random.default_rng(derive_seed(self._seed, key))
+        return BenchmarkImage(r.name, self._degradation(gt, rng), gt)
+
+
+def load_benchmark(
+    name: str,
+    data_root: str | Path,
+    *,
+    task: str,
+    scale: int = 1,
+    sigma: float | None = None,
+    quality: int | None = None,
+    seed: int = 0,
+) -> Benchmark:
+    """Resolve benchmark ``name`` for ``task`` under ``data_root`` (see the module docstring).
+
+    Validates the folder (missing/empty folders, unmatched pairs, GT/LQ size
+    mismatches) eagerly, reading only image headers.
+    """
+    spec = get_benchmark(name)
+    bench_dir = find_benchmark_dir(spec.name, data_root, task)
+    channels: ChannelMode = "grey" if spec.grey and task == "car" else "rgb"
+    if task == "sr":
+        if scale < 2:
+            raise ValueError(f"task 'sr' needs scale >= 2, got {scale}")
+        hr = list_images(_clean_dir(bench_dir))
+        lr_dir = bench_dir / "LR_bicubic" / f"X{scale}"
+        if lr_dir.is_dir():
+            pairs = match_pairs(hr, list_images(lr_dir), scale=scale)
+            for gt, lq in pairs:
+                check_pair_sizes(gt, lq, scale)
+            recipes = [_Recipe(gt.stem, gt, lq) for gt, lq in pairs]
+            degradation = None
+        else:
+            recipes = [_Recipe(p.stem, p) for p in hr]
+            degradation = make_degradation("sr", scale=scale)
+        settings = f"x{scale}"
+    elif task == "dr":
+        lq_dir, gt_dir = rain_pair_dirs(bench_dir)
+        pairs = match_pairs(list_images(gt_dir), list_images(lq_dir))
+        for gt, lq in pairs:
+            check_pair_sizes(gt, lq, 1)
+        recipes = [_Recipe(gt.stem, gt, lq) for gt, lq in pairs]
+        degradation, settings, scale = None, "rain", 1
+    elif task in ("dn", "car"):
+        degradation = make_degradation(task, sigma=sigma, quality=quality)
+        settings = f"sigma{sigma:g}" if task == "dn" else f"q{quality}"
+        scale = 1
+        recipes = []
+        for p in list_images(_clean_dir(bench_dir)):
+            if spec.patch_split is None:
+                recipes.append(_Recipe(p.stem, p))
+                continue
+            side = spec.patch_split
+            h, w = image_size(p)
+            k = 0
+            for top in range(0, h - side + 1, side):
+                for left in range(0, w - side + 1, side):
+                    recipes.append(_Recipe(f"{p.stem}_p{k:03d}", p, box=(top, left, side)))
+                    k += 1
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASK_GROUPS)}")
+    return Benchmark(
+        spec,
+        task,
+        recipes,
+        scale=scale,
+        degradation=degradation,
+        channels=channels,
+        seed=seed,
+        settings=settings,
+        sigma=sigma if task == "dn" else None,
+        quality=quality if task == "car" else None,
+    )
+
+
+class BenchmarkDataset(Dataset):
+    """A :class:`Benchmark` as a torch dataset of ``{"lq", "gt", "name"}`` float32 tensors.
+
+    For validation inside training; full evaluation uses the uint8 GT of
+    :class:`BenchmarkImage` directly.
+    """
+
+    def __init__(self, benchmark: Benchmark) -> None:
+        self.benchmark = benchmark
+
+    def __len__(self) -> int:
+        return len(self.benchmark)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        item = self.benchmark[index]
+        return {"lq": image_to_tensor(item.lq), "gt": image_to_tensor(item.gt), "name": item.name}

@@ -1,0 +1,423 @@
+"""Benchmark evaluation: a model, named test sets, PSNR/SSIM as the field reports them.
+
+A model is any ``torch.nn.Module`` mapping ``(B, C, h, w)`` float in [0, 1] to
+the restored ``(B, C, H, W)``; the built-in :class:`BicubicModel` gives the
+standard bicubic baseline. Each output is clipped to [0, 1] and rounded to
+uint8 before the metrics (as BasicSR's ``tensor2img`` and the papers' MATLAB
+scripts do), then scored with :func:`irformer.metrics.compute_metrics`.
+
+Evaluation is deterministic: noise is seeded per image (see
+:mod:`irformer.data.benchmarks`), images run one at a time in a fixed order
+under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from irformer.data.benchmarks import Benchmark, load_benchmark
+from irformer.data.degradations import matlab_imresize
+from irformer.data.io import check_writable, tensor_to_image, write_image
+from irformer.metrics import TASKS, compute_metrics
+
+__all__ = [
+    "BenchmarkResult",
+    "BicubicModel",
+    "EvaluationResult",
+    "ImageResult",
+    "evaluate",
+    "evaluate_benchmark",
+    "load_model_for_eval",
+    "resolve_device",
+    "write_results_csv",
+    "write_results_json",
+]
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_CHANNEL_ATTRS = ("in_chans", "in_channels", "num_in_ch")
+
+
+class BicubicModel(nn.Module):
+    """MATLAB bicubic upscaling by ``scale`` in float64; the identity when ``scale == 1``.
+
+    The standard "Bicubic" row of SR tables; for DN/CAR/DR it scores the
+    degraded input itself.
+    """
+
+    def __init__(self, scale: int = 1) -> None:
+        super().__init__()
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1, got {scale}")
+        self.scale = int(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, h, w) in [0, 1] -> (B, C, h*scale, w*scale), float64."""
+        if self.scale == 1:
+            return x
+        return matlab_imresize(x.to(torch.float64), float(self.scale))
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+def _registry_function(name: str) -> Callable[..., Any]:
+    """``name`` from ``irformer.archs.registry`` (or ``irformer.archs``), imported lazily."""
+    for module_name in ("irformer.archs.registry", "irformer.archs"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name in (module_name, "irformer.archs"):
+                continue
+            raise
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    raise RuntimeError(
+        f"loading models needs irformer.archs.registry.{name}, which is not available in this "
+        "installation; only --model bicubic works without it"
+    )
+
+
+def load_model_for_eval(spec: str | Path | nn.Module, *, scale: int = 1) -> nn.Module:
+    """Resolve ``--model``: a module (returned as is), ``"bicubic"``, a checkpoint path or a preset.
+
+    Checkpoints load through ``irformer.archs.registry.load_checkpoint_model(path)``;
+    other names through ``build_model(name)`` (randomly initialised weights,
+    logged as a warning). Both are imported only when needed.
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    text = str(spec)
+    if text.lower() == "bicubic":
+        return BicubicModel(scale)
+    path = Path(text)
+    if path.is_file():
+        return _registry_function("load_checkpoint_model")(path)
+    if path.suffix in (".pth", ".pt", ".ckpt", ".safetensors") or "/" in text:
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    model = _registry_function("build_model")(text)
+    logger.warning("model %r built from its preset with untrained weights", text)
+    return model
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Scores of one test image; ``seconds`` is the model's forward time."""
+
+    benchmark: str
+    name: str
+    psnr: float
+    ssim: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """Per-set means (of per-image PSNR and SSIM, as the papers average) and the images."""
+
+    benchmark: str
+    task: str
+    scale: int
+    sigma: float | None
+    quality: int | None
+    psnr: float
+    ssim: float
+    images: tuple[ImageResult, ...]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Everything one evaluation run measured, serialisable with :meth:`to_dict`."""
+
+    model: str
+    task: str
+    scale: int
+    sigma: float | None
+    quality: int | None
+    precision: str
+    device: str
+    benchmarks: tuple[BenchmarkResult, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for b, bench in zip(d["benchmarks"], self.benchmarks, strict=True):
+            b["num_images"] = bench.num_images
+        return d
+
+    def __getitem__(self, benchmark: str) -> BenchmarkResult:
+        for b in self.benchmarks:
+            if b.benchmark.lower() == benchmark.lower():
+                return b
+        raise KeyError(f"no result for benchmark {benchmark!r}")
+
+
+def _model_in_channels(model: nn.Module) -> int | None:
+    for attr in _CHANNEL_ATTRS:
+        value = getattr(model, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else fallback
+
+
+def _run_model(
+    model: nn.Module, lq: torch.Tensor, device: torch.device, precision: Precision
+) -> tuple[torch.Tensor, float]:
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+        if precision != "fp32"
+        else nullcontext()
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with autocast:
+        out = model(lq)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def evaluate_benchmark(
+    model: nn.Module,
+    benchmark: Benchmark,
+    *,
+    device: torch.device,
+    precision: Precision = "fp32",
+    save_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> BenchmarkResult:
+    """Run ``model`` over one resolved benchmark and score every image.
+
+    Greyscale sets meet a 3-channel model as replicated channels and are
+    scored on the channel mean of its output; ``model`` must already be on
+    ``device`` and in eval mode.
+    """
+    want_c = _model_in_channels(model)
+    task, scale = benchmark.task, benchmark.scale
+    images: list[ImageResult] = []
+    for index in tqdm(
+        range(len(benchmark)), desc=benchmark.name, unit="img", disable=not progress, leave=False
+    ):
+        item = benchmark[index]
+        lq = torch.from_numpy(np.ascontiguousarray(item.lq.transpose(2, 0, 1)))[None]
+        data_c = lq.shape[1]
+        if want_c is not None and want_c != data_c:
+            if data_c == 1:
+                lq = lq.expand(-1, want_c, -1, -1)
+            else:
+                raise ValueError(
+                    f"{benchmark.name}/{item.name} has {data_c} channels but the model takes "
+                    f"{want_c}; evaluate colour models on colour sets"
+                )
+        out, seconds = _run_model(model, lq.contiguous().to(device), device, precision)
+        out = out.detach()
+        if out.ndim != 4 or out.shape[0] != 1:
+            raise ValueError(f"model output must be (1, C, H, W), got {tuple(out.shape)}")
+        if out.shape[1] != data_c and data_c == 1:
+            out = out.to(torch.float64).mean(dim=1, keepdim=True)
+        restored = tensor_to_image(out)
+        if restored.shape != item.gt.shape:
+            raise ValueError(
+                f"{benchmark.name}/{item.name}: model output {restored.shape} (H, W, C) does not "
+                f"match the ground truth {item.gt.shape}"
+            )
+        scores = compute_metrics(restored, item.gt, task=task, scale=scale)
+        images.append(
+            ImageResult(benchmark.name, item.name, scores["psnr"], scores["ssim"], seconds)
+        )
+        if save_dir is not None:
+            write_image(
+                Path(save_dir) / benchmark.name / f"{item.name}.png",
+                restored,
+                overwrite=overwrite,
+                protected=benchmark.source_paths(index),
+            )
+    return BenchmarkResult(
+        benchmark=benchmark.name,
+        task=task,
+        scale=scale,
+        sigma=benchmark.sigma,
+        quality=benchmark.quality,
+        psnr=float(np.mean([r.psnr for r in images])) if images else math.nan,
+        ssim=float(np.mean([r.ssim for r in images])) if images else math.nan,
+        images=tuple(images),
+    )
+
+
+def evaluate(
+    model: nn.Module | str | Path,
+    *,
+    task: str,
+    benchmarks: Sequence[str],
+    data_root: str | Path,
+    scale: int = 1,
+    sigma: float | None = None,
+    quality: int | None = None,
+    device: str | torch.device = "auto",
+    precision: Precision = "fp32",
+    save_dir: str | Path | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+    model_name: str | None = None,
+) -> EvaluationResult:
+    """Evaluate ``model`` on named ``benchmarks`` for ``task`` (``sr``/``dn``/``car``/``dr``).
+
+    ``model`` is a module or a ``--model`` spec (see :func:`load_model_for_eval`);
+    a module is moved to ``device`` and put in eval mode. All benchmarks are
+    resolved (and their folders validated) before the first image runs.
+    ``save_dir`` receives ``<benchmark>/<name>.png`` of the uint8 outputs.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if not benchmarks:
+        raise ValueError("no benchmarks given")
+    eff_scale = scale if task == "sr" else 1
+    name = model_name or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
+    net = load_model_for_eval(model, scale=eff_scale)
+    dev = resolve_device(device)
+    net = net.to(dev).eval()
+    resolved = [
+        load_benchmark(
+            b, data_root, task=task, scale=eff_scale, sigma=sigma, quality=quality, seed=seed
+        )
+        for b in benchmarks
+    ]
+    results = []
+    with torch.inference_mode():
+        for bench in resolved:
+            res = evaluate_benchmark(
+                net,
+                bench,
+                device=_model_device(net, dev),
+                precision=precision,
+                save_dir=save_dir,
+                overwrite=overwrite,
+                progress=progress,
+            )
+            logger.info(
+                "%s %s: PSNR %.4f dB, SSIM %.5f over %d images",
+                name,
+                bench.name,
+                res.psnr,
+                res.ssim,
+                res.num_images,
+            )
+            results.append(res)
+    return EvaluationResult(
+        model=name,
+        task=task,
+        scale=eff_scale,
+        sigma=sigma if task == "dn" else None,
+        quality=quality if task == "car" else None,
+        precision=precision,
+        device=str(dev),
+        benchmarks=tuple(results),
+    )
+
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "model",
+    "task",
+    "scale",
+    "sigma",
+    "quality",
+    "benchmark",
+    "name",
+    "psnr",
+    "ssim",
+    "seconds",
+)
+
+
+def write_results_csv(
+    result: EvaluationResult, path: str | Path, *, overwrite: bool = False
+) -> Path:
+    """One row per image (columns :data:`CSV_COLUMNS`); PSNR/SSIM at full precision."""
+    path = check_writable(path, overwrite=overwrite)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for bench in result.benchmarks:
+        for img in bench.images:
+            writer.writerow(
+                {
+                    "model": result.model,
+                    "task": result.task,
+                    "scale": result.scale,
+                    "sigma": "" if result.sigma is None else result.sigma,
+                    "quality": "" if result.quality is None else result.quality,
+                    "benchmark": img.benchmark,
+                    "name": img.name,
+                    "psnr": repr(img.psnr),
+                    "ssim": repr(img.ssim),
+                    "seconds": f"{img.seconds:.6f}",
+                }
+            )
+    path.write_text(buf.getvalue())
+    return path
+
+
+def write_results_json(
+    result: EvaluationResult, path: str | Path, *, overwrite: bool = False
+) -> Path:
+    """The whole result (settings, per-set means, per-image scores) as JSON.
+
+    Infinite PSNR (identical images) is written as the string ``"inf"``.
+    """
+    path = check_writable(path, overwrite=overwrite)
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, float) and math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [clean(v) for v in obj]
+        return obj
+
+    path.write_text(json.dumps(clean(result.to_dict()), indent=2) + "\n")
+    return path
