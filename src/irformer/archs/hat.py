@@ -1,0 +1,769 @@
+"""HAT (Chen et al., CVPR 2023): Hybrid Attention Transformer, and the i-LN paper's variants.
+
+Layout and parameter keys in ``ln`` mode equal the official implementation's
+(XPixelGroup/HAT ``hat_arch.py``): ``conv_first``, ``patch_embed.norm``,
+``layers.{i}`` = RHAG with ``residual_group.blocks.{j}`` (hybrid attention
+blocks: window attention + channel-attention conv branch ``conv_block``) and
+``residual_group.overlap_attn`` (the overlapping cross-attention block),
+``layers.{i}.conv``, ``norm``, ``conv_after_body`` and the upsampler head, so
+official checkpoints load unchanged. Differences that do not change outputs:
+
+- the official model stores ``relative_position_index_SA`` / ``_OCA`` as
+  persistent top-level buffers; here they are non-persistent (derived from
+  ``window_size`` and ``overlap_ratio``): :func:`strip_official_buffers`
+  validates and drops them from official files;
+- the shifted-window mask is cached per input size, attention runs through the
+  fused SDPA kernel, and feature maps are channels-last so token <-> map
+  transposes are views;
+- inputs are reflect-padded to a window multiple inside the model (the
+  official code pads in its test loop) and cropped back.
+
+The official HAT only has the ``pixelshuffle`` head. Same-size restoration
+(denoising, JPEG CAR, deraining: the i-LN paper trains HAT_1 on those) needs a
+head the original does not define; ``upsampler=""`` uses SwinIR's (a residual
+``conv_last`` added to the input), and ``pixelshuffledirect`` / ``nearest+conv``
+are SwinIR's heads too, with SwinIR's key names (HAT's own docstring lists them).
+
+i-LN (2minkyulee/i-LN, ``hat_iLN_arch.py``): every block norm is i-LN; the
+hybrid block rescales ``attn + conv_scale * conv`` and the MLP output, the
+overlapping block its projection output and its MLP output (all through
+:func:`irformer.norms.merge_residual`); the post-embedding and final norms are
+per-channel affines (``role="embed"/"final"``). ``stdnorm`` divides the input
+by the DF2K RGB std after subtracting the mean (0.2842 for grey input, as in
+the authors' code). The authors' names: ``HAT-mini`` is the paper's HAT_1,
+``HAT-dagger`` its HAT†.
+
+Not supported (no official config uses them): absolute position embedding
+(``ape``) and stochastic depth (``drop_path_rate``; HAT's default 0.1 only
+matters for training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from irformer.archs.common import (
+    DF2K_RGB_MEAN,
+    DF2K_RGB_STD,
+    UPSAMPLERS,
+    ActivationQuantizer,
+    Mlp,
+    PatchEmbed,
+    PatchUnEmbed,
+    SwinTransformerBlock,
+    Upsample,
+    UpsampleOneStep,
+    check_channels,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
+from irformer.norms import TokenNorm, build_norm, merge_residual
+
+ARCH_NAME = "hat"
+RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "identity")
+OFFICIAL_BUFFER_KEYS: tuple[str, ...] = (
+    "relative_position_index_SA",
+    "relative_position_index_OCA",
+)
+"""Top-level buffers that official HAT files carry (non-persistent here)."""
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class ChannelAttention(nn.Module):
+    """RCAN channel attention: x * sigmoid(MLP(avgpool(x))) (official ``attention.{0..4}``)."""
+
+    def __init__(self, num_feat: int, squeeze_factor: int) -> None:
+        super().__init__()
+        hidden = num_feat // squeeze_factor
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(num_feat, hidden, 1, padding=0),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, num_feat, 1, padding=0),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W)."""
+        return x * self.attention(x)
+
+
+class CAB(nn.Module):
+    """Channel attention block: conv (C -> C/compress) -> GELU -> conv -> channel attention."""
+
+    def __init__(self, num_feat: int, *, compress_ratio: int, squeeze_factor: int) -> None:
+        super().__init__()
+        hidden = num_feat // compress_ratio
+        self.cab = nn.Sequential(
+            nn.Conv2d(num_feat, hidden, 3, 1, 1),
+            nn.GELU(),
+            nn.Conv2d(hidden, num_feat, 3, 1, 1),
+            ChannelAttention(num_feat, squeeze_factor),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W)."""
+        return self.cab(x)
+
+
+def _grid_coords(side: int) -> Tensor:
+    """(2, side*side) row/column coordinates in row-major order."""
+    axis = torch.arange(side)
+    return torch.stack(torch.meshgrid(axis, axis, indexing="ij")).flatten(1)
+
+
+def overlap_relative_position_index(window_size: int, overlap_size: int) -> Tensor:
+    """(ws*ws, ows*ows) index into OCAB's ``(ws + ows - 1)**2`` bias table.
+
+    Reproduces the official ``calculate_rpi_oca`` exactly, including its offset
+    (``ws - ows + 1``), which leaves some indices negative: they wrap around the
+    table, one distinct entry per relative offset, and trained tables depend on it.
+    """
+    ws, ows = window_size, overlap_size
+    ori = _grid_coords(ws)
+    ext = _grid_coords(ows)
+    rel = (ext[:, None, :] - ori[:, :, None]).permute(1, 2, 0) + (ws - ows + 1)
+    return rel[:, :, 0] * (ws + ows - 1) + rel[:, :, 1]
+
+
+class OCAB(nn.Module):
+    """Overlapping cross-attention block: windowed queries attend to enlarged key/value windows.
+
+    Queries come from ``ws x ws`` windows, keys/values from the co-centred
+    ``ows x ows`` windows (``ows = ws + int(ws * overlap_ratio)``), zero-padded at
+    the border *after* the qkv projection as the official ``nn.Unfold`` does (so
+    border windows attend to zero keys; kept for fidelity). Both residual merges
+    go through :func:`merge_residual` (i-LN rescales the projection output and
+    the MLP output). ``quant_q/k/attn/v`` hooks select an explicit matmul path,
+    as in :class:`irformer.archs.common.WindowAttention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        overlap_ratio: float,
+        mlp_ratio: float,
+        norm: str,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        overlap = int(window_size * overlap_ratio)
+        if overlap % 2:
+            # Official unfold would then yield fewer key windows than query windows.
+            raise ValueError(
+                f"int(window_size * overlap_ratio) = int({window_size} * {overlap_ratio}) = "
+                f"{overlap} must be even (the overlap is split evenly on both sides)"
+            )
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.overlap_win_size = window_size + overlap
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        table_side = window_size + self.overlap_win_size - 1
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_side**2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer(
+            "relative_position_index",
+            overlap_relative_position_index(window_size, self.overlap_win_size),
+            persistent=False,
+        )
+        self.norm1: TokenNorm = build_norm(norm, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2: TokenNorm = build_norm(norm, dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.quant_q: ActivationQuantizer | None = None
+        self.quant_k: ActivationQuantizer | None = None
+        self.quant_attn: ActivationQuantizer | None = None
+        self.quant_v: ActivationQuantizer | None = None
+
+    def position_bias(self) -> Tensor:
+        """(heads, ws*ws, ows*ows) relative position bias."""
+        n_q, n_kv = self.window_size**2, self.overlap_win_size**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n_q, n_kv, -1).permute(2, 0, 1)
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """x: (B, H*W, C) with ``x_size = (H, W)`` multiples of the window size."""
+        h, w = x_size
+        b, _, c = x.shape
+        ws, ows = self.window_size, self.overlap_win_size
+        heads, d = self.num_heads, c // self.num_heads
+        stats = self.norm1.statistics(x)
+        y = self.norm1.normalize(x, stats)
+        qkv = self.qkv(y).view(b, h, w, 3, c)
+        q = window_partition(qkv[..., 0, :], ws).view(-1, ws * ws, heads, d).transpose(1, 2)
+        pad = (ows - ws) // 2
+        kv = F.pad(qkv[..., 1:, :], (0, 0, 0, 0, pad, pad, pad, pad))
+        # (B, nH, nW, 2, C, ows, ows): overlapping windows as a strided view.
+        kv = kv.unfold(1, ows, ws).unfold(2, ows, ws)
+        kv = kv.permute(3, 0, 1, 2, 5, 6, 4).reshape(2, -1, ows * ows, heads, d)
+        k, v = kv.transpose(2, 3).unbind(0)
+        out = self._attention(q, k, v, self.position_bias())
+        out = window_reverse(out.transpose(1, 2).reshape(-1, ws, ws, c), ws, h, w)
+        x = merge_residual(x, self.proj(out.reshape(b, h * w, c)), self.norm1, stats)
+        stats = self.norm2.statistics(x)
+        return merge_residual(x, self.mlp(self.norm2.normalize(x, stats)), self.norm2, stats)
+
+    @property
+    def quantized(self) -> bool:
+        return any(
+            q is not None for q in (self.quant_q, self.quant_k, self.quant_attn, self.quant_v)
+        )
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """q: (B*nW, heads, ws², d); k, v: (B*nW, heads, ows², d); bias: (heads, ws², ows²)."""
+        if not self.quantized:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), scale=self.scale
+            )
+        q = q * self.scale
+        if self.quant_q is not None:
+            q = self.quant_q(q)
+        if self.quant_k is not None:
+            k = self.quant_k(k)
+        attn = (q @ k.transpose(-2, -1) + bias.unsqueeze(0)).softmax(dim=-1)
+        if self.quant_attn is not None:
+            attn = self.quant_attn(attn)
+        if self.quant_v is not None:
+            v = self.quant_v(v)
+        return attn @ v
+
+
+class AttenBlocks(nn.Module):
+    """``depth`` hybrid attention blocks (alternately shifted) followed by one OCAB."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        compress_ratio: int,
+        squeeze_factor: int,
+        conv_scale: float,
+        overlap_ratio: float,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        norm: str,
+    ) -> None:
+        super().__init__()
+        # The hybrid attention block (HAB) is a Swin block with a CAB conv branch.
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(
+                dim,
+                num_heads,
+                window_size=window_size,
+                shift_size=window_size // 2 if i % 2 else 0,
+                mlp_ratio=mlp_ratio,
+                norm=norm,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                conv_branch=CAB(dim, compress_ratio=compress_ratio, squeeze_factor=squeeze_factor),
+                conv_scale=conv_scale,
+            )
+            for i in range(depth)
+        )
+        self.overlap_attn = OCAB(
+            dim,
+            num_heads,
+            window_size=window_size,
+            overlap_ratio=overlap_ratio,
+            mlp_ratio=mlp_ratio,
+            norm=norm,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+        )
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        for block in self.blocks:
+            x = block(x, x_size)
+        return self.overlap_attn(x, x_size)
+
+
+class RHAG(nn.Module):
+    """Residual hybrid attention group: blocks -> conv -> + input (tokens in and out)."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        compress_ratio: int,
+        squeeze_factor: int,
+        conv_scale: float,
+        overlap_ratio: float,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        norm: str,
+        resi_connection: str,
+    ) -> None:
+        super().__init__()
+        self.residual_group = AttenBlocks(
+            dim,
+            depth,
+            num_heads,
+            window_size=window_size,
+            compress_ratio=compress_ratio,
+            squeeze_factor=squeeze_factor,
+            conv_scale=conv_scale,
+            overlap_ratio=overlap_ratio,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            norm=norm,
+        )
+        self.conv = residual_conv(dim, resi_connection)
+        self.patch_embed = PatchEmbed(dim, None)
+        self.patch_unembed = PatchUnEmbed()
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """x: (B, H*W, C) -> (B, H*W, C)."""
+        y = self.residual_group(x, x_size)
+        return self.patch_embed(self.conv(self.patch_unembed(y, x_size))) + x
+
+
+def residual_conv(dim: int, resi_connection: str) -> nn.Module:
+    """The conv closing each group and the body (official HAT: '1conv' or 'identity')."""
+    if resi_connection == "1conv":
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if resi_connection == "identity":
+        return nn.Identity()
+    raise ValueError(
+        f"unknown resi_connection {resi_connection!r}; valid: {', '.join(RESI_CONNECTIONS)}"
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+class HAT(nn.Module):
+    """HAT with a pluggable norm; keyword arguments follow the official constructor.
+
+    ``upsampler``: ``pixelshuffle`` (HAT's only head; upscale 2^n or 3, or 1),
+    ``pixelshuffledirect`` / ``nearest+conv`` (SwinIR's lightweight and
+    real-world heads), ``""`` (same-size restoration, upscale 1: SwinIR's head,
+    the network predicts a residual added to the input). Any input size: the
+    input is reflect-padded to a multiple of ``window_size`` and cropped back.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (6, 6, 6, 6),
+        num_heads: Sequence[int] = (6, 6, 6, 6),
+        window_size: int = 7,
+        compress_ratio: int = 3,
+        squeeze_factor: int = 30,
+        conv_scale: float = 0.01,
+        overlap_ratio: float = 0.5,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        patch_norm: bool = True,
+        upscale: int = 2,
+        img_range: float = 1.0,
+        upsampler: str = "pixelshuffle",
+        resi_connection: str = "1conv",
+        num_feat: int = 64,
+        norm: str = "ln",
+        stdnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(
+                f"unknown upsampler {upsampler!r}; valid: {', '.join(map(repr, UPSAMPLERS))}"
+            )
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if len(depths) != len(num_heads):
+            raise ValueError(
+                f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length"
+            )
+        if upsampler == "" and upscale != 1:
+            raise ValueError(f"upsampler '' (same-size restoration) needs upscale=1, got {upscale}")
+        if upsampler == "nearest+conv" and upscale not in (2, 4, 8):
+            raise ValueError(f"nearest+conv supports upscale 2, 4 or 8, got {upscale}")
+        if window_size < 2:
+            raise ValueError(
+                f"window_size must be >= 2 (shifts are window_size // 2), got {window_size}"
+            )
+        self.in_chans = in_chans
+        self.upscale = upscale
+        self.upsampler = upsampler
+        self.img_range = img_range
+        self.window_size = window_size
+        self.overlap_ratio = overlap_ratio
+        self.norm_name = norm
+        self.stdnorm = stdnorm
+        mean, std = input_stats(in_chans, stdnorm)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        # Official files carry these two (persistent there); kept here only so
+        # strip_official_buffers can validate them against the configuration.
+        self.register_buffer(
+            "relative_position_index_SA", relative_position_index(window_size), persistent=False
+        )
+        self.register_buffer(
+            "relative_position_index_OCA",
+            overlap_relative_position_index(
+                window_size, window_size + int(window_size * overlap_ratio)
+            ),
+            persistent=False,
+        )
+
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.patch_embed = PatchEmbed(embed_dim, norm if patch_norm else None)
+        self.patch_unembed = PatchUnEmbed()
+        self.layers = nn.ModuleList(
+            RHAG(
+                embed_dim,
+                depth,
+                heads,
+                window_size=window_size,
+                compress_ratio=compress_ratio,
+                squeeze_factor=squeeze_factor,
+                conv_scale=conv_scale,
+                overlap_ratio=overlap_ratio,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                norm=norm,
+                resi_connection=resi_connection,
+            )
+            for depth, heads in zip(depths, num_heads, strict=True)
+        )
+        self.norm = build_norm(norm, embed_dim, role="final")
+        self.conv_after_body = residual_conv(embed_dim, resi_connection)
+
+        if upsampler == "pixelshuffle":
+            self.conv_before_upsample = nn.Sequential(
+                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
+            )
+            self.upsample = Upsample(upscale, num_feat)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+        elif upsampler == "pixelshuffledirect":
+            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
+        elif upsampler == "nearest+conv":
+            self.conv_before_upsample = nn.Sequential(
+                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
+            )
+            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            if upscale >= 4:
+                self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            if upscale == 8:
+                self.conv_up3 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+            self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+        else:
+            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+        self.apply(_init_weights)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
+        x_size = (x.shape[2], x.shape[3])
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x, x_size)
+        return self.patch_unembed(self.norm(x), x_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, in_chans, H, W) in [0, 1] (or [0, 255]-scaled via img_range)."""
+        check_channels(x, self.in_chans, "HAT")
+        h, w = x.shape[2:]
+        x = x - self.mean
+        if self.stdnorm:
+            x = x / self.std
+        x = reflect_pad_to_multiple(x * self.img_range, self.window_size)
+        # Channels-last maps make every token <-> map transpose a view.
+        x = x.contiguous(memory_format=torch.channels_last)
+        feat = self.conv_first(x)
+        body = self.conv_after_body(self.forward_features(feat)) + feat
+        x = x + self.conv_last(body) if self.upsampler == "" else self._reconstruct(body)
+        x = x / self.img_range
+        if self.stdnorm:
+            x = x * self.std
+        x = x + self.mean
+        s = self.upscale
+        return x[:, :, : h * s, : w * s].contiguous()
+
+    def _reconstruct(self, x: Tensor) -> Tensor:
+        if self.upsampler == "pixelshuffle":
+            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        if self.upsampler == "pixelshuffledirect":
+            return self.upsample(x)
+        x = self.conv_before_upsample(x)
+        for name in ("conv_up1", "conv_up2", "conv_up3"):
+            if hasattr(self, name):
+                up = F.interpolate(x, scale_factor=2, mode="nearest")
+                x = self.lrelu(getattr(self, name)(up))
+        return self.conv_last(self.lrelu(self.conv_hr(x)))
+
+
+def input_stats(in_chans: int, stdnorm: bool) -> tuple[Tensor, Tensor]:
+    """(1, C, 1, 1) mean and std the input is normalised with.
+
+    Colour input: DF2K RGB mean (and std with ``stdnorm``); grey input: mean 0
+    and, with ``stdnorm``, std 0.2842 (the red-channel std, as the authors'
+    i-LN HAT code does).
+    """
+    if in_chans == 3:
+        mean, std = torch.tensor(DF2K_RGB_MEAN), torch.tensor(DF2K_RGB_STD)
+    else:
+        mean, std = torch.zeros(1), torch.tensor(DF2K_RGB_STD[:1])
+    if not stdnorm:
+        std = torch.ones_like(std)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def reflect_pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Reflect-pad (B, C, H, W) on the bottom/right to a multiple of ``multiple``.
+
+    Equals ``F.pad(mode="reflect")`` (what the official test loop does) whenever
+    that is defined; inputs smaller than the padding are reflected repeatedly
+    (and a 1-pixel side is replicated) instead of failing.
+    """
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    while pad_h or pad_w:
+        if (pad_h and h == 1) or (pad_w and w == 1):
+            step_h, step_w = int(pad_h > 0 and h == 1), int(pad_w > 0 and w == 1)
+            x = F.pad(x, (0, step_w, 0, step_h), mode="replicate")
+        else:
+            step_h, step_w = min(pad_h, h - 1), min(pad_w, w - 1)
+            x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
+        h, w = h + step_h, w + step_w
+        pad_h, pad_w = pad_h - step_h, pad_w - step_w
+    return x
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The official init: truncated-normal linears with zero bias."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------- official files
+
+
+def strip_official_buffers(state_dict: Mapping[str, Tensor], model: HAT) -> dict[str, Tensor]:
+    """``state_dict`` without the official top-level index buffers, after checking them.
+
+    Official HAT files store ``relative_position_index_SA`` / ``_OCA`` (functions
+    of ``window_size`` and ``overlap_ratio``). A copy that disagrees with
+    ``model`` means the file was trained with another window/overlap: that is a
+    ValueError naming the key, never a silent load.
+    """
+    out = dict(state_dict)
+    for key in OFFICIAL_BUFFER_KEYS:
+        if key not in out:
+            continue
+        found = out.pop(key)
+        expected = model.get_buffer(key)
+        if tuple(found.shape) != tuple(expected.shape) or not torch.equal(
+            found.to(device=expected.device, dtype=expected.dtype), expected
+        ):
+            raise ValueError(
+                f"{key}: the file's index {tuple(found.shape)} does not match this model's "
+                f"{tuple(expected.shape)} (window_size={model.window_size}, "
+                f"overlap_ratio={model.overlap_ratio}); the checkpoint was built with "
+                "another window or overlap"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- presets
+
+_HAT: dict[str, object] = {
+    "embed_dim": 180,
+    "depths": (6,) * 6,
+    "num_heads": (6,) * 6,
+    "window_size": 16,
+    "compress_ratio": 3,
+    "squeeze_factor": 30,
+    "conv_scale": 0.01,
+    "overlap_ratio": 0.5,
+    "mlp_ratio": 2.0,
+    "upsampler": "pixelshuffle",
+    "resi_connection": "1conv",
+}
+_HAT_S: dict[str, object] = {**_HAT, "embed_dim": 144, "compress_ratio": 24, "squeeze_factor": 24}
+_HAT_L: dict[str, object] = {**_HAT, "depths": (6,) * 12, "num_heads": (6,) * 12}
+# i-LN paper Table 12 (authors' "HAT-mini"): HAT-S hyper-parameters at width 96.
+_HAT_1: dict[str, object] = {**_HAT_S, "embed_dim": 96}
+_ILN: dict[str, object] = {"norm": "iln", "stdnorm": True}
+_SAME_SIZE: dict[str, object] = {"upscale": 1, "upsampler": ""}
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Official HAT-S / HAT / HAT-L classical SR (XPixelGroup/HAT options).
+    **{f"hat_s_x{s}": {**_HAT_S, "upscale": s} for s in (2, 3, 4)},
+    **{f"hat_x{s}": {**_HAT, "upscale": s} for s in (2, 3, 4)},
+    **{f"hat_l_x{s}": {**_HAT_L, "upscale": s} for s in (2, 3, 4)},
+    # i-LN paper Table 12: HAT_1 for SR x2/x4, colour denoising, deraining and
+    # JPEG CAR (grey, as SwinIR's CAR and Classic5). Baselines: norm left to
+    # the caller (``ln`` by default; the authors' i-LN runs add stdnorm=True).
+    **{f"hat_1_x{s}": {**_HAT_1, "upscale": s} for s in (2, 4)},
+    "hat_1_dn": {**_HAT_1, **_SAME_SIZE},
+    "hat_1_derain": {**_HAT_1, **_SAME_SIZE},
+    "hat_1_car": {**_HAT_1, **_SAME_SIZE, "in_chans": 1},
+    # Table 13: HAT_2 = the HAT-S architecture with a reduced budget (x4 SR).
+    "hat_2_x4": {**_HAT_S, "upscale": 4},
+    # Table 14: HAT† = full HAT trained with i-LN (authors' configs: stdnorm).
+    **{f"hat_dagger_x{s}": {**_HAT, "upscale": s, **_ILN} for s in (2, 4)},
+}
+"""Preset name -> constructor kwargs. ``norm``/``stdnorm`` are left to the caller
+except for ``hat_dagger_*``, which is i-LN by definition."""
+
+
+def _preset_task(name: str) -> str:
+    for marker, task in (("_dn", "denoise"), ("_car", "jpeg_car"), ("_derain", "derain")):
+        if name.endswith(marker):
+            return task
+    return "sr"
+
+
+PRESET_TASKS: dict[str, str] = {name: _preset_task(name) for name in PRESETS}
+"""Preset name -> task (``sr``, ``denoise``, ``jpeg_car``, ``derain``)."""
+
+MODEL_CLASS = HAT
+
+
+# --------------------------------------------------------------------------- detection
+
+_BLOCK0 = "layers.0.residual_group.blocks.0."
+_OCAB0 = "layers.0.residual_group.overlap_attn."
+
+
+def _seq_len(keys: Sequence[str], prefix: str) -> int:
+    """Number of consecutive ``prefix{i}.`` entries present (ModuleList length)."""
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in keys):
+        n += 1
+    return n
+
+
+def _divisor_for(total: int, quotient: int, key: str) -> int:
+    """The smallest integer ratio r with ``total // r == quotient`` (official ``dim // ratio``)."""
+    for ratio in range(1, total + 1):
+        if total // ratio == quotient:
+            return ratio
+    raise ValueError(f"{key}: {quotient} channels cannot be {total} // an integer ratio")
+
+
+def _norm_from_keys(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The norm when the block-norm keys tell it; None for LN-shaped keys (ln/ln_star/iln/in)."""
+    prefix = _BLOCK0 + "norm1."
+    if prefix + "bn.weight" in state_dict:
+        return "bn"
+    if prefix + "layer_scale" in state_dict:
+        return "layerscale"
+    if prefix + "rezero_alpha" in state_dict:
+        return "rezero"
+    if prefix + "weight" in state_dict and prefix + "bias" not in state_dict:
+        return "rms"
+    if not any(k.startswith(prefix) for k in state_dict):
+        return "none"
+    return None
+
+
+def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
+    """Constructor kwargs of an official/irformer HAT state dict, or None if it is not HAT.
+
+    Hyper-parameters come from key names and shapes (as spandrel's loader does).
+    ``norm`` is returned only when the keys tell it (bn, layerscale, rezero,
+    rms, none); ln, ln_star, iln and in share LayerNorm's keys, so irformer
+    checkpoints carry the norm in their metadata. Not recoverable: conv_scale,
+    qk_scale, img_range and stdnorm (the preset or metadata supplies them).
+    """
+    keys = list(state_dict)
+    needed = (
+        "conv_first.weight",
+        _BLOCK0 + "attn.relative_position_bias_table",
+        _BLOCK0 + "conv_block.cab.0.weight",
+        _OCAB0 + "relative_position_bias_table",
+    )
+    if not all(k in state_dict for k in needed):
+        return None
+    if "absolute_pos_embed" in state_dict:
+        raise ValueError("absolute_pos_embed: HAT with ape=True is not supported")
+    kwargs: dict[str, object] = {}
+    first = state_dict["conv_first.weight"]
+    embed_dim, in_chans = int(first.shape[0]), int(first.shape[1])
+    kwargs["in_chans"] = in_chans
+    kwargs["embed_dim"] = embed_dim
+    table = state_dict[_BLOCK0 + "attn.relative_position_bias_table"]
+    window = (math.isqrt(int(table.shape[0])) + 1) // 2
+    kwargs["window_size"] = window
+    ocab_side = math.isqrt(int(state_dict[_OCAB0 + "relative_position_bias_table"].shape[0]))
+    overlap = ocab_side + 1 - 2 * window  # ows - ws
+    kwargs["overlap_ratio"] = next(
+        (r for r in (0.5, 0.25, 0.75, 1.0, 0.0) if int(window * r) == overlap), overlap / window
+    )
+    n_layers = _seq_len(keys, "layers.")
+    kwargs["depths"] = tuple(
+        _seq_len(keys, f"layers.{i}.residual_group.blocks.") for i in range(n_layers)
+    )
+    kwargs["num_heads"] = tuple(
+        int(
+            state_dict[
+                f"layers.{i}.residual_group.overlap_attn.relative_position_bias_table"
+            ].shape[1]
+        )
+        for i in range(n_layers)
+    )
+    key = _BLOCK0 + "conv_block.cab.0.weight"
+    kwargs["compress_ratio"] = _divisor_for(embed_dim, int(state_dict[key].shape[0]), key)
+    key = _BLOCK0 + "conv_block.cab.3.attention.1.weight"
+    kwargs["squeeze_factor"] = _divisor_for(embed_dim, int(state_dict[key].shape[0]), key)
+    kwargs["mlp_ratio"] = float(state_dict[_BLOCK0 + "mlp.fc1.weight"].shape[0] / embed_dim)
+    kwargs["qkv_bias"] = _BLOCK0 + "attn.qkv.bias" in state_dict
+    kwargs["patch_norm"] = any(k.startswith("patch_embed.norm.") for k in keys)
+    kwargs["resi_connection"] = "1conv" if "conv_after_body.weight" in state_dict else "identity"
+    norm = _norm_from_keys(state_dict)
+    if norm is not None:
+        kwargs["norm"] = norm
+
+    if "conv_before_upsample.0.weight" in state_dict:
+        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
+        kwargs["num_feat"] = num_feat
+        if "conv_up1.weight" in state_dict:
+            kwargs["upsampler"] = "nearest+conv"
+            kwargs["upscale"] = 2 ** sum(f"conv_up{i}.weight" in state_dict for i in (1, 2, 3))
+        else:
+            kwargs["upsampler"] = "pixelshuffle"
+            convs = [k for k in keys if k.startswith("upsample.") and k.endswith(".weight")]
+            if len(convs) == 1 and int(state_dict[convs[0]].shape[0]) == 9 * num_feat:
+                kwargs["upscale"] = 3
+            else:
+                kwargs["upscale"] = 2 ** len(convs)
+    elif "upsample.0.weight" in state_dict:
+        kwargs["upsampler"] = "pixelshuffledirect"
+        kwargs["upscale"] = math.isqrt(int(state_dict["upsample.0.weight"].shape[0]) // in_chans)
+    else:
+        kwargs["upsampler"] = ""
+        kwargs["upscale"] = 1
+    return kwargs
