@@ -343,11 +343,14 @@ def make_ema(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers copied (BasicSR)."""
-    ema_params = [p for p in ema.parameters()]
+    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers copied (BasicSR).
+
+    Written as a lerp so that equal weights stay bit-identical (a frozen model's
+    EMA is the model).
+    """
+    ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, params, alpha=1.0 - decay)
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 
