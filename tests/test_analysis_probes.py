@@ -296,3 +296,13 @@ def test_load_probe_batch(tmp_path) -> None:
     assert batch.min() >= 0.0 and batch.max() <= 1.0
     with pytest.raises(ValueError, match="at least 64x64"):
         load_probe_batch(tmp_path, size=64)
+
+
+def test_builtin_probe_batch() -> None:
+    from irformer.analysis.probes import builtin_probe_batch
+
+    batch = builtin_probe_batch(count=2, size=24, scale=2)
+    assert batch.shape == (2, 3, 24, 24)
+    assert 0.05 < batch.mean().item() < 0.95 and batch.std().item() > 0.02
+    with pytest.raises(ValueError, match="count must be"):
+        builtin_probe_batch(count=9)

@@ -555,3 +555,31 @@ def _paired_corr(a: Tensor, b: Tensor) -> Tensor:
     b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
     denom = (a.square().sum(1) * b.square().sum(1)).sqrt().clamp_min(1e-300)
     return (a * b).sum(1) / denom
+
+
+BUILTIN_IMAGES: tuple[str, ...] = ("astronaut", "coffee", "chelsea", "rocket")
+"""Photos that scikit-image ships offline (CC0 / public domain): the default probe inputs."""
+
+
+def builtin_probe_batch(*, count: int = 4, size: int = 48, scale: int = 1) -> Tensor:
+    """Centre crops of scikit-image's bundled photos, as model inputs ``(count, 3, size, size)``.
+
+    For SR (``scale`` > 1) a ``size * scale`` crop is reduced with MATLAB bicubic,
+    so the probe sees LR-like content. Used when no ``--images`` folder is given.
+    """
+    import skimage.data
+
+    from irformer.data.degradations import matlab_imresize
+    from irformer.data.io import image_to_tensor
+
+    if not 1 <= count <= len(BUILTIN_IMAGES):
+        raise ValueError(f"count must be 1..{len(BUILTIN_IMAGES)} for the built-in images")
+    tensors = []
+    for name in BUILTIN_IMAGES[:count]:
+        image = center_crop(getattr(skimage.data, name)(), size * scale)
+        if image.shape[0] < size * scale or image.shape[1] < size * scale:
+            raise ValueError(f"built-in image {name} is smaller than {size * scale} px")
+        if scale > 1:
+            image = matlab_imresize(image, 1.0 / scale)
+        tensors.append(image_to_tensor(image))
+    return torch.stack(tensors)

@@ -52,6 +52,10 @@ PROBE_SEED_TAG = 7919
 batch of training-like patches the model is never trained on at that position)."""
 
 
+class StudyExistsError(FileExistsError, ValueError):
+    """The study's run folder already exists and ``resume`` was not asked for."""
+
+
 @dataclass(frozen=True)
 class StudyRun:
     """One training run of a study."""
@@ -257,7 +261,7 @@ def run_study(
             continue
         if run_dir.exists() and any(run_dir.iterdir()):
             if not resume:
-                raise FileExistsError(
+                raise StudyExistsError(
                     f"run folder {run_dir} exists; pass resume=True (--resume) to reuse finished "
                     "runs and redo unfinished ones, or choose another output folder"
                 )
