@@ -1,0 +1,375 @@
+"""DRCT (Hsu et al., 2024): Swin blocks with dense connections inside each group.
+
+Each residual dense group (RDG) runs five Swin blocks; block ``k`` sees the
+group input concatenated with the ``gc``-channel outputs of the blocks before
+it (squeezed by 1x1 ``adjust`` convs), so the block widths grow
+``dim, dim+gc, ..., dim+4gc``. As in the official code, block ``k`` uses
+``num_heads - (width % num_heads)`` heads, blocks 4 and 5 an MLP ratio of 1,
+only ``len(depths)`` matters (every RDG has five blocks), and the group output
+is ``0.2 * adjust5(...) + input``.
+
+Parameter keys and shapes in ``ln`` mode equal the official implementation's
+(``layers.{i}.swin{k}``, ``layers.{i}.adjust{k}``, ``patch_embed.norm``,
+``norm``, ``conv_after_body``, the upsampler heads), so official checkpoints
+load unchanged; ``attn_mask`` and ``relative_position_index`` are
+non-persistent and cached per input size.
+
+The official code has only the ``pixelshuffle`` head (its ``upsampler=''``
+path returns the input unchanged). irformer adds SwinIR's
+``pixelshuffledirect`` head (lightweight SR) and ``''`` head (same-size
+restoration: the network predicts a residual added to the input), with
+SwinIR's key names. Input is reflect-padded to a window multiple and the
+output cropped back, as the official test pipeline does around the network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from irformer.archs.common import (
+    DF2K_RGB_MEAN,
+    DF2K_RGB_STD,
+    PatchEmbed,
+    PatchUnEmbed,
+    SwinTransformerBlock,
+    Upsample,
+    UpsampleOneStep,
+    check_channels,
+    pad_to_multiple,
+)
+from irformer.norms import build_norm
+
+ARCH_NAME = "drct"
+DRCT_UPSAMPLERS: tuple[str, ...] = ("pixelshuffle", "pixelshuffledirect", "")
+"""Reconstruction heads: the official one plus SwinIR's light and same-size heads."""
+RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "identity")
+BLOCKS_PER_GROUP = 5
+GROUP_RESIDUAL_SCALE = 0.2
+"""The official RDG output: ``0.2 * dense branch + input`` (ESRGAN's residual scaling)."""
+SIZE_DEPENDENT_BUFFERS: tuple[str, ...] = ("attn_mask", "relative_position_index")
+"""Buffer names official DRCT files carry that irformer derives instead of storing."""
+
+
+def dense_block_heads(width: int, num_heads: int) -> int:
+    """Heads of a DRCT block of ``width`` channels: the official ``h - width % h`` rule."""
+    return num_heads - width % num_heads
+
+
+class RDG(nn.Module):
+    """Residual dense group: five densely connected Swin blocks (tokens in and out)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        shifted: bool,
+        mlp_ratio: float,
+        gc: int,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        norm: str,
+    ) -> None:
+        super().__init__()
+        for k in range(BLOCKS_PER_GROUP):
+            width = dim + k * gc
+            heads = dense_block_heads(width, num_heads)
+            if width % heads:
+                raise ValueError(
+                    f"DRCT block swin{k + 1} has width {width} = embed_dim {dim} + {k} * gc {gc}, "
+                    f"which its {heads} heads (num_heads {num_heads} - {width} % {num_heads}) "
+                    "do not divide; choose embed_dim/gc/num_heads that satisfy the official rule"
+                )
+            block = SwinTransformerBlock(
+                width,
+                heads,
+                window_size=window_size,
+                shift_size=window_size // 2 if (shifted and k % 2) else 0,
+                mlp_ratio=mlp_ratio if k < 3 else 1.0,
+                norm=norm,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+            )
+            self.add_module(f"swin{k + 1}", block)
+            out = dim if k == BLOCKS_PER_GROUP - 1 else gc
+            self.add_module(f"adjust{k + 1}", nn.Conv2d(width, out, 1))
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+        self.pe = PatchEmbed(dim, None)
+        self.pue = PatchUnEmbed()
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """x: (B, H*W, C) -> (B, H*W, C)."""
+        features = [x]
+        for k in range(1, BLOCKS_PER_GROUP + 1):
+            inp = features[0] if k == 1 else torch.cat(features, dim=-1)
+            y = getattr(self, f"swin{k}")(inp, x_size)
+            y = getattr(self, f"adjust{k}")(self.pue(y, x_size))
+            if k < BLOCKS_PER_GROUP:
+                y = self.lrelu(y)
+            features.append(self.pe(y))
+        return features[-1] * GROUP_RESIDUAL_SCALE + x
+
+
+class DRCT(nn.Module):
+    """DRCT with a pluggable norm; keyword arguments follow the official constructor.
+
+    ``img_size`` is the training patch size; as in the official code, a patch
+    no larger than the window makes every block use one window of that size
+    and no shift. ``depths`` only counts the groups (official quirk).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 64,
+        in_chans: int = 3,
+        embed_dim: int = 180,
+        depths: Sequence[int] = (6, 6, 6, 6, 6, 6),
+        num_heads: Sequence[int] = (6, 6, 6, 6, 6, 6),
+        window_size: int = 16,
+        mlp_ratio: float = 2.0,
+        gc: int = 32,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        patch_norm: bool = True,
+        upscale: int = 4,
+        img_range: float = 1.0,
+        upsampler: str = "pixelshuffle",
+        resi_connection: str = "1conv",
+        num_feat: int = 64,
+        norm: str = "ln",
+        stdnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        if upsampler not in DRCT_UPSAMPLERS:
+            raise ValueError(
+                f"unknown DRCT upsampler {upsampler!r}; valid: "
+                f"{', '.join(map(repr, DRCT_UPSAMPLERS))}"
+            )
+        if resi_connection not in RESI_CONNECTIONS:
+            raise ValueError(
+                f"unknown resi_connection {resi_connection!r}; valid: {', '.join(RESI_CONNECTIONS)}"
+            )
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if len(depths) != len(num_heads):
+            raise ValueError(
+                f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length"
+            )
+        if upsampler == "" and upscale != 1:
+            raise ValueError(f"upsampler '' (same-size restoration) needs upscale=1, got {upscale}")
+        self.in_chans = in_chans
+        self.upscale = upscale
+        self.upsampler = upsampler
+        self.img_range = img_range
+        self.norm_name = norm
+        self.stdnorm = stdnorm
+        shifted = img_size > window_size
+        self.window_size = window_size if shifted else img_size
+        mean, std = input_stats(in_chans, stdnorm)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.patch_embed = PatchEmbed(embed_dim, norm if patch_norm else None)
+        self.patch_unembed = PatchUnEmbed()
+        self.layers = nn.ModuleList(
+            RDG(
+                embed_dim,
+                heads,
+                window_size=self.window_size,
+                shifted=shifted,
+                mlp_ratio=mlp_ratio,
+                gc=gc,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                norm=norm,
+            )
+            for heads in num_heads
+        )
+        self.norm = build_norm(norm, embed_dim, role="final")
+        if resi_connection == "1conv":
+            self.conv_after_body: nn.Module = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
+        else:
+            self.conv_after_body = nn.Identity()
+
+        if upsampler == "pixelshuffle":
+            self.conv_before_upsample = nn.Sequential(
+                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
+            )
+            self.upsample: nn.Module = Upsample(upscale, num_feat)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+        elif upsampler == "pixelshuffledirect":
+            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
+        else:
+            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+        self.apply(_init_weights)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
+        x_size = (x.shape[2], x.shape[3])
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x, x_size)
+        return self.patch_unembed(self.norm(x), x_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, in_chans, H, W) in [0, 1] -> (B, in_chans, H*upscale, W*upscale)."""
+        check_channels(x, self.in_chans, "DRCT")
+        h, w = x.shape[2:]
+        x = pad_to_multiple(x, self.window_size)
+        x = x - self.mean
+        if self.stdnorm:
+            x = x / self.std
+        x = x * self.img_range
+        feat = self.conv_first(x)
+        res = self.conv_after_body(self.forward_features(feat)) + feat
+        if self.upsampler == "pixelshuffle":
+            x = self.conv_last(self.upsample(self.conv_before_upsample(res)))
+        elif self.upsampler == "pixelshuffledirect":
+            x = self.upsample(res)
+        else:
+            x = x + self.conv_last(res)
+        x = x / self.img_range
+        if self.stdnorm:
+            x = x * self.std
+        x = x + self.mean
+        s = self.upscale
+        return x[:, :, : h * s, : w * s]
+
+
+def input_stats(in_chans: int, stdnorm: bool) -> tuple[Tensor, Tensor]:
+    """(1, C, 1, 1) mean and std the input is normalised with.
+
+    The originals subtract the DF2K RGB mean for colour input and nothing for
+    grey. ``stdnorm`` divides by the DF2K RGB std; for grey input by the mean of
+    the three channel stds (the i-LN code only defines it for RGB; same rule as
+    :mod:`irformer.archs.swinir`).
+    """
+    if in_chans == 3:
+        mean = torch.tensor(DF2K_RGB_MEAN)
+        std = torch.tensor(DF2K_RGB_STD)
+    else:
+        mean = torch.zeros(1)
+        std = torch.tensor([sum(DF2K_RGB_STD) / 3])
+    if not stdnorm:
+        std = torch.ones_like(std)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The official init: truncated-normal linears with zero bias."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------- presets
+
+_DRCT: dict[str, object] = {
+    "img_size": 64,
+    "embed_dim": 180,
+    "depths": (6,) * 6,
+    "num_heads": (6,) * 6,
+    "window_size": 16,
+    "mlp_ratio": 2.0,
+    "gc": 32,
+    "upsampler": "pixelshuffle",
+    "resi_connection": "1conv",
+}
+# i-LN paper Table 10: DRCT_1, embed_dim reduced to 96 to match HAT_1; the
+# paper's "lightweight DRCT" (the official repo has no light model).
+_DRCT_1: dict[str, object] = {**_DRCT, "embed_dim": 96}
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Official DRCT (14.13M params at x4) and DRCT-L (12 groups, 27.58M at x4).
+    **{f"drct_x{s}": {**_DRCT, "upscale": s} for s in (2, 3, 4)},
+    **{
+        f"drct_l_x{s}": {**_DRCT, "depths": (6,) * 12, "num_heads": (6,) * 12, "upscale": s}
+        for s in (2, 3, 4)
+    },
+    # i-LN paper's DRCT_1 (x2 and x4 SR, Table 10).
+    **{f"drct_1_x{s}": {**_DRCT_1, "upscale": s} for s in (2, 4)},
+}
+"""Preset name -> constructor kwargs (``norm``/``stdnorm`` are left to the caller)."""
+
+PRESET_TASKS: dict[str, str] = dict.fromkeys(PRESETS, "sr")
+"""Preset name -> task (every DRCT preset is bicubic SR)."""
+
+MODEL_CLASS = DRCT
+
+
+# --------------------------------------------------------------------------- detection
+
+_BLOCK0 = "layers.0.swin1."
+
+
+def _seq_len(keys: Sequence[str], prefix: str) -> int:
+    """Number of consecutive ``prefix{i}.`` entries present (ModuleList length)."""
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in keys):
+        n += 1
+    return n
+
+
+def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
+    """Constructor kwargs of an official/irformer DRCT state dict, or None.
+
+    Reads the hyper-parameters from key names and shapes. ``img_size`` is only
+    known when the file carries an ``attn_mask``; the norm cannot be told apart
+    from LN (same keys), so it is never returned.
+    """
+    needed = (
+        "conv_first.weight",
+        _BLOCK0 + "attn.relative_position_bias_table",
+        "layers.0.adjust1.weight",
+        "layers.0.adjust5.weight",
+    )
+    if not all(k in state_dict for k in needed):
+        return None
+    keys = list(state_dict)
+    first = state_dict["conv_first.weight"]
+    embed_dim, in_chans = int(first.shape[0]), int(first.shape[1])
+    table = state_dict[_BLOCK0 + "attn.relative_position_bias_table"]
+    window = (math.isqrt(int(table.shape[0])) + 1) // 2
+    n_layers = _seq_len(keys, "layers.")
+    kwargs: dict[str, object] = {
+        "in_chans": in_chans,
+        "embed_dim": embed_dim,
+        "window_size": window,
+        "depths": (6,) * n_layers,
+        "num_heads": tuple(
+            int(state_dict[f"layers.{i}.swin1.attn.relative_position_bias_table"].shape[1])
+            for i in range(n_layers)
+        ),
+        "mlp_ratio": float(state_dict[_BLOCK0 + "mlp.fc1.weight"].shape[0] / embed_dim),
+        "gc": int(state_dict["layers.0.adjust1.weight"].shape[0]),
+        "qkv_bias": _BLOCK0 + "attn.qkv.bias" in state_dict,
+        "patch_norm": "patch_embed.norm.weight" in state_dict,
+        "resi_connection": "1conv" if "conv_after_body.weight" in state_dict else "identity",
+    }
+    mask = state_dict.get("layers.0.swin2.attn_mask")
+    if mask is not None:
+        kwargs["img_size"] = math.isqrt(int(mask.shape[0])) * window
+    if "conv_before_upsample.0.weight" in state_dict:
+        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
+        kwargs["num_feat"] = num_feat
+        kwargs["upsampler"] = "pixelshuffle"
+        convs = [state_dict[k] for k in keys if k.startswith("upsample.") and k.endswith(".weight")]
+        if len(convs) == 1 and int(convs[0].shape[0]) == 9 * num_feat:
+            kwargs["upscale"] = 3
+        else:
+            kwargs["upscale"] = 2 ** len(convs)
+    elif "upsample.0.weight" in state_dict:
+        kwargs["upsampler"] = "pixelshuffledirect"
+        kwargs["upscale"] = math.isqrt(int(state_dict["upsample.0.weight"].shape[0]) // in_chans)
+    else:
+        kwargs["upsampler"] = ""
+        kwargs["upscale"] = 1
+    return kwargs
