@@ -350,7 +350,7 @@ class SwinTransformerBlock(nn.Module):
                 mask = kinds[kind.reshape(-1)]
             else:
                 part = y[:, rows]
-            windows = window_partition(part, ws).view(-1, ws * ws, c)
+            windows = window_partition(part, ws).reshape(-1, ws * ws, c)
             attn = self.attn(windows, mask).view(-1, ws, ws, c)
             branch = window_reverse(attn, ws, (r1 - r0) * ws, w)
             if shift:

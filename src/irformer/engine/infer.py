@@ -1,0 +1,490 @@
+"""Restoring images with a model: plain, tiled, exact in bounded memory, self-ensemble, precision.
+
+Three ways to run one ``(B, C, H, W)`` tensor through a model:
+
+* **plain**: ``model(x)``; memory grows with the image (the attention mask and
+  scores of every window at once).
+* **tiled** (:func:`forward_tiled`): overlapping tiles whose outputs are
+  averaged where they overlap, as the SwinIR/HAT test scripts do. Fine for LN
+  models far from tile borders, but a model that normalises with whole-image
+  statistics (i-LN, LN*) sees different statistics per tile, so tiles disagree
+  and leave seams.
+* **exact** (:func:`forward_exact`): the whole image layer by layer with window
+  attention in chunks of windows and the MLP in chunks of tokens
+  (:func:`chunked_attention`), so memory is a few feature maps and the output
+  equals the plain forward pass for every norm.
+
+Any of these can be wrapped in the x8 self-ensemble (:func:`self_ensemble`) and
+run in fp32, bf16 or fp16 (:func:`run_with_precision`), which also counts
+non-finite output pixels and names the first layer whose output went
+non-finite (fp16 overflow is the "black dots" of the i-LN paper, Sec. 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PRECISIONS",
+    "NonFiniteReport",
+    "Precision",
+    "RestoreOptions",
+    "chunked_attention",
+    "count_nonfinite",
+    "forward_exact",
+    "forward_plain",
+    "forward_tiled",
+    "locate_first_nonfinite",
+    "model_dtype",
+    "precision_dtype",
+    "prepare_model_for_precision",
+    "restore_tensor",
+    "run_with_precision",
+    "self_ensemble",
+]
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+DEFAULT_WINDOWS_PER_CHUNK = 256
+"""Windows per attention chunk in the exact path: 256 windows of 8x8 tokens are
+16k tokens, a few MB of scores per head, while keeping the GEMMs large."""
+
+Blend = Literal["mean", "ramp"]
+_UNSET = object()
+ModelFn = Callable[[Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """``fp32|bf16|fp16`` -> torch dtype; unknown names raise ``ValueError``."""
+    try:
+        return _DTYPES[precision]
+    except KeyError:
+        raise ValueError(
+            f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
+        ) from None
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (fp32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def prepare_model_for_precision(
+    model: nn.Module, precision: str, *, channels_last: bool = True
+) -> nn.Module:
+    """Cast weights and buffers to ``precision`` in place, eval mode; returns ``model``.
+
+    Features follow the weights (the input is cast in :func:`run_with_precision`);
+    i-LN's holistic statistics are still computed in fp32 by
+    :func:`irformer.norms.holistic_stats`, and attention masks are cast per call.
+    Conv weights go channels-last, matching the channels-last feature maps of
+    the Swin models, so oneDNN needs no layout reorders (fastest bf16 on CPU).
+    Copy the model first (``copy.deepcopy``) to keep an fp32 original.
+    """
+    dtype = precision_dtype(precision)
+    model.eval()
+    model.to(dtype=dtype)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+@dataclass(frozen=True)
+class NonFiniteReport:
+    """Non-finite (NaN/inf) values in a model output, and where they started."""
+
+    nonfinite_values: int
+    """NaN/inf entries in the output."""
+    nonfinite_pixels: int
+    """Output pixels (over batch and positions) with at least one NaN/inf channel."""
+    total_pixels: int
+    first_layer: str | None = None
+    """Qualified name of the first module (in execution order, innermost first)
+    whose output held a NaN/inf; ``"<model>"`` when only the model's own forward
+    produced them; None when the output is finite or the layer was not located."""
+    first_layer_type: str | None = None
+
+    @property
+    def finite(self) -> bool:
+        return self.nonfinite_values == 0
+
+    def merge(self, other: NonFiniteReport) -> NonFiniteReport:
+        """Sum counts over images; keep the first located layer."""
+        return NonFiniteReport(
+            self.nonfinite_values + other.nonfinite_values,
+            self.nonfinite_pixels + other.nonfinite_pixels,
+            self.total_pixels + other.total_pixels,
+            self.first_layer or other.first_layer,
+            self.first_layer_type or other.first_layer_type,
+        )
+
+    def summary(self) -> str:
+        if self.finite:
+            return f"all {self.total_pixels} output pixels finite"
+        where = f"; first non-finite layer: {self.first_layer}" if self.first_layer else ""
+        return (
+            f"{self.nonfinite_pixels}/{self.total_pixels} output pixels non-finite "
+            f"({self.nonfinite_values} values){where}"
+        )
+
+
+def count_nonfinite(out: Tensor) -> NonFiniteReport:
+    """Counts for an output ``(B, C, H, W)``; no layer location."""
+    bad = ~torch.isfinite(out)
+    pixels = bad.any(dim=1) if out.dim() == 4 else bad
+    return NonFiniteReport(
+        nonfinite_values=int(bad.sum()),
+        nonfinite_pixels=int(pixels.sum()),
+        total_pixels=pixels.numel(),
+    )
+
+
+def _tensors(value: object) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def locate_first_nonfinite(model: nn.Module, fn: ModelFn, x: Tensor) -> tuple[str, str] | None:
+    """Run ``fn(x)`` with forward hooks on every module of ``model``.
+
+    Returns ``(name, type)`` of the first module whose output holds a NaN/inf
+    (post-forward hooks fire innermost first, so a Linear inside an MLP is named
+    rather than the MLP), ``("<model>", type)`` if only the top level did, or None.
+    """
+    found: list[tuple[str, str]] = []
+
+    def hook(name: str) -> Callable[[nn.Module, object, object], None]:
+        def check(module: nn.Module, inputs: object, output: object) -> None:
+            if found:
+                return
+            if any(
+                t.is_floating_point() and not bool(torch.isfinite(t).all())
+                for t in _tensors(output)
+            ):
+                found.append((name or "<model>", type(module).__name__))
+
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            out = fn(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        return found[0]
+    if not bool(torch.isfinite(out).all()):
+        return ("<model>", type(model).__name__)
+    return None
+
+
+# --------------------------------------------------------------------------- execution paths
+
+
+def forward_plain(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` without autograd."""
+    with torch.no_grad():
+        return model(x)
+
+
+@contextmanager
+def chunked_attention(
+    model: nn.Module,
+    windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK,
+    tokens_per_chunk: int | None = None,
+) -> Iterator[nn.Module]:
+    """Within the block, every chunk-aware module of ``model`` runs in chunks.
+
+    A module is chunk-aware when its class declares a ``chunk_windows``
+    attribute (and optionally ``chunk_tokens``): ``SwinTransformerBlock`` and
+    ``WindowAttention`` of :mod:`irformer.archs.common` do, and any other
+    attention block can opt in the same way. Outputs are unchanged; attention
+    modules that are not chunk-aware run whole (still exact, more memory) and
+    are logged.
+    """
+    if windows_per_chunk < 1:
+        raise ValueError(f"windows_per_chunk must be >= 1, got {windows_per_chunk}")
+    if tokens_per_chunk is not None and tokens_per_chunk < 1:
+        raise ValueError(f"tokens_per_chunk must be >= 1, got {tokens_per_chunk}")
+    changed: list[tuple[nn.Module, str, object]] = []
+    unaware: list[str] = []
+    for name, module in model.named_modules():
+        if not hasattr(type(module), "chunk_windows"):
+            if "attention" in type(module).__name__.lower():
+                unaware.append(name)
+            continue
+        settings = {"chunk_windows": windows_per_chunk}
+        if hasattr(type(module), "chunk_tokens"):
+            settings["chunk_tokens"] = tokens_per_chunk
+        for attr, value in settings.items():
+            changed.append((module, attr, module.__dict__.get(attr, _UNSET)))
+            setattr(module, attr, value)
+    if not changed:
+        logger.warning(
+            "%s has no chunk-aware modules: the exact path is a plain forward pass",
+            type(model).__name__,
+        )
+    elif unaware:
+        logger.info("attention modules without chunking (run whole): %s", ", ".join(unaware))
+    try:
+        yield model
+    finally:
+        for module, attr, previous in changed:
+            if previous is _UNSET:
+                module.__dict__.pop(attr, None)  # back to the class default
+            else:
+                setattr(module, attr, previous)
+
+
+def forward_exact(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK,
+    tokens_per_chunk: int | None = None,
+) -> Tensor:
+    """Whole-image forward in bounded memory; equals :func:`forward_plain` (float rounding)."""
+    with chunked_attention(model, windows_per_chunk, tokens_per_chunk), torch.no_grad():
+        return model(x)
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering ``size``; the last tile is flush with the border."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return [*starts, size - tile]
+
+
+def _ramp(length: int, ramp: int, device: torch.device) -> Tensor:
+    """1-D weights rising linearly over ``ramp`` pixels at both ends (never 0)."""
+    i = torch.arange(length, device=device, dtype=torch.float32) + 0.5
+    if ramp <= 0:
+        return torch.ones(length, device=device)
+    return torch.minimum(torch.clamp(i / ramp, max=1.0), torch.clamp((length - i) / ramp, max=1.0))
+
+
+def forward_tiled(
+    model: nn.Module | ModelFn,
+    x: Tensor,
+    *,
+    tile: int,
+    overlap: int = 32,
+    blend: Blend = "mean",
+) -> Tensor:
+    """Tiled inference: ``tile x tile`` input tiles overlapping by ``overlap`` pixels.
+
+    x: (B, C, H, W). Outputs are accumulated in fp32 and divided by the summed
+    weights: ``mean`` weighs every tile pixel 1 (the SwinIR/HAT test scripts);
+    ``ramp`` fades each tile linearly over the overlap, which hides seams when
+    tiles disagree. The scale is read off the first tile's output.
+    """
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
+    if blend not in ("mean", "ramp"):
+        raise ValueError(f"unknown blend {blend!r}; expected 'mean' or 'ramp'")
+    b, _, h, w = x.shape
+    th, tw = min(tile, h), min(tile, w)
+    out: Tensor | None = None
+    weight: Tensor | None = None
+    scale = 0
+    with torch.no_grad():
+        for top in _tile_starts(h, th, tile - overlap):
+            for left in _tile_starts(w, tw, tile - overlap):
+                patch = model(x[:, :, top : top + th, left : left + tw])
+                if out is None:
+                    scale = patch.shape[-1] // tw
+                    if scale < 1 or patch.shape[-2:] != (th * scale, tw * scale):
+                        raise ValueError(
+                            f"tile {th}x{tw} gave output {tuple(patch.shape[-2:])}: "
+                            "not an integer multiple of the tile size"
+                        )
+                    out = torch.zeros(b, patch.shape[1], h * scale, w * scale, device=x.device)
+                    weight = torch.zeros(1, 1, h * scale, w * scale, device=x.device)
+                assert weight is not None
+                if blend == "ramp":
+                    ramp = overlap * scale
+                    wt = _ramp(th * scale, ramp, x.device)[:, None] * _ramp(
+                        tw * scale, ramp, x.device
+                    )
+                else:
+                    wt = torch.ones(th * scale, tw * scale, device=x.device)
+                region = (
+                    slice(None),
+                    slice(None),
+                    slice(top * scale, (top + th) * scale),
+                    slice(left * scale, (left + tw) * scale),
+                )
+                out[region] += patch.float() * wt
+                weight[region] += wt
+    assert out is not None and weight is not None
+    return out / weight
+
+
+_ENSEMBLE_SIZE = 8
+
+
+def _augment(x: Tensor, k: int) -> Tensor:
+    """The k-th of the 8 dihedral transforms: optional horizontal flip, then k%4 rot90."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def _deaugment(y: Tensor, k: int) -> Tensor:
+    y = torch.rot90(y, -(k % 4), dims=(-2, -1))
+    return y.flip(-1) if k >= 4 else y
+
+
+def self_ensemble(fn: ModelFn, x: Tensor) -> Tensor:
+    """x8 self-ensemble: mean of ``fn`` over flips and 90-degree rotations, undone.
+
+    Accumulates in fp32 (whatever ``fn`` returns); each transform is run on
+    its own so memory is that of one forward pass.
+    """
+    total: Tensor | None = None
+    for k in range(_ENSEMBLE_SIZE):
+        y = _deaugment(fn(_augment(x, k).contiguous()), k).float()
+        # Never accumulate into fn's output: it may alias the input.
+        total = y.clone() if total is None else total.add_(y)
+    assert total is not None
+    return total / _ENSEMBLE_SIZE
+
+
+# --------------------------------------------------------------------------- one door in
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How :func:`restore_tensor` runs a model (CLI ``irformer restore`` flags)."""
+
+    tile: int | None = None
+    """Tile size for tiled inference (None: whole image)."""
+    tile_overlap: int = 32
+    tile_blend: Blend = "mean"
+    chunk_windows: int | None = None
+    """Windows per chunk for the exact bounded-memory path (None: plain forward)."""
+    chunk_tokens: int | None = None
+    ensemble: bool = False
+    precision: Precision = "fp32"
+    locate_nonfinite: bool = True
+    """Re-run with hooks to name the first non-finite layer when the output has NaN/inf."""
+    sanitize: bool = True
+    """Return NaN as 0 and +-inf as 1/0 (the black dots), counted in the report."""
+
+    def __post_init__(self) -> None:
+        precision_dtype(self.precision)
+        if self.tile is not None and self.chunk_windows is not None:
+            raise ValueError(
+                f"choose tiling (tile={self.tile}) or the exact chunked path "
+                f"(chunk_windows={self.chunk_windows}), not both"
+            )
+        if self.tile is not None and not 0 <= self.tile_overlap < self.tile:
+            raise ValueError(
+                f"tile overlap must be in [0, tile={self.tile}), got {self.tile_overlap}"
+            )
+        if self.tile is not None and self.tile < 1:
+            raise ValueError(f"tile must be >= 1, got {self.tile}")
+        if self.chunk_windows is not None and self.chunk_windows < 1:
+            raise ValueError(f"chunk_windows must be >= 1, got {self.chunk_windows}")
+
+
+def _single_pass(model: nn.Module, options: RestoreOptions) -> ModelFn:
+    if options.tile is not None:
+        tile, overlap, blend = options.tile, options.tile_overlap, options.tile_blend
+        return lambda x: forward_tiled(model, x, tile=tile, overlap=overlap, blend=blend)
+    if options.chunk_windows is not None:
+        chunk, tokens = options.chunk_windows, options.chunk_tokens
+        return lambda x: forward_exact(model, x, windows_per_chunk=chunk, tokens_per_chunk=tokens)
+    return lambda x: forward_plain(model, x)
+
+
+def restore_tensor(
+    model: nn.Module, x: Tensor, options: RestoreOptions | None = None
+) -> tuple[Tensor, NonFiniteReport]:
+    """Run ``model`` on ``x`` (B, C, H, W) as ``options`` say; returns fp32 output and report.
+
+    The model is cast to ``options.precision`` in place (a no-op when it already
+    is; see :func:`prepare_model_for_precision`) and ``x`` is moved to the
+    model's device and dtype.
+    """
+    options = options or RestoreOptions()
+    dtype = precision_dtype(options.precision)
+    if model_dtype(model) != dtype:
+        prepare_model_for_precision(model, options.precision)
+    model.eval()
+    device = next((p.device for p in model.parameters()), x.device)
+    x = x.to(device=device, dtype=dtype)
+    single = _single_pass(model, options)
+    fn: ModelFn = (lambda t: self_ensemble(single, t)) if options.ensemble else single
+    with torch.no_grad():
+        out = fn(x).float()
+    report = count_nonfinite(out)
+    if not report.finite:
+        if options.locate_nonfinite:
+            located = locate_first_nonfinite(model, fn, x)
+            if located is not None:
+                report = NonFiniteReport(
+                    report.nonfinite_values,
+                    report.nonfinite_pixels,
+                    report.total_pixels,
+                    *located,
+                )
+        logger.warning("%s: %s", options.precision, report.summary())
+        if options.sanitize:
+            out = torch.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+    return out, report
+
+
+def run_with_precision(
+    model: nn.Module,
+    x: Tensor,
+    precision: str = "fp32",
+    *,
+    tile: int | None = None,
+    tile_overlap: int = 32,
+    chunk_windows: int | None = None,
+    ensemble: bool = False,
+    sanitize: bool = True,
+) -> tuple[Tensor, NonFiniteReport]:
+    """:func:`restore_tensor` with the precision and path as keyword arguments.
+
+    x: (B, C, H, W) float in [0, 1]. Returns the fp32 output (NaN -> 0 when
+    ``sanitize``) and the :class:`NonFiniteReport`. The model is cast in place.
+    """
+    options = RestoreOptions(
+        tile=tile,
+        tile_overlap=tile_overlap,
+        chunk_windows=chunk_windows,
+        ensemble=ensemble,
+        precision=precision,  # type: ignore[arg-type]
+        sanitize=sanitize,
+    )
+    return restore_tensor(model, x, options)
