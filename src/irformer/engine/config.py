@@ -107,8 +107,6 @@ class ValConfig:
     benchmarks: tuple[str, ...] = ("Set5",)
     root: str = "../shared/data"
     """Folder holding the benchmark sets (``sr/Set5/HR`` etc.)."""
-    max_images: int = 0
-    """Use only the first N images of each set (0 = all), for quick checks."""
 
 
 @dataclass(frozen=True)

@@ -269,24 +269,33 @@ def seed_everything(seed: int) -> None:
 
 
 def build_network(cfg: Config) -> nn.Module:
-    """``irformer.archs.build_model`` for the config's preset, norm and scale."""
-    from irformer.archs import build_model
+    """``irformer.archs.build_model`` for the config's preset (or arch), norm and scale."""
+    from irformer.archs import build_model, preset_kwargs
 
+    try:
+        preset_scale = preset_kwargs(cfg.model.arch).get("upscale")
+    except ValueError:
+        preset_scale = None  # an architecture name, not a preset
+    if preset_scale is not None and int(preset_scale) != cfg.model.scale:
+        raise ValueError(
+            f"model.scale {cfg.model.scale} contradicts preset {cfg.model.arch!r} "
+            f"(upscale {preset_scale}); pick the preset of that scale"
+        )
     kwargs = dict(cfg.model.overrides)
-    kwargs.setdefault("norm", cfg.model.norm)
-    kwargs.setdefault("upscale", cfg.model.scale)
+    kwargs["norm"] = cfg.model.norm
+    kwargs["upscale"] = cfg.model.scale
     if cfg.data.grayscale:
         kwargs.setdefault("in_chans", 1)
     return build_model(cfg.model.arch, **kwargs)
 
 
 def default_validator(cfg: Config, device: torch.device) -> Validator:
-    """PSNR/SSIM on ``cfg.val.benchmarks`` with the field's conventions for the task.
+    """PSNR/SSIM on ``cfg.val.benchmarks`` via :func:`irformer.engine.evaluate.evaluate_benchmark`.
 
-    Outputs are rounded to 8 bits before the metrics, as BasicSR validates.
+    Benchmarks are resolved (folders checked) once, before training starts.
     """
     from irformer.data.benchmarks import load_benchmark
-    from irformer.metrics import compute_metrics
+    from irformer.engine.evaluate import evaluate_benchmark
 
     task, scale = cfg.data.task, cfg.model.scale
     sets = [
@@ -304,16 +313,9 @@ def default_validator(cfg: Config, device: torch.device) -> Validator:
     def run(model: nn.Module) -> dict[str, float]:
         results: dict[str, float] = {}
         for bench in sets:
-            sums = {"psnr": 0.0, "ssim": 0.0}
-            count = len(bench) if cfg.val.max_images <= 0 else min(cfg.val.max_images, len(bench))
-            for i in range(count):
-                item = bench[i]
-                lq = torch.from_numpy(item.lq).permute(2, 0, 1)[None].to(device)
-                out = model(lq).float().clamp(0, 1).mul(255).round().div(255)[0]
-                for key, value in compute_metrics(out, item.gt, task=task, scale=scale).items():
-                    sums[key] += value
-            for key, total in sums.items():
-                results[f"{bench.name}/{key}"] = total / max(count, 1)
+            res = evaluate_benchmark(model, bench, device=device)
+            results[f"{bench.name}/psnr"] = res.psnr
+            results[f"{bench.name}/ssim"] = res.ssim
         return results
 
     return run
@@ -374,17 +376,22 @@ def warm_start(model: nn.Module, path: str | Path) -> None:
 
 
 def model_meta(cfg: Config, model: nn.Module) -> dict[str, Any]:
-    """The ``irformer`` metadata stored with every checkpoint and export."""
-    arch = getattr(model, "arch_name", None) or type(model).__name__.lower()
-    return {
-        "arch": str(arch),
-        "preset": cfg.model.arch,
-        "norm": cfg.model.norm,
-        "scale": cfg.model.scale,
-        "task": cfg.data.task,
-        "version": irformer.__version__,
-        "model_kwargs": dict(cfg.model.overrides),
-    }
+    """The ``irformer`` metadata stored with every checkpoint and export.
+
+    Starts from what ``build_model`` recorded on the model (arch, preset,
+    constructor kwargs); ``task`` uses the config's names (sr/dn/car/dr).
+    """
+    meta = dict(getattr(model, "irformer_meta", None) or {})
+    meta.setdefault("arch", type(model).__name__.lower())
+    meta.setdefault("preset", cfg.model.arch)
+    meta.setdefault("model_kwargs", dict(cfg.model.overrides))
+    meta.update(
+        norm=cfg.model.norm,
+        scale=cfg.model.scale,
+        task=cfg.data.task,
+        version=irformer.__version__,
+    )
+    return meta
 
 
 def gather_rng_states(info: DistInfo) -> list[Any]:
