@@ -31,7 +31,9 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     """x: (B, H, W, C) -> (B * nW, ws, ws, C), windows in row-major order per image."""
     b, h, w, c = x.shape
     x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+    # contiguous(): with one row/column of windows, reshape could return a view
+    # whose (ws, ws) dims cannot be merged by the callers' .view(-1, ws * ws, C).
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, c)
 
 
 def window_reverse(windows: Tensor, window_size: int, h: int, w: int) -> Tensor:
