@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -255,3 +256,19 @@ def test_unreadable_files(tmp_path) -> None:
     torch.save({"optimizer": {"lr": 1}}, tmp_path / "opt.pth")
     with pytest.raises(ValueError, match="no state dict found"):
         read_state_dict(tmp_path / "opt.pth")
+
+
+def test_cli_models_list_and_info(tmp_path, capsys) -> None:
+    from irformer.cli import main
+
+    assert main(["models", "list", "--arch", "swinir", "--json"]) == 0
+    rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["swinir_light_x4"]["params"] == 929_628
+    assert rows["swinir_car_gray"]["task"] == "jpeg_car"
+    model = build_model("swinir", upscale=2, upsampler="pixelshuffledirect", norm="iln", **TINY)
+    path = save_model_weights(tmp_path / "m.safetensors", model)
+    assert main(["models", "info", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["meta"]["norm"] == "iln" and info["detected"]["arch"] == "swinir"
+    assert info["parameters"] == registry.count_parameters(model)
+    assert main(["models", "info", str(tmp_path / "absent.pth")]) == 2

@@ -1,0 +1,73 @@
+"""``irformer models``: list the presets, inspect a weights file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from irformer.archs import registry
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list model presets, inspect checkpoints")
+    sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    lister = sub.add_parser("list", help="presets with their parameter counts")
+    lister.add_argument("--arch", help="only this architecture")
+    lister.add_argument("--json", action="store_true", help="machine-readable output")
+    lister.set_defaults(func=list_command)
+    info = sub.add_parser("info", help="metadata and detected architecture of a weights file")
+    info.add_argument("checkpoint", help=".pth or .safetensors file")
+    info.add_argument("--param-key", help="state-dict key inside a .pth (default: params_ema)")
+    info.set_defaults(func=info_command)
+
+
+def preset_table(arch: str | None = None) -> list[dict[str, object]]:
+    """One row per preset: name, arch, task, scale, parameter count (built on 'meta')."""
+    rows = []
+    for name in registry.list_presets(arch):
+        with torch.device("meta"):
+            model = registry.build_model(name)
+        meta = registry.model_meta(model)
+        rows.append(
+            {
+                "preset": name,
+                "arch": meta["arch"],
+                "task": meta["task"],
+                "scale": meta["scale"],
+                "params": registry.count_parameters(model),
+            }
+        )
+    return rows
+
+
+def list_command(args: argparse.Namespace) -> int:
+    rows = preset_table(args.arch)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(str(r["preset"])) for r in rows) if rows else 6
+    print(f"{'preset':<{width}}  {'arch':<9} {'task':<9} {'scale':>5} {'params':>12}")
+    for r in rows:
+        print(
+            f"{r['preset']:<{width}}  {r['arch']:<9} {r['task']:<9} {r['scale']:>5} "
+            f"{r['params']:>12,}"
+        )
+    return 0
+
+
+def info_command(args: argparse.Namespace) -> int:
+    info = registry.describe_checkpoint(args.checkpoint, param_key=args.param_key)
+    json.dump(info, sys.stdout, indent=2, default=str)
+    print()
+    if not info["meta"]:
+        detected = info["detected"]
+        hint = (
+            f"detected {detected['arch']} (presets: {', '.join(detected['presets']) or 'none'})"
+            if detected
+            else "no known architecture matches"
+        )
+        print(f"no irformer metadata (an official file; loaded as norm 'ln'); {hint}")
+    return 0
