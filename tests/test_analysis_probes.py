@@ -306,3 +306,16 @@ def test_builtin_probe_batch() -> None:
     assert 0.05 < batch.mean().item() < 0.95 and batch.std().item() > 0.02
     with pytest.raises(ValueError, match="count must be"):
         builtin_probe_batch(count=9)
+
+
+def test_feature_probe_drops_records_of_redone_iterations(tmp_path) -> None:
+    model = TinyIR()
+    first = FeatureProbe(torch.rand(1, 3, 8, 8))
+    for it in (10, 20, 30):
+        first(SimpleNamespace(model=model, iteration=it, run_dir=tmp_path, start_iteration=0))
+    with (tmp_path / "features.jsonl").open("a") as fh:
+        fh.write('{"iter": 40, "blo')  # a line cut short by a kill
+    resumed = FeatureProbe(torch.rand(1, 3, 8, 8))  # resumed from the checkpoint at 20
+    resumed(SimpleNamespace(model=model, iteration=30, run_dir=tmp_path, start_iteration=20))
+    iters = [r["iter"] for r in read_feature_records(tmp_path)]
+    assert iters == [10] * 6 + [20] * 6 + [30] * 6

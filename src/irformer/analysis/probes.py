@@ -318,6 +318,11 @@ class FeatureProbe:
             run_dir = _state_attr(state, ("run_dir", "out_dir"), required=False)
             if run_dir is not None:
                 self.out_path = Path(run_dir) / FEATURES_FILE
+        if self.calls == 0 and self.out_path is not None:
+            # A resumed run re-does the iterations after its checkpoint: drop their records.
+            start = _state_attr(state, ("start_iteration",), required=False)
+            if start is not None:
+                truncate_records(self.out_path, int(start))
         self.record(model, iteration)
 
 
@@ -332,6 +337,21 @@ def _state_attr(state: Any, names: Sequence[str], *, required: bool = True) -> A
             f"trainer state {type(state).__name__} has none of the attributes {list(names)}"
         )
     return None
+
+
+def truncate_records(path: Path, last_iteration: int) -> None:
+    """Keep only the records of iterations ``<= last_iteration`` (lines cut by a kill go too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(rec.get("iter", 0)) <= last_iteration:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
 
 
 def read_feature_records(path: str | Path) -> list[dict[str, Any]]:
