@@ -23,11 +23,14 @@ non-finite (fp16 overflow is the "black dots" of the i-LN paper, Sec. 5).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +38,9 @@ __all__ = [
     "PRECISIONS",
     "NonFiniteReport",
     "Precision",
+    "PrecisionModel",
     "RestoreOptions",
+    "RestoredFile",
     "chunked_attention",
     "count_nonfinite",
     "forward_exact",
@@ -43,8 +48,10 @@ __all__ = [
     "forward_tiled",
     "locate_first_nonfinite",
     "model_dtype",
+    "plan_outputs",
     "precision_dtype",
     "prepare_model_for_precision",
+    "restore_files",
     "restore_tensor",
     "run_with_precision",
     "self_ensemble",
@@ -488,3 +495,149 @@ def run_with_precision(
         sanitize=sanitize,
     )
     return restore_tensor(model, x, options)
+
+
+# --------------------------------------------------------------------------- files
+
+
+class PrecisionModel(nn.Module):
+    """Wraps a model so that ``forward`` runs :func:`restore_tensor` with ``options``.
+
+    Lets code that only calls ``model(x)`` (e.g. :func:`irformer.engine.evaluate.
+    evaluate_benchmark`) use tiling, the exact path, the ensemble and a cast
+    precision; the non-finite counts of every call accumulate in :attr:`report`.
+    ``in_chans`` is forwarded for channel checks.
+    """
+
+    def __init__(self, model: nn.Module, options: RestoreOptions) -> None:
+        super().__init__()
+        self.model = model
+        self.options = options
+        self.report = NonFiniteReport(0, 0, 0)
+        self.nonfinite_calls = 0
+        """Calls (images, for batch-1 evaluation) whose output had a NaN/inf."""
+        in_chans = getattr(model, "in_chans", None)
+        if isinstance(in_chans, int):
+            self.in_chans = in_chans
+        prepare_model_for_precision(model, options.precision)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, report = restore_tensor(self.model, x, self.options)
+        self.report = self.report.merge(report)
+        self.nonfinite_calls += not report.finite
+        return out
+
+
+@dataclass(frozen=True)
+class RestoredFile:
+    """One image written by :func:`restore_files`."""
+
+    source: Path
+    output: Path
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    seconds: float
+    report: NonFiniteReport
+
+
+def plan_outputs(
+    inputs: Sequence[str | Path], out_dir: str | Path, *, ext: str | None = ".png"
+) -> list[tuple[Path, Path]]:
+    """``(source, output)`` pairs for files and folders (a folder's images, not recursive).
+
+    Outputs are ``out_dir/<stem><ext>`` (``ext=None`` keeps the input's suffix).
+    Two inputs with the same output name are an error, as is an output that
+    would be one of the inputs.
+    """
+    from irformer.data.io import IMAGE_SUFFIXES, list_images
+
+    if ext is not None and ext.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"output extension {ext!r}: expected one of {', '.join(IMAGE_SUFFIXES)}")
+    sources: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            sources.extend(list_images(path))
+        elif path.is_file():
+            sources.append(path)
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    if not sources:
+        raise ValueError("no input images given")
+    out_dir = Path(out_dir)
+    pairs: list[tuple[Path, Path]] = []
+    seen: dict[Path, Path] = {}
+    resolved_inputs = {s.resolve() for s in sources}
+    for source in sources:
+        output = out_dir / (source.stem + (ext if ext is not None else source.suffix))
+        key = output.resolve()
+        if key in seen and seen[key].resolve() != source.resolve():
+            raise ValueError(f"inputs {seen[key]} and {source} would both be written to {output}")
+        if key in resolved_inputs:
+            raise ValueError(f"output {output} would overwrite the input {source}")
+        if key not in seen:
+            seen[key] = source
+            pairs.append((source, output))
+    return pairs
+
+
+def restore_files(
+    model: nn.Module,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    options: RestoreOptions | None = None,
+    *,
+    overwrite: bool = False,
+    ext: str | None = ".png",
+    on_done: Callable[[RestoredFile], None] | None = None,
+) -> list[RestoredFile]:
+    """Restore image files and folders into ``out_dir``, one image at a time.
+
+    Every output path is checked before the first image runs: inputs are never
+    overwritten, existing outputs only with ``overwrite``. Images keep their
+    bit depth (8/16-bit); a greyscale image (or an RGB one with three equal
+    channels) meeting a 3-channel model is replicated in and averaged out, so
+    grey stays grey. ``on_done`` is called after each image (progress display).
+    """
+    from irformer.data.io import check_writable, image_to_tensor, read_image, write_image
+
+    options = options or RestoreOptions()
+    pairs = plan_outputs(inputs, out_dir, ext=ext)
+    protected = [source for source, _ in pairs]
+    for _, output in pairs:
+        check_writable(output, overwrite=overwrite, protected=protected)
+    in_chans = getattr(model, "in_chans", 3)
+    prepare_model_for_precision(model, options.precision)
+    results: list[RestoredFile] = []
+    for source, output in pairs:
+        image = read_image(source, channels="grey" if in_chans == 1 else "rgb")
+        grey = image.shape[2] == 3 and bool(
+            np.array_equal(image[..., 0], image[..., 1])
+            and np.array_equal(image[..., 0], image[..., 2])
+        )
+        start = time.perf_counter()
+        out, report = restore_tensor(model, image_to_tensor(image)[None], options)
+        seconds = time.perf_counter() - start
+        if grey:
+            out = out.mean(dim=1, keepdim=True)
+        restored = _to_image(out, image.dtype)
+        write_image(output, restored, overwrite=overwrite, protected=protected)
+        done = RestoredFile(
+            source=source,
+            output=output,
+            input_size=(image.shape[0], image.shape[1]),
+            output_size=(restored.shape[0], restored.shape[1]),
+            seconds=seconds,
+            report=report,
+        )
+        logger.info("%s -> %s (%.2f s; %s)", source, output, seconds, report.summary())
+        results.append(done)
+        if on_done is not None:
+            on_done(done)
+    return results
+
+
+def _to_image(out: Tensor, dtype: np.dtype) -> np.ndarray:
+    from irformer.data.io import tensor_to_image
+
+    return tensor_to_image(out, np.uint16 if dtype == np.uint16 else np.uint8)

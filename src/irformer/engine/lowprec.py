@@ -1,0 +1,463 @@
+"""Low-precision inference: fp16 overflow guard and the LN vs i-LN report (i-LN paper, Table 4).
+
+The i-LN paper's claim (Sec. 3.4): LN models grow feature magnitudes beyond
+fp16's largest finite value (65504), so half-precision inference fills the
+output with NaN/inf "black dots", and they lose several dB under weight-only
+int8/int4 quantisation; i-LN models keep bounded features and survive both.
+
+* :func:`feature_magnitudes` measures ``max |output|`` of every module on a
+  probe batch (fp32); :func:`load_recorded_magnitudes` reads the records of
+  ``irformer analyze features`` / the training :class:`~irformer.analysis.probes.
+  FeatureProbe`; :func:`check_fp16_overflow` warns when any exceeds
+  ``65504 / safety``, before an fp16 run.
+* :func:`lowprec_report` evaluates a pair of checkpoints in fp32, fp16, bf16
+  and weight-only int8/int4 on benchmarks, with PSNR/SSIM and non-finite
+  pixel counts; :func:`format_lowprec_table` prints it in Table 4's layout.
+
+The precision casts themselves live in :mod:`irformer.engine.infer`
+(:func:`~irformer.engine.infer.prepare_model_for_precision`,
+:func:`~irformer.engine.infer.run_with_precision`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from irformer.engine.infer import (
+    NonFiniteReport,
+    PrecisionModel,
+    RestoreOptions,
+    prepare_model_for_precision,
+    run_with_precision,
+)
+
+__all__ = [
+    "FP16_MAX",
+    "LOWPREC_SETTINGS",
+    "Fp16OverflowWarning",
+    "LowPrecReport",
+    "LowPrecRow",
+    "OverflowRisk",
+    "check_fp16_overflow",
+    "feature_magnitudes",
+    "format_lowprec_table",
+    "fp16_overflow_risks",
+    "load_recorded_magnitudes",
+    "lowprec_report",
+    "prepare_model_for_precision",
+    "run_with_precision",
+]
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+"""65504: the largest finite fp16 value."""
+
+DEFAULT_SAFETY = 4.0
+"""Headroom factor of the guard: warn above 65504 / 4 = 16376, because the probe
+batch need not contain the image with the largest features."""
+
+LOWPREC_SETTINGS: dict[str, tuple[str, str]] = {
+    # name -> (Table 4 "Quantization" column, what is reduced)
+    "fp32": ("W+F", "fp32"),
+    "fp16": ("W+F", "fp16"),
+    "bf16": ("W+F", "bf16"),
+    "int8": ("W", "int8"),
+    "int4": ("W", "int4"),
+}
+"""Settings of :func:`lowprec_report`: ``W+F`` casts weights and features,
+``W`` quantises weights only (features in fp32)."""
+
+
+class Fp16OverflowWarning(UserWarning):
+    """Recorded feature magnitudes are too close to fp16's range for a safe fp16 run."""
+
+
+# --------------------------------------------------------------------------- guard
+
+
+def feature_magnitudes(model: nn.Module, x: Tensor) -> dict[str, float]:
+    """``max |output|`` of every module (qualified name -> value) on ``x`` (B, C, H, W).
+
+    One fp32 pass without gradients; ``""`` is the model output. Modules called
+    several times (chunked attention) report their maximum over calls.
+    """
+    found: dict[str, Tensor] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, object, object], None]:
+        def record(module: nn.Module, inputs: object, output: object) -> None:
+            t = output[0] if isinstance(output, (tuple, list)) and output else output
+            if isinstance(t, Tensor) and t.is_floating_point() and t.numel():
+                value = t.detach().abs().amax().float()
+                found[name] = value if name not in found else torch.maximum(found[name], value)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next((p.device for p in model.parameters()), x.device)
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+            model(x.to(device=device, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    return {name: float(v) for name, v in found.items()}
+
+
+def load_recorded_magnitudes(path: str | os.PathLike[str]) -> dict[str, float]:
+    """Block name -> ``max_abs`` from recorded analysis output.
+
+    Accepts ``features.json`` of ``irformer analyze features`` (``{"blocks":
+    [{"block", "max_abs", ...}]}``), a training run's ``features.jsonl`` (or its
+    run directory; the latest iteration is used) and a plain JSON mapping
+    ``{name: max_abs}``.
+    """
+    from irformer.analysis.probes import read_feature_records
+
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".jsonl":
+        records = read_feature_records(path)
+        if not records:
+            raise ValueError(f"{path} holds no feature records")
+        last = max(int(r["iter"]) for r in records)
+        return {str(r["block"]): float(r["max_abs"]) for r in records if int(r["iter"]) == last}
+    if not path.is_file():
+        raise FileNotFoundError(f"feature magnitude record not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON: {exc}") from exc
+    if isinstance(data, Mapping) and isinstance(data.get("blocks"), list):
+        try:
+            return {str(b["block"]): float(b["max_abs"]) for b in data["blocks"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: block records need 'block' and 'max_abs' ({exc})") from exc
+    if isinstance(data, Mapping) and all(isinstance(v, (int, float)) for v in data.values()):
+        return {str(k): float(v) for k, v in data.items()}
+    raise ValueError(
+        f"{path}: expected analyze-features JSON ({{'blocks': [...]}}) or a {{name: max_abs}} map"
+    )
+
+
+@dataclass(frozen=True)
+class OverflowRisk:
+    """A module whose recorded ``max |x|`` is within ``safety`` of fp16's range."""
+
+    name: str
+    max_abs: float
+    threshold: float
+
+    @property
+    def overflows(self) -> bool:
+        """Already beyond 65504 on the probe: fp16 will produce inf."""
+        return self.max_abs > FP16_MAX or not math.isfinite(self.max_abs)
+
+
+def fp16_overflow_risks(
+    magnitudes: Mapping[str, float], *, safety: float = DEFAULT_SAFETY
+) -> list[OverflowRisk]:
+    """Entries of ``magnitudes`` above ``65504 / safety``, largest first."""
+    if safety < 1:
+        raise ValueError(f"safety must be >= 1, got {safety}")
+    threshold = FP16_MAX / safety
+    risks = [
+        OverflowRisk(name or "<model output>", value, threshold)
+        for name, value in magnitudes.items()
+        if not value <= threshold  # NaN counts as a risk
+    ]
+    return sorted(risks, key=lambda r: -r.max_abs if math.isfinite(r.max_abs) else -math.inf)
+
+
+def check_fp16_overflow(
+    magnitudes: Mapping[str, float] | None = None,
+    *,
+    model: nn.Module | None = None,
+    probe: Tensor | None = None,
+    safety: float = DEFAULT_SAFETY,
+) -> list[OverflowRisk]:
+    """Warn (:class:`Fp16OverflowWarning`) before an fp16 run that would overflow.
+
+    Give recorded ``magnitudes`` (see :func:`load_recorded_magnitudes`) or a
+    ``model`` and ``probe`` batch to measure them now (fp32 copy). Returns the
+    risks found (empty: no warning).
+    """
+    if magnitudes is None:
+        if model is None or probe is None:
+            raise ValueError("check_fp16_overflow needs magnitudes, or a model and a probe batch")
+        fp32 = copy.deepcopy(model).float()
+        magnitudes = feature_magnitudes(fp32, probe.float())
+    risks = fp16_overflow_risks(magnitudes, safety=safety)
+    if risks:
+        worst = risks[0]
+        verdict = "will overflow" if worst.overflows else "is close to overflowing"
+        message = (
+            f"fp16 {verdict}: {len(risks)} module(s) reach |x| > {worst.threshold:.0f} "
+            f"(65504 / safety {safety:g}); largest {worst.max_abs:.4g} at {worst.name}. "
+            "Use bf16 or fp32 (or an i-LN model)."
+        )
+        logger.warning(message)
+        warnings.warn(message, Fp16OverflowWarning, stacklevel=2)
+    return risks
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class LowPrecRow:
+    """One (model, setting, benchmark) cell group of the report."""
+
+    model: str
+    """``LN`` or ``i-LN`` (or the caller's label)."""
+    checkpoint: str
+    setting: str
+    quantization: str
+    """Table 4's column: ``W+F`` (cast weights and features) or ``W`` (weights only)."""
+    benchmark: str
+    psnr: float
+    ssim: float
+    images: int
+    nonfinite_pixels: int
+    nonfinite_images: int
+    total_pixels: int
+    first_nonfinite_layer: str | None
+
+
+@dataclass
+class LowPrecReport:
+    """Everything :func:`lowprec_report` measured; rows in table order."""
+
+    task: str
+    scale: int
+    benchmarks: tuple[str, ...]
+    weight_quant: dict[str, Any]
+    rows: list[LowPrecRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "scale": self.scale,
+            "benchmarks": list(self.benchmarks),
+            "weight_quant": self.weight_quant,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def row(self, model: str, setting: str, benchmark: str) -> LowPrecRow:
+        for r in self.rows:
+            if (r.model, r.setting, r.benchmark.lower()) == (model, setting, benchmark.lower()):
+                return r
+        raise KeyError(f"no row for model={model!r} setting={setting!r} benchmark={benchmark!r}")
+
+
+_EVAL_TASKS = {"sr": "sr", "denoise": "dn", "jpeg_car": "car", "derain": "dr", "real_sr": "sr"}
+
+
+def _eval_task(meta: Mapping[str, object]) -> str:
+    task = str(meta.get("task", "sr"))
+    return _EVAL_TASKS.get(task, task)
+
+
+def _setting_model(
+    base: nn.Module, setting: str, *, granularity: str, symmetric: bool, linear_only: bool
+) -> tuple[nn.Module, str]:
+    """A copy of ``base`` prepared for ``setting``; returns it and its run precision."""
+    model = copy.deepcopy(base).float().eval()
+    if setting in ("fp32", "fp16", "bf16"):
+        return model, setting
+    from irformer.compress.quantizers import quantize_weights_
+
+    bits = int(setting.removeprefix("int"))
+    modules: tuple[type[nn.Module], ...] = (nn.Linear,) if linear_only else (nn.Linear, nn.Conv2d)
+    quantize_weights_(model, bits, granularity, symmetric, modules=modules)  # type: ignore[arg-type]
+    return model, "fp32"
+
+
+def lowprec_report(
+    ckpt_ln: str | os.PathLike[str] | nn.Module,
+    ckpt_iln: str | os.PathLike[str] | nn.Module,
+    *,
+    benchmarks: Sequence[str] = ("Set5",),
+    data_root: str | os.PathLike[str],
+    task: str | None = None,
+    scale: int | None = None,
+    sigma: float | None = None,
+    quality: int | None = None,
+    settings: Sequence[str] = tuple(LOWPREC_SETTINGS),
+    labels: tuple[str, str] = ("LN", "i-LN"),
+    granularity: str = "per_tensor",
+    symmetric: bool = True,
+    linear_only: bool = False,
+    options: RestoreOptions | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[LowPrecRow], None] | None = None,
+) -> LowPrecReport:
+    """The i-LN paper's Table 4 for any pair of models: settings x models x benchmarks.
+
+    ``ckpt_*`` are checkpoint paths (loaded with
+    :func:`irformer.archs.load_checkpoint_model`) or modules. ``task``/``scale``
+    default to the first checkpoint's metadata. fp16/bf16 cast weights and
+    features (``W+F``); int8/int4 quantise Linear and Conv2d weights
+    (``linear_only``: Linear only) to ``granularity`` (``per_tensor`` or
+    ``per_channel``) with ``symmetric`` ranges and run in fp32 (``W``). Non-finite
+    outputs are counted, located, and scored as black (NaN -> 0), as the paper's
+    fp16 LN rows are. ``options`` sets tiling / exact path / ensemble.
+    """
+    from irformer.data.benchmarks import load_benchmark
+    from irformer.engine.evaluate import evaluate_benchmark, resolve_device
+
+    unknown = [s for s in settings if s not in LOWPREC_SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; valid: {', '.join(LOWPREC_SETTINGS)}")
+    models: list[tuple[str, str, nn.Module, dict[str, object]]] = []
+    for label, ckpt in zip(labels, (ckpt_ln, ckpt_iln), strict=True):
+        model, meta = _load(ckpt)
+        models.append((label, str(ckpt) if not isinstance(ckpt, nn.Module) else label, model, meta))
+    meta0 = models[0][3]
+    task = task or _eval_task(meta0)
+    scale = int(scale if scale is not None else meta0.get("scale", 1))  # type: ignore[arg-type]
+    for label, source, _, meta in models:
+        if "scale" in meta and int(meta["scale"]) != scale:  # type: ignore[arg-type]
+            raise ValueError(f"{label} model {source} has scale {meta['scale']}, expected {scale}")
+    dev = resolve_device(device)
+    resolved = [
+        load_benchmark(
+            b,
+            data_root,
+            task=task,
+            scale=scale if task == "sr" else 1,
+            sigma=sigma,
+            quality=quality,
+        )
+        for b in benchmarks
+    ]
+    base_options = options or RestoreOptions()
+    report = LowPrecReport(
+        task=task,
+        scale=scale,
+        benchmarks=tuple(b.name for b in resolved),
+        weight_quant={
+            "granularity": granularity,
+            "symmetric": symmetric,
+            "modules": "Linear" if linear_only else "Linear+Conv2d",
+        },
+    )
+    for setting in settings:
+        for label, source, base, _ in models:
+            model, precision = _setting_model(
+                base,
+                setting,
+                granularity=granularity,
+                symmetric=symmetric,
+                linear_only=linear_only,
+            )
+            if precision == "fp16":
+                check_fp16_overflow(model=model, probe=_probe_input(resolved[0]))
+            model = model.to(dev)
+            run_options = RestoreOptions(
+                **{**asdict(base_options), "precision": precision, "sanitize": True}
+            )
+            for bench in resolved:
+                wrapped = PrecisionModel(model, run_options)
+                result = evaluate_benchmark(wrapped, bench, device=dev, precision="fp32")
+                rep: NonFiniteReport = wrapped.report
+                row = LowPrecRow(
+                    model=label,
+                    checkpoint=source,
+                    setting=setting,
+                    quantization=LOWPREC_SETTINGS[setting][0],
+                    benchmark=bench.name,
+                    psnr=result.psnr,
+                    ssim=result.ssim,
+                    images=result.num_images,
+                    nonfinite_pixels=rep.nonfinite_pixels,
+                    nonfinite_images=wrapped.nonfinite_calls,
+                    total_pixels=rep.total_pixels,
+                    first_nonfinite_layer=rep.first_layer,
+                )
+                report.rows.append(row)
+                logger.info(
+                    "%s %s %s: %.4f dB / %.4f, %d non-finite px",
+                    label,
+                    setting,
+                    bench.name,
+                    row.psnr,
+                    row.ssim,
+                    row.nonfinite_pixels,
+                )
+                if progress is not None:
+                    progress(row)
+    return report
+
+
+def _probe_input(bench: Any) -> Tensor:
+    """The first LQ image of a benchmark, (1, C, h, w), to measure magnitudes on."""
+    import numpy as np
+
+    lq = bench[0].lq
+    return torch.from_numpy(np.ascontiguousarray(lq.transpose(2, 0, 1)))[None].float()
+
+
+def _load(ckpt: str | os.PathLike[str] | nn.Module) -> tuple[nn.Module, dict[str, object]]:
+    if isinstance(ckpt, nn.Module):
+        meta = getattr(ckpt, "irformer_meta", None)
+        return ckpt, dict(meta) if isinstance(meta, Mapping) else {}
+    from irformer.archs import load_checkpoint_model
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    model, meta = load_checkpoint_model(path)
+    return model, dict(meta)
+
+
+def format_lowprec_table(report: LowPrecReport) -> str:
+    """Table 4's layout: Idx | Backbone | Quantization | Type | per benchmark PSNR / SSIM,
+    plus the non-finite output pixels (the "black dots") per row."""
+    benches = report.benchmarks
+    head = f"{'Idx':>3} | {'Backbone':<10} | {'Quant.':<6} | {'Type':<5}"
+    for b in benches:
+        head += f" | {b + ' PSNR/SSIM':^18}"
+    head += f" | {'non-finite px':>13} | first non-finite layer"
+    lines = [head, "-" * len(head)]
+    combos: list[tuple[str, str]] = []
+    for r in report.rows:
+        if (r.setting, r.model) not in combos:
+            combos.append((r.setting, r.model))
+    for idx, (setting, model) in enumerate(combos, 1):
+        rows = {r.benchmark: r for r in report.rows if (r.setting, r.model) == (setting, model)}
+        first = next(iter(rows.values()))
+        line = f"{idx:>3} | {model:<10} | {first.quantization:<6} | {setting:<5}"
+        for b in benches:
+            r = rows[b]
+            line += f" | {r.psnr:8.4f} / {r.ssim:.4f}"
+        px = sum(r.nonfinite_pixels for r in rows.values())
+        total = sum(r.total_pixels for r in rows.values())
+        layer = next(
+            (r.first_nonfinite_layer for r in rows.values() if r.first_nonfinite_layer), ""
+        )
+        frac = f"{px} ({100 * px / total:.1f}%)" if px else "0"
+        line += f" | {frac:>13} | {layer or '-'}"
+        lines.append(line)
+    wq = report.weight_quant
+    lines.append(
+        f"W+F: weights and features cast; W: weight-only {wq['granularity']} "
+        f"{'symmetric' if wq['symmetric'] else 'asymmetric'} ({wq['modules']}), features fp32. "
+        f"{report.task} x{report.scale}; non-finite pixels scored as black."
+    )
+    return "\n".join(lines)
