@@ -1,0 +1,682 @@
+"""SRFormer (Zhou et al., ICCV 2023): SwinIR with permuted self-attention (PSA).
+
+PSA keeps every pixel of a ``ws x ws`` window as a query but builds the keys
+and values at half resolution: a linear layer compresses each pixel to ``C/4``
+key and ``C/4`` value channels, and every 2x2 pixel block is folded into one
+``C``-channel token (pixel-shuffle style), so a query attends to ``(ws/2)^2``
+tokens. The relative position bias is indexed between the full-resolution
+query grid and the half-resolution key grid (``aligned_relative_position_index``),
+and the shifted-window mask compares query regions (shift ``ws/2``) with key
+regions at half resolution (shift ``ceil(ws/4)``, as in the official code; the
+two only line up when ``ws % 4 == 0``, and the quirk is reproduced). The
+MLP is a ConvFFN: ``fc2(h + dwconv5x5(h))`` with ``h = GELU(fc1(x))``.
+
+Constraints: ``window_size`` even and >= 4, ``embed_dim`` divisible by 4 and by
+every ``num_heads`` entry. Any input size works: it is reflect-padded to a
+window multiple (as the official ``check_image_size``) and cropped back.
+
+Parameter keys and shapes in ``ln`` mode equal the official implementation's
+(``layers.{i}.residual_group.blocks.{j}.attn.{q,kv,proj,relative_position_bias_table}``,
+``...mlp.dwconv.depthwise_conv.0``, SwinIR's head and tails), so official
+checkpoints load unchanged; ``attn_mask`` and ``aligned_relative_position_index``
+are non-persistent and cached per size. Both residual merges of every PSA block
+go through :func:`irformer.norms.merge_residual` (i-LN), the post-embedding and
+final norms through ``build_norm(role="embed"/"final")``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from irformer.archs.common import (
+    MASK_VALUE,
+    UPSAMPLERS,
+    PatchEmbed,
+    PatchUnEmbed,
+    Upsample,
+    UpsampleOneStep,
+    check_channels,
+    pad_to_multiple,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
+from irformer.archs.drct import input_stats
+from irformer.archs.swinir import residual_conv
+from irformer.norms import TokenNorm, build_norm, merge_residual
+
+ARCH_NAME = "srformer"
+SIZE_DEPENDENT_BUFFERS: tuple[str, ...] = ("attn_mask", "aligned_relative_position_index")
+"""Buffer names official SRFormer files carry that irformer derives instead of storing."""
+FFN_KERNEL = 5
+"""Depthwise kernel of the ConvFFN (official)."""
+
+ActivationQuantizer = Callable[[Tensor], Tensor]
+
+
+def aligned_relative_position_index(window_size: int) -> Tensor:
+    """(ws*ws, (ws/2)^2) index into the ``(ws-1)^2``-row bias table.
+
+    Every full-resolution query pixel takes the relative position of the 2x2
+    block it belongs to (the official "aligned" index).
+    """
+    p = window_size // 2
+    index = relative_position_index(p)  # (p*p, p*p) between half-resolution tokens
+    # Query pixel (2i + a, 2j + b) shares the row of half-resolution token (i, j).
+    index = index.view(p, 1, p, 1, p * p).expand(p, 2, p, 2, p * p)
+    return index.reshape(window_size * window_size, p * p)
+
+
+def _region_labels(h: int, w: int, window: int, shift: int) -> Tensor:
+    """(1, h, w, 1) labels of the 3x3 regions a cyclic shift wraps together (Swin)."""
+    labels = torch.zeros(1, h, w, 1)
+    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    region = 0
+    for hs in slices:
+        for ws in slices:
+            labels[:, hs, ws, :] = region
+            region += 1
+    return labels
+
+
+@lru_cache(maxsize=64)
+def _permuted_window_mask_cpu(h: int, w: int, window_size: int, shift_size: int) -> Tensor:
+    n = window_size * window_size
+    p = window_size // 2
+    queries = window_partition(_region_labels(h, w, window_size, shift_size), window_size)
+    # The official code writes ``-shift // 2``, i.e. ``-ceil(shift / 2)``.
+    keys = window_partition(_region_labels(h // 2, w // 2, p, (shift_size + 1) // 2), p)
+    diff = queries.view(-1, n, 1) - keys.view(-1, 1, p * p)
+    return diff.ne(0).float() * MASK_VALUE
+
+
+_DEVICE_MASKS: dict[tuple[int, int, int, int, str], Tensor] = {}
+
+
+def permuted_window_mask(
+    h: int, w: int, window_size: int, shift_size: int, device: torch.device
+) -> Tensor:
+    """(nW, ws*ws, (ws/2)^2) additive mask for shifted PSA on an ``h x w`` map.
+
+    Cached per (size, window, shift, device): every block of a model shares one.
+    """
+    if device.type == "cpu":
+        return _permuted_window_mask_cpu(h, w, window_size, shift_size)
+    key = (h, w, window_size, shift_size, str(device))
+    mask = _DEVICE_MASKS.get(key)
+    if mask is None:
+        if len(_DEVICE_MASKS) > 64:
+            _DEVICE_MASKS.clear()
+        mask = _permuted_window_mask_cpu(h, w, window_size, shift_size).to(device)
+        _DEVICE_MASKS[key] = mask
+    return mask
+
+
+class PermutedWindowAttention(nn.Module):
+    """PSA (official class ``PSA``): full-resolution queries, 2x2-folded keys/values.
+
+    Fused path: ``scaled_dot_product_attention`` with bias and mask folded into
+    one additive mask. Setting any of ``quant_q``/``quant_k``/``quant_attn``/
+    ``quant_v`` (compression) switches to the explicit matmul path, as in
+    :class:`irformer.archs.common.WindowAttention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads or dim % 4:
+            raise ValueError(
+                f"PSA needs dim divisible by 4 and by num_heads; got dim {dim}, "
+                f"num_heads {num_heads}"
+            )
+        self.dim = dim
+        self.window_size = window_size
+        self.permuted_window_size = window_size // 2
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        p = self.permuted_window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * p - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer(
+            "aligned_relative_position_index",
+            aligned_relative_position_index(window_size),
+            persistent=False,
+        )
+        self.kv = nn.Linear(dim, dim // 2, bias=qkv_bias)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.quant_q: ActivationQuantizer | None = None
+        self.quant_k: ActivationQuantizer | None = None
+        self.quant_attn: ActivationQuantizer | None = None
+        self.quant_v: ActivationQuantizer | None = None
+
+    def position_bias(self) -> Tensor:
+        """(heads, ws*ws, (ws/2)^2) relative position bias."""
+        n = self.window_size * self.window_size
+        index = self.aligned_relative_position_index.reshape(-1)
+        bias = self.relative_position_bias_table[index]
+        return bias.view(n, n // 4, -1).permute(2, 0, 1)
+
+    @property
+    def quantized(self) -> bool:
+        return any(
+            q is not None for q in (self.quant_q, self.quant_k, self.quant_attn, self.quant_v)
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B*nW, ws*ws, C) window tokens; mask: (nW, ws*ws, (ws/2)^2) additive or None."""
+        bw, n, c = x.shape
+        heads, p = self.num_heads, self.permuted_window_size
+        # kv channels are [k (C/4) | v (C/4)]; each 2x2 pixel block folds into one token.
+        kv = self.kv(x).view(bw, p, 2, p, 2, 2, c // 4).permute(0, 1, 3, 5, 2, 4, 6)
+        kv = kv.reshape(bw, n // 4, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        q = self.q(x).view(bw, n, heads, c // heads).transpose(1, 2)
+        bias = self.position_bias()
+        if self.quantized:
+            out = self._explicit_attention(q, k, v, bias, mask)
+        else:
+            out = self._fused_attention(q, k, v, bias, mask)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+    def _fused_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        bw, heads, n, d = q.shape
+        m = k.shape[2]
+        if mask is None:
+            add = bias.unsqueeze(0).to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=self.scale)
+        nw = mask.shape[0]
+        add = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nw * heads, n, m).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q.reshape(bw // nw, nw * heads, n, d),
+            k.reshape(bw // nw, nw * heads, m, d),
+            v.reshape(bw // nw, nw * heads, m, d),
+            attn_mask=add,
+            scale=self.scale,
+        )
+        return out.view(bw, heads, n, d)
+
+    def _explicit_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        q = q * self.scale
+        if self.quant_q is not None:
+            q = self.quant_q(q)
+        if self.quant_k is not None:
+            k = self.quant_k(k)
+        attn = q @ k.transpose(-2, -1) + bias.unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            bw, heads, n, m = attn.shape
+            attn = attn.view(bw // nw, nw, heads, n, m) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(bw, heads, n, m)
+        attn = attn.softmax(dim=-1)
+        if self.quant_attn is not None:
+            attn = self.quant_attn(attn)
+        if self.quant_v is not None:
+            v = self.quant_v(v)
+        return attn @ v
+
+
+class DepthwiseConv(nn.Module):
+    """5x5 depthwise conv + GELU on the token map (official class ``dwconv``)."""
+
+    def __init__(self, hidden_dim: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.depthwise_conv = nn.Sequential(
+            nn.Conv2d(
+                hidden_dim,
+                hidden_dim,
+                FFN_KERNEL,
+                padding=FFN_KERNEL // 2,
+                groups=hidden_dim,
+            ),
+            nn.GELU(),
+        )
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """x: (B, H*W, C) -> (B, H*W, C)."""
+        b, _, c = x.shape
+        y = self.depthwise_conv(x.transpose(1, 2).reshape(b, c, *x_size))
+        return y.flatten(2).transpose(1, 2)
+
+
+class ConvFFN(nn.Module):
+    """fc1 -> GELU -> (+ depthwise conv) -> fc2 (official key names)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.dwconv = DepthwiseConv(hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        x = self.act(self.fc1(x))
+        return self.fc2(x + self.dwconv(x, x_size))
+
+
+class PSABlock(nn.Module):
+    """Pre-norm (shifted) permuted window attention + ConvFFN; merges via ``merge_residual``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float,
+        norm: str,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size {shift_size} must be in [0, window_size={window_size})")
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.norm1: TokenNorm = build_norm(norm, dim)
+        self.attn = PermutedWindowAttention(
+            dim, window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale
+        )
+        self.norm2: TokenNorm = build_norm(norm, dim)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """x: (B, H*W, C) with ``x_size = (H, W)`` multiples of the window size."""
+        h, w = x_size
+        b, _, c = x.shape
+        stats = self.norm1.statistics(x)
+        y = self.norm1.normalize(x, stats)
+        x = merge_residual(x, self._window_attention(y.view(b, h, w, c)), self.norm1, stats)
+        stats = self.norm2.statistics(x)
+        branch = self.mlp(self.norm2.normalize(x, stats), x_size)
+        return merge_residual(x, branch, self.norm2, stats)
+
+    def _window_attention(self, y: Tensor) -> Tensor:
+        """y: (B, H, W, C) normalised tokens -> (B, H*W, C) attention branch."""
+        b, h, w, c = y.shape
+        ws, shift = self.window_size, self.shift_size
+        mask = None
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+            mask = permuted_window_mask(h, w, ws, shift, y.device)
+        windows = window_partition(y, ws).reshape(-1, ws * ws, c)
+        out = window_reverse(self.attn(windows, mask).view(-1, ws, ws, c), ws, h, w)
+        if shift:
+            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+        return out.reshape(b, h * w, c)
+
+
+class BasicLayer(nn.Module):
+    """A stack of PSA blocks alternating regular and shifted windows."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        shifted: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        norm: str,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            PSABlock(
+                dim,
+                num_heads,
+                window_size=window_size,
+                shift_size=window_size // 2 if (shifted and i % 2) else 0,
+                mlp_ratio=mlp_ratio,
+                norm=norm,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+            )
+            for i in range(depth)
+        )
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        for block in self.blocks:
+            x = block(x, x_size)
+        return x
+
+
+class PSAGroup(nn.Module):
+    """Residual group (official ``PSA_Group``): blocks -> conv -> + input."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        shifted: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        norm: str,
+        resi_connection: str,
+    ) -> None:
+        super().__init__()
+        self.residual_group = BasicLayer(
+            dim,
+            depth,
+            num_heads,
+            window_size=window_size,
+            shifted=shifted,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            norm=norm,
+        )
+        self.conv = residual_conv(dim, resi_connection)
+        self.patch_embed = PatchEmbed(dim, None)
+        self.patch_unembed = PatchUnEmbed()
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """x: (B, H*W, C) -> (B, H*W, C)."""
+        y = self.residual_group(x, x_size)
+        return self.patch_embed(self.conv(self.patch_unembed(y, x_size))) + x
+
+
+class SRFormer(nn.Module):
+    """SRFormer with a pluggable norm; keyword arguments follow the official constructor.
+
+    ``upsampler``: ``pixelshuffle`` (classical SR), ``pixelshuffledirect``
+    (SRFormer-light), ``nearest+conv`` (real-world SR, x4 only as in the
+    official code), ``""`` (same-size restoration; the network predicts a
+    residual added to the input). ``img_size`` is the training patch size: as in
+    the official code, one no larger than the window disables shifting.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 64,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (6, 6, 6, 6),
+        num_heads: Sequence[int] = (6, 6, 6, 6),
+        window_size: int = 16,
+        mlp_ratio: float = 2.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        patch_norm: bool = True,
+        upscale: int = 1,
+        img_range: float = 1.0,
+        upsampler: str = "",
+        resi_connection: str = "1conv",
+        num_feat: int = 64,
+        norm: str = "ln",
+        stdnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(
+                f"unknown upsampler {upsampler!r}; valid: {', '.join(map(repr, UPSAMPLERS))}"
+            )
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if window_size % 2 or window_size < 4:
+            raise ValueError(
+                f"SRFormer window_size must be even and >= 4 (PSA folds 2x2 pixels), "
+                f"got {window_size}"
+            )
+        if len(depths) != len(num_heads):
+            raise ValueError(
+                f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length"
+            )
+        if upsampler == "" and upscale != 1:
+            raise ValueError(f"upsampler '' (same-size restoration) needs upscale=1, got {upscale}")
+        if upsampler == "nearest+conv" and upscale != 4:
+            raise ValueError(f"SRFormer's nearest+conv upsampler is x4 only, got upscale {upscale}")
+        self.in_chans = in_chans
+        self.upscale = upscale
+        self.upsampler = upsampler
+        self.img_range = img_range
+        self.norm_name = norm
+        self.stdnorm = stdnorm
+        self.window_size = window_size
+        # Official quirk: the training patch is padded to a window multiple, and
+        # a patch of one window disables the shift (the window itself stays).
+        shifted = img_size > window_size
+        mean, std = input_stats(in_chans, stdnorm)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.patch_embed = PatchEmbed(embed_dim, norm if patch_norm else None)
+        self.patch_unembed = PatchUnEmbed()
+        self.layers = nn.ModuleList(
+            PSAGroup(
+                embed_dim,
+                depth,
+                heads,
+                window_size=window_size,
+                shifted=shifted,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                norm=norm,
+                resi_connection=resi_connection,
+            )
+            for depth, heads in zip(depths, num_heads, strict=True)
+        )
+        self.norm = build_norm(norm, embed_dim, role="final")
+        self.conv_after_body = residual_conv(embed_dim, resi_connection)
+
+        if upsampler == "pixelshuffle":
+            self.conv_before_upsample = nn.Sequential(
+                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
+            )
+            self.upsample: nn.Module = Upsample(upscale, num_feat)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+        elif upsampler == "pixelshuffledirect":
+            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
+        elif upsampler == "nearest+conv":
+            self.conv_before_upsample = nn.Sequential(
+                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
+            )
+            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+            self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+        else:
+            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+        self.apply(_init_weights)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
+        x_size = (x.shape[2], x.shape[3])
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x, x_size)
+        return self.patch_unembed(self.norm(x), x_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, in_chans, H, W) in [0, 1] -> (B, in_chans, H*upscale, W*upscale)."""
+        check_channels(x, self.in_chans, "SRFormer")
+        h, w = x.shape[2:]
+        x = pad_to_multiple(x, self.window_size)
+        x = x - self.mean
+        if self.stdnorm:
+            x = x / self.std
+        x = x * self.img_range
+        feat = self.conv_first(x)
+        res = self.conv_after_body(self.forward_features(feat)) + feat
+        # Same-size restoration predicts a residual on the (normalised) input.
+        x = self._reconstruct(res) if self.upsampler else x + self.conv_last(res)
+        x = x / self.img_range
+        if self.stdnorm:
+            x = x * self.std
+        x = x + self.mean
+        s = self.upscale
+        return x[:, :, : h * s, : w * s]
+
+    def _reconstruct(self, x: Tensor) -> Tensor:
+        if self.upsampler == "pixelshuffle":
+            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        if self.upsampler == "pixelshuffledirect":
+            return self.upsample(x)
+        x = self.conv_before_upsample(x)
+        x = self.lrelu(self.conv_up1(F.interpolate(x, scale_factor=2, mode="nearest")))
+        x = self.lrelu(self.conv_up2(F.interpolate(x, scale_factor=2, mode="nearest")))
+        return self.conv_last(self.lrelu(self.conv_hr(x)))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The official init: truncated-normal linears with zero bias."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------- presets
+
+# Official classical SR (training configs: DF2K, 48x48 patches, window 24).
+_CLASSICAL: dict[str, object] = {
+    "img_size": 48,
+    "embed_dim": 180,
+    "depths": (6,) * 6,
+    "num_heads": (6,) * 6,
+    "window_size": 24,
+    "mlp_ratio": 2.0,
+    "upsampler": "pixelshuffle",
+    "resi_connection": "1conv",
+}
+# Official SRFormer-light (DIV2K, 64x64 patches, window 16); also the i-LN
+# paper's SRFormer_1 (Table 11: embed 60, depths/heads 6x4, window 16, MLP 2).
+_LIGHT: dict[str, object] = {
+    "img_size": 64,
+    "embed_dim": 60,
+    "depths": (6,) * 4,
+    "num_heads": (6,) * 4,
+    "window_size": 16,
+    "mlp_ratio": 2.0,
+    "upsampler": "pixelshuffledirect",
+    "resi_connection": "1conv",
+}
+
+PRESETS: dict[str, dict[str, object]] = {
+    **{f"srformer_x{s}": {**_CLASSICAL, "upscale": s} for s in (2, 3, 4)},
+    # The released DF2K checkpoints' test configs use window 22 (bias tables of
+    # 21^2 rows), not the training configs' 24.
+    **{
+        f"srformer_df2k_x{s}": {**_CLASSICAL, "img_size": 64, "window_size": 22, "upscale": s}
+        for s in (2, 3, 4)
+    },
+    **{f"srformer_light_x{s}": {**_LIGHT, "upscale": s} for s in (2, 3, 4)},
+    "srformer_1_x4": {**_LIGHT, "upscale": 4},
+}
+"""Preset name -> constructor kwargs (``norm``/``stdnorm`` are left to the caller)."""
+
+PRESET_TASKS: dict[str, str] = dict.fromkeys(PRESETS, "sr")
+"""Preset name -> task (every SRFormer preset is bicubic SR)."""
+
+MODEL_CLASS = SRFormer
+
+
+# --------------------------------------------------------------------------- detection
+
+_BLOCK0 = "layers.0.residual_group.blocks.0."
+
+
+def _seq_len(keys: Sequence[str], prefix: str) -> int:
+    """Number of consecutive ``prefix{i}.`` entries present (ModuleList length)."""
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in keys):
+        n += 1
+    return n
+
+
+def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
+    """Constructor kwargs of an official/irformer SRFormer state dict, or None.
+
+    Reads the hyper-parameters from key names and shapes (PSA's separate ``q``
+    and ``kv`` linears tell it from SwinIR). ``img_size`` is only known when the
+    file carries an ``attn_mask``; the norm cannot be told apart from LN (same
+    keys), so it is never returned.
+    """
+    needed = (
+        "conv_first.weight",
+        _BLOCK0 + "attn.relative_position_bias_table",
+        _BLOCK0 + "attn.q.weight",
+        _BLOCK0 + "attn.kv.weight",
+    )
+    if not all(k in state_dict for k in needed):
+        return None
+    keys = list(state_dict)
+    first = state_dict["conv_first.weight"]
+    embed_dim, in_chans = int(first.shape[0]), int(first.shape[1])
+    table = state_dict[_BLOCK0 + "attn.relative_position_bias_table"]
+    window = 2 * ((math.isqrt(int(table.shape[0])) + 1) // 2)
+    n_layers = _seq_len(keys, "layers.")
+    kwargs: dict[str, object] = {
+        "in_chans": in_chans,
+        "embed_dim": embed_dim,
+        "window_size": window,
+        "depths": tuple(
+            _seq_len(keys, f"layers.{i}.residual_group.blocks.") for i in range(n_layers)
+        ),
+        "num_heads": tuple(
+            int(
+                state_dict[
+                    f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"
+                ].shape[1]
+            )
+            for i in range(n_layers)
+        ),
+        "mlp_ratio": float(state_dict[_BLOCK0 + "mlp.fc1.weight"].shape[0] / embed_dim),
+        "qkv_bias": _BLOCK0 + "attn.q.bias" in state_dict,
+        "patch_norm": "patch_embed.norm.weight" in state_dict,
+        "resi_connection": "1conv" if "conv_after_body.weight" in state_dict else "3conv",
+    }
+    mask = state_dict.get("layers.0.residual_group.blocks.1.attn_mask")
+    if mask is not None:
+        kwargs["img_size"] = math.isqrt(int(mask.shape[0])) * window
+    if "conv_before_upsample.0.weight" in state_dict:
+        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
+        kwargs["num_feat"] = num_feat
+        if "conv_up1.weight" in state_dict:
+            kwargs["upsampler"] = "nearest+conv"
+            kwargs["upscale"] = 4
+        else:
+            kwargs["upsampler"] = "pixelshuffle"
+            convs = [
+                state_dict[k] for k in keys if k.startswith("upsample.") and k.endswith(".weight")
+            ]
+            if len(convs) == 1 and int(convs[0].shape[0]) == 9 * num_feat:
+                kwargs["upscale"] = 3
+            else:
+                kwargs["upscale"] = 2 ** len(convs)
+    elif "upsample.0.weight" in state_dict:
+        kwargs["upsampler"] = "pixelshuffledirect"
+        kwargs["upscale"] = math.isqrt(int(state_dict["upsample.0.weight"].shape[0]) // in_chans)
+    else:
+        kwargs["upsampler"] = ""
+        kwargs["upscale"] = 1
+    return kwargs
