@@ -321,7 +321,12 @@ def write_image(
     if arr.shape[2] == 4 and suffix in (".jpg", ".jpeg"):
         raise ValueError(f"JPEG cannot store alpha; drop it before writing {path}")
     check_writable(path, overwrite=overwrite, protected=protected)
-    bgr = {1: arr[..., 0], 3: arr[..., ::-1], 4: arr[..., [2, 1, 0, 3]]}[arr.shape[2]]
+    if arr.shape[2] == 1:
+        bgr = arr[..., 0]
+    elif arr.shape[2] == 3:
+        bgr = arr[..., ::-1]
+    else:
+        bgr = arr[..., [2, 1, 0, 3]]
     is_jpeg = suffix in (".jpg", ".jpeg")
     params = [int(cv2.IMWRITE_JPEG_QUALITY), int(jpeg_quality)] if is_jpeg else []
     ok, buf = cv2.imencode(suffix, np.ascontiguousarray(bgr), params)
