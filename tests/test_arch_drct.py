@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,22 @@ def test_presets() -> None:
     assert light.layers[0].swin1.attn.num_heads == 6
     assert light.layers[0].swin1.mlp.fc1.weight.shape[0] == 192
     assert light.upsample[0].weight.shape[0] == 4 * 64
+
+
+def test_official_file_loads_through_the_registry(
+    spandrel_archs: types.ModuleType, tmp_path: Path
+) -> None:
+    """A BasicSR-style file (params_ema, with the official buffers) is detected and loads."""
+    from irformer.archs import load_checkpoint_model
+
+    ref, _ = _pair(spandrel_archs, 7, upscale=2, upsampler="pixelshuffle")
+    path = tmp_path / "drct_official.pth"
+    torch.save({"params_ema": ref.state_dict()}, path)
+    model, meta = load_checkpoint_model(path)
+    assert meta["arch"] == "drct"
+    assert meta["norm"] == "ln"
+    assert meta["scale"] == 2
+    x = torch.rand(1, 3, 19, 16, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = _reference_padded(ref, x, 8, 2)
+        assert (model(x) - expected).abs().max().item() < 1e-5

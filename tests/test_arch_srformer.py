@@ -262,3 +262,31 @@ def test_presets() -> None:
     model = SRFormer(**{**PRESETS["srformer_df2k_x4"], "depths": (1,), "num_heads": (6,)})
     table = model.layers[0].residual_group.blocks[0].attn.relative_position_bias_table
     assert table.shape == (21 * 21, 6)
+
+
+def test_official_file_loads_through_the_registry(tmp_path: Path) -> None:
+    """A BasicSR-style file (params, with the official buffers) is detected and loads."""
+    from irformer.archs import load_checkpoint_model
+
+    config, params, tensors = _load_fixture("psd_x3_gray")
+    state = dict(params)
+    ws = int(config["window_size"])
+    index = tensors["aligned_relative_position_index"].long()
+    state["layers.0.residual_group.blocks.0.attn.aligned_relative_position_index"] = index
+    state["layers.0.residual_group.blocks.1.attn.aligned_relative_position_index"] = index
+    state["layers.0.residual_group.blocks.1.attn_mask"] = permuted_window_mask(
+        3 * ws, 3 * ws, ws, ws // 2, torch.device("cpu")
+    )
+    path = tmp_path / "srformer_official.pth"
+    torch.save({"params": state}, path)
+    model, meta = load_checkpoint_model(path)
+    assert meta["arch"] == "srformer"
+    assert meta["scale"] == 3
+    with torch.no_grad():
+        got = model(tensors["input"])
+    assert (got - tensors["expected"]).abs().max().item() < 1e-5
+    # A wrong window layout in the file is refused, not silently re-derived.
+    state["layers.0.residual_group.blocks.0.attn.aligned_relative_position_index"] = index.flip(0)
+    torch.save({"params": state}, path)
+    with pytest.raises(ValueError, match="aligned_relative_position_index"):
+        load_checkpoint_model(path)
