@@ -1,0 +1,148 @@
+"""``irformer restore``: files and folders, output rules, exact/tiled/ensemble/precision flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from irformer.archs import build_model, save_model_weights
+from irformer.cli import main as cli_main
+from irformer.cli import restore as restore_cli
+from irformer.data.io import read_image
+
+TINY = {
+    "img_size": 16,
+    "embed_dim": 12,
+    "depths": (2,),
+    "num_heads": (2,),
+    "window_size": 4,
+    "mlp_ratio": 2.0,
+    "upscale": 2,
+    "upsampler": "pixelshuffledirect",
+}
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny i-LN x2 checkpoint and an input folder: 8-bit RGB, grey, 16-bit RGB."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny_iln.safetensors"
+    save_model_weights(ckpt, build_model("swinir", **TINY, norm="iln"))
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(src / "rgb.png"), rng.integers(0, 256, (18, 22, 3), dtype=np.uint8))
+    cv2.imwrite(str(src / "grey.png"), rng.integers(0, 256, (16, 12), dtype=np.uint8))
+    cv2.imwrite(str(src / "deep.png"), rng.integers(0, 65536, (12, 16, 3), dtype=np.uint16))
+    return ckpt, src
+
+
+def restore(*args: object) -> int:
+    return cli_main(["restore", *map(str, args)])
+
+
+def test_restore_folder_and_file(setup: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    ckpt, src = setup
+    out = tmp_path / "out"
+    assert restore(src, "--model", ckpt, "-o", out) == 0
+    printed = capsys.readouterr()
+    assert "restored 3 image(s)" in printed.err and "norm=iln" in printed.err
+    rgb = read_image(out / "rgb.png", channels="keep")
+    grey = read_image(out / "grey.png", channels="keep")
+    deep = read_image(out / "deep.png", channels="keep")
+    assert rgb.shape == (36, 44, 3) and rgb.dtype == np.uint8
+    assert grey.shape == (32, 24, 1)  # grey in, grey out
+    assert deep.shape == (24, 32, 3) and deep.dtype == np.uint16  # bit depth kept
+    assert rgb.std() > 5  # a real image, not a constant
+
+    # A single file, and the exact chunked path gives the same pixels.
+    exact = tmp_path / "exact"
+    assert restore(src / "rgb.png", "--model", ckpt, "-o", exact, "--exact-chunk", 2) == 0
+    assert np.array_equal(read_image(exact / "rgb.png", channels="keep"), rgb)
+    assert sorted(p.name for p in exact.iterdir()) == ["rgb.png"]
+
+
+def test_restore_output_rules(setup: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    ckpt, src = setup
+    out = tmp_path / "out"
+    assert restore(src / "rgb.png", "--model", ckpt, "-o", out) == 0
+    before = (out / "rgb.png").read_bytes()
+    # Existing output: refused before anything runs, unless --overwrite.
+    assert restore(src, "--model", ckpt, "-o", out) == 2
+    assert "exists" in capsys.readouterr().err
+    assert not (out / "grey.png").exists()
+    assert restore(src / "rgb.png", "--model", ckpt, "-o", out, "--overwrite") == 0
+    assert (out / "rgb.png").read_bytes() == before  # deterministic
+    # Inputs are never overwritten, even with --overwrite.
+    snapshot = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert restore(src, "--model", ckpt, "-o", src, "--overwrite") == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == snapshot
+    # Two inputs mapping to one output name.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "rgb.jpg").write_bytes(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1])
+    assert restore(src / "rgb.png", other / "rgb.jpg", "--model", ckpt, "-o", tmp_path / "x") == 2
+    assert "both be written" in capsys.readouterr().err
+
+
+def test_restore_errors(setup: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch) -> None:
+    ckpt, src = setup
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert restore(bad, "--model", ckpt, "-o", tmp_path / "o1") == 2
+    assert str(bad) in capsys.readouterr().err
+    assert restore(tmp_path / "missing.png", "--model", ckpt, "-o", tmp_path / "o2") == 2
+    assert "input not found" in capsys.readouterr().err
+    assert restore(src, "--model", tmp_path / "nope.pth", "-o", tmp_path / "o3") == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # tiling and the exact path exclude each other
+        restore(src, "--model", ckpt, "-o", tmp_path / "o4", "--tile", 8, "--exact-chunk", 4)
+    capsys.readouterr()
+    assert (
+        restore(src, "--model", ckpt, "-o", tmp_path / "o5", "--tile", 8, "--tile-overlap", 8) == 2
+    )
+    assert "overlap" in capsys.readouterr().err
+    # No --model and no shipped reference checkpoint.
+    monkeypatch.setattr(restore_cli, "WEIGHTS_DIR", tmp_path / "no_weights")
+    monkeypatch.setattr(restore_cli.default_checkpoint, "__defaults__", (tmp_path / "no_weights",))
+    assert restore(src, "-o", tmp_path / "o6") == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_default_checkpoint_choice(tmp_path: Path) -> None:
+    assert restore_cli.default_checkpoint(tmp_path / "absent") is None
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    assert restore_cli.default_checkpoint(tmp_path) == tmp_path / "a.safetensors"
+    (tmp_path / "b.pth").write_bytes(b"")
+    assert restore_cli.default_checkpoint(tmp_path) is None
+    preferred = tmp_path / f"{restore_cli.DEFAULT_WEIGHTS_STEM}.safetensors"
+    preferred.write_bytes(b"")
+    assert restore_cli.default_checkpoint(tmp_path) == preferred
+
+
+def test_restore_tile_ensemble_precision(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, src = setup
+    base = tmp_path / "base"
+    assert restore(src / "rgb.png", "--model", ckpt, "-o", base) == 0
+    ref = read_image(base / "rgb.png").astype(int)
+    runs = {
+        "tile": ["--tile", 12, "--tile-overlap", 4, "--tile-blend", "ramp"],
+        "ens": ["--ensemble"],
+        "bf16": ["--precision", "bf16"],
+    }
+    diffs = {}
+    for name, flags in runs.items():
+        assert restore(src / "rgb.png", "--model", ckpt, "-o", tmp_path / name, *flags) == 0
+        out = read_image(tmp_path / name / "rgb.png").astype(int)
+        assert out.shape == ref.shape
+        diffs[name] = np.abs(out - ref)
+    # i-LN tiles see other statistics, and the ensemble averages 8 passes of a
+    # random model on a noise image: different, though the same picture.
+    assert 0 < diffs["tile"].mean() < 40
+    assert 0 < diffs["ens"].mean() < 40
+    assert diffs["bf16"].max() <= 3  # bf16 within a few grey levels of fp32
