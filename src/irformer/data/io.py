@@ -282,7 +282,7 @@ def check_writable(
             raise OutputExistsError(errno.EISDIR, "output path is a folder", str(path))
         if not overwrite:
             raise OutputExistsError(
-                errno.EEXIST, "output exists (pass overwrite=True to replace it)", str(path)
+                errno.EEXIST, "output exists (overwrite=True or --overwrite replaces it)", str(path)
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
