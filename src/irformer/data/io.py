@@ -235,12 +235,13 @@ def quantize(image: np.ndarray, dtype: type[np.unsignedinteger] = np.uint8) -> n
 
     Rounding half away from zero (on clipped, non-negative values: half up) is
     MATLAB's ``im2uint8`` behaviour; it differs from ``np.round`` only on exact
-    ties.
+    ties. NaN becomes 0 (a non-finite output is scored as black, not as
+    whatever the cast happens to produce).
     """
     maxval = {np.uint8: 255.0, np.uint16: 65535.0}.get(dtype)
     if maxval is None:
         raise ValueError(f"quantize supports uint8 and uint16, got {dtype}")
-    x = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0) * maxval
+    x = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0), 0.0, 1.0) * maxval
     return np.floor(x + 0.5).astype(dtype)
 
 

@@ -67,16 +67,16 @@ class BicubicModel(nn.Module):
         super().__init__()
         if scale < 1:
             raise ValueError(f"scale must be >= 1, got {scale}")
-        self.scale = int(scale)
+        self.upscale = int(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, h, w) in [0, 1] -> (B, C, h*scale, w*scale), float64."""
-        if self.scale == 1:
+        if self.upscale == 1:
             return x
-        return matlab_imresize(x.to(torch.float64), float(self.scale))
+        return matlab_imresize(x.to(torch.float64), float(self.upscale))
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}"
+        return f"upscale={self.upscale}"
 
 
 def _registry_function(name: str) -> Callable[..., Any]:
@@ -111,7 +111,9 @@ def load_model_for_eval(spec: str | Path | nn.Module, *, scale: int = 1) -> nn.M
         return BicubicModel(scale)
     path = Path(text)
     if path.is_file():
-        return _registry_function("load_checkpoint_model")(path)
+        loaded = _registry_function("load_checkpoint_model")(path)
+        # The registry returns (model, metadata); accept a bare module too.
+        return loaded[0] if isinstance(loaded, tuple) else loaded
     if path.suffix in (".pth", ".pt", ".ckpt", ".safetensors") or "/" in text:
         raise FileNotFoundError(f"model checkpoint not found: {path}")
     model = _registry_function("build_model")(text)
@@ -231,7 +233,7 @@ def evaluate_benchmark(
 
     Greyscale sets meet a 3-channel model as replicated channels and are
     scored on the channel mean of its output; ``model`` must already be on
-    ``device`` and in eval mode.
+    ``device`` and in eval mode. Runs under ``torch.inference_mode``.
     """
     want_c = _model_in_channels(model)
     task, scale = benchmark.task, benchmark.scale
@@ -250,8 +252,8 @@ def evaluate_benchmark(
                     f"{benchmark.name}/{item.name} has {data_c} channels but the model takes "
                     f"{want_c}; evaluate colour models on colour sets"
                 )
-        out, seconds = _run_model(model, lq.contiguous().to(device), device, precision)
-        out = out.detach()
+        with torch.inference_mode():
+            out, seconds = _run_model(model, lq.contiguous().to(device), device, precision)
         if out.ndim != 4 or out.shape[0] != 1:
             raise ValueError(f"model output must be (1, C, H, W), got {tuple(out.shape)}")
         if out.shape[1] != data_c and data_c == 1:
@@ -320,6 +322,12 @@ def evaluate(
     net = load_model_for_eval(model, scale=eff_scale)
     dev = resolve_device(device)
     net = net.to(dev).eval()
+    model_scale = getattr(net, "upscale", None)
+    if isinstance(model_scale, int) and model_scale != eff_scale:
+        raise ValueError(
+            f"model {name} upscales by {model_scale} but task {task!r} at scale {eff_scale} "
+            f"needs {eff_scale}"
+        )
     resolved = [
         load_benchmark(
             b, data_root, task=task, scale=eff_scale, sigma=sigma, quality=quality, seed=seed
@@ -327,26 +335,25 @@ def evaluate(
         for b in benchmarks
     ]
     results = []
-    with torch.inference_mode():
-        for bench in resolved:
-            res = evaluate_benchmark(
-                net,
-                bench,
-                device=_model_device(net, dev),
-                precision=precision,
-                save_dir=save_dir,
-                overwrite=overwrite,
-                progress=progress,
-            )
-            logger.info(
-                "%s %s: PSNR %.4f dB, SSIM %.5f over %d images",
-                name,
-                bench.name,
-                res.psnr,
-                res.ssim,
-                res.num_images,
-            )
-            results.append(res)
+    for bench in resolved:
+        res = evaluate_benchmark(
+            net,
+            bench,
+            device=_model_device(net, dev),
+            precision=precision,
+            save_dir=save_dir,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        logger.info(
+            "%s %s: PSNR %.4f dB, SSIM %.5f over %d images",
+            name,
+            bench.name,
+            res.psnr,
+            res.ssim,
+            res.num_images,
+        )
+        results.append(res)
     return EvaluationResult(
         model=name,
         task=task,
