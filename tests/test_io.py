@@ -210,6 +210,7 @@ def test_quantize_rounds_half_up_and_clips() -> None:
     x = np.array([2.5, 3.5, -4.0, 300.0, 254.49]) / 255.0
     np.testing.assert_array_equal(quantize(x), [3, 4, 0, 255, 254])  # np.round: 2, 4
     assert quantize(np.array([1.0]), np.uint16)[0] == 65535
+    np.testing.assert_array_equal(quantize(np.array([np.nan, np.inf, -np.inf])), [0, 255, 0])
     with pytest.raises(ValueError, match="uint8 and uint16"):
         quantize(x, np.uint32)
 
