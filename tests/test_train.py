@@ -294,3 +294,9 @@ def test_metrics_jsonl_is_valid_json(tmp_path: Path) -> None:
     for line in (state.run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert {"iter", "loss", "lr", "it_per_s"} <= set(record)
+
+
+def test_time_limit_stops_with_a_checkpoint(tmp_path: Path) -> None:
+    state = run_tiny(tmp_path, "train.time_limit_min=1e-9")
+    assert state.iteration == 1
+    assert [it for it, _ in list_checkpoints(state.run_dir / "checkpoints")] == [1]

@@ -96,6 +96,9 @@ class TrainConfig:
     """Checkpoint or exported weights to initialise from (x4 from x2); mismatched
     tensors (the upsampler) are skipped."""
     seed: int = 0
+    time_limit_min: float = 0.0
+    """Stop after this many minutes of wall time, writing a checkpoint (0 = no limit);
+    ``--resume`` continues the run exactly."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from irformer.engine.distributed import (
     DistInfo,
     all_reduce_mean,
     barrier,
+    broadcast_flag,
     init_distributed,
     unwrap,
     wrap_ddp,
@@ -195,7 +196,8 @@ def train(
         set_rng_state(resumed_rng)
 
     last_good = ckpt_path
-    t_last, it_last = time.perf_counter(), state.iteration
+    t_start = t_last = time.perf_counter()
+    it_last = state.iteration
     try:
         for it in range(state.iteration + 1, tc.iters + 1):
             batch = next(batches)
@@ -244,8 +246,18 @@ def train(
                 and (it % cfg.val.every == 0 or it == tc.iters)
             ):
                 validate(state, validator)
-            if it % cfg.log.checkpoint_every == 0 or it == tc.iters:
+            out_of_time = tc.time_limit_min > 0 and broadcast_flag(
+                time.perf_counter() - t_start >= 60.0 * tc.time_limit_min, info
+            )
+            if it % cfg.log.checkpoint_every == 0 or it == tc.iters or out_of_time:
                 last_good = write_checkpoint(state) or last_good
+            if out_of_time:
+                logger.info(
+                    "time limit of %g min reached at iteration %d; resume with --resume",
+                    tc.time_limit_min,
+                    it,
+                )
+                break
     finally:
         if state.metrics_log is not None:
             state.metrics_log.close()
