@@ -113,23 +113,24 @@ def test_keep_last_and_latest(tmp_path: Path) -> None:
     assert ck.latest_checkpoint(tmp_path / "missing") is None
 
 
-META = {
-    "arch": "swinir",
-    "preset": "swinir_light_x2",
-    "norm": "iln",
-    "scale": 2,
-    "task": "sr",
-    "version": "0.1.0",
-    "model_kwargs": {"embed_dim": 60},
-}
+def tiny_swinir(norm: str = "iln") -> nn.Module:
+    from irformer.archs import build_model
+
+    torch.manual_seed(0)
+    return build_model(
+        "swinir_light_x2", norm=norm, embed_dim=12, depths=[1], num_heads=[2], window_size=4
+    )
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_export_round_trip(tmp_path: Path, suffix: str) -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 3, 1))
-    path = ck.export_weights(tmp_path / f"w{suffix}", model, META)
-    state, meta = ck.read_weights(path)
-    assert meta == META
+    from irformer.archs import load_checkpoint_model, read_state_dict
+
+    model = tiny_swinir()
+    path = ck.export_weights(tmp_path / f"w{suffix}", model)
+    state, meta = read_state_dict(path)
+    assert meta["norm"] == "iln" and meta["scale"] == 2 and meta["arch"] == "swinir"
+    assert meta["model_kwargs"]["embed_dim"] == 12
     assert set(state) == set(model.state_dict())
     for key, value in model.state_dict().items():
         assert torch.equal(state[key], value)
@@ -141,18 +142,33 @@ def test_export_round_trip(tmp_path: Path, suffix: str) -> None:
     else:
         raw = torch.load(path, weights_only=True)
         assert set(raw) == {"params", "irformer"}
+    rebuilt, _ = load_checkpoint_model(path)
+    x = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(rebuilt(x), model.eval()(x))
 
 
-def test_read_weights_prefers_ema(tmp_path: Path) -> None:
-    path = tmp_path / "iter_00000001.pth"
-    ck.save_checkpoint(path, {"params": {"w": torch.zeros(2)}, "params_ema": {"w": torch.ones(2)}})
-    state, _ = ck.read_weights(path)
-    assert torch.equal(state["w"], torch.ones(2))
+def test_export_checkpoint_takes_the_ema_weights(tmp_path: Path) -> None:
+    from irformer.archs import model_meta, read_state_dict
+
+    model, ema = tiny_swinir(), tiny_swinir()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)
+    ckpt = tmp_path / "iter_00000001.pth"
+    ck.save_checkpoint(
+        ckpt,
+        {
+            "params": model.state_dict(),
+            "params_ema": ema.state_dict(),
+            "irformer": model_meta(model),
+        },
+    )
+    out = ck.export_checkpoint(ckpt, tmp_path / "w.safetensors")
+    state, meta = read_state_dict(out)
+    assert meta["norm"] == "iln"
+    assert torch.equal(state["conv_first.weight"], ema.state_dict()["conv_first.weight"])
 
 
-def test_export_rejects_bad_suffix_and_meta(tmp_path: Path) -> None:
-    model = nn.Linear(2, 2)
+def test_export_rejects_bad_suffix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\.safetensors or \.pth"):
-        ck.export_weights(tmp_path / "w.bin", model, META)
-    with pytest.raises(ValueError, match="lacks norm"):
-        ck.export_weights(tmp_path / "w.pth", model, {"arch": "x", "scale": 2})
+        ck.export_weights(tmp_path / "w.bin", tiny_swinir())

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from irformer.engine.checkpoint import list_checkpoints, load_checkpoint, read_weights
+from irformer.archs import read_state_dict
+from irformer.engine.checkpoint import list_checkpoints, load_checkpoint
 from irformer.engine.config import load_config
 from irformer.engine.data import PositionedDataset, TensorPairs, make_loader
 from irformer.engine.train import (
@@ -250,7 +251,7 @@ def test_multistep_scheduler_and_warm_start(tmp_path: Path) -> None:
     lrs = {r["iter"]: r["lr"] for r in read_metrics(state.run_dir)}
     assert lrs[1] == 0.0
     # lr 0: the warm-started weights are exactly the source EMA weights.
-    state_dict, _ = read_weights(state.run_dir / "checkpoints" / "iter_00000006.pth")
+    state_dict, _ = read_state_dict(state.run_dir / "checkpoints" / "iter_00000006.pth")
     assert torch.equal(state.model.state_dict()["head.weight"], src_w["head.weight"])
     assert torch.equal(state_dict["head.weight"], src_w["head.weight"])
     cfg = tiny_config(tmp_path / "x", "train.scheduler=multisteplr", "train.milestones=[2, 4]")

@@ -12,7 +12,6 @@ Writes go to a temporary file in the same directory followed by
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -25,12 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
-META_KEYS: tuple[str, ...] = ("arch", "preset", "norm", "scale", "task", "version", "model_kwargs")
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -179,57 +177,28 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
 # --------------------------------------------------------------------------- export
 
 
-def _state_dict(model_or_state: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    if isinstance(model_or_state, nn.Module):
-        model_or_state = model_or_state.state_dict()
-    return {k: v.detach().cpu().contiguous() for k, v in model_or_state.items()}
-
-
 def export_weights(
-    path: str | Path, model: nn.Module | Mapping[str, Tensor], meta: Mapping[str, Any]
+    path: str | Path, model: nn.Module, meta: Mapping[str, Any] | None = None
 ) -> Path:
     """Write inference weights only (pass the EMA model) with irformer metadata.
 
-    ``.safetensors``: tensors plus metadata key ``"irformer"`` = JSON of ``meta``.
+    ``.safetensors``: tensors plus metadata key ``"irformer"`` = JSON of ``meta``;
     ``.pth``: ``{"params": state_dict, "irformer": meta}`` (BasicSR-readable).
+    ``meta`` defaults to what ``build_model`` recorded on the model. One writer
+    for the whole project: :func:`irformer.archs.save_model_weights`.
     """
-    path = Path(path)
-    state = _state_dict(model)
-    missing = [k for k in ("arch", "norm", "scale") if k not in meta]
-    if missing:
-        raise ValueError(f"export metadata for {path} lacks {', '.join(missing)}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save
+    from irformer.archs import save_model_weights
 
-        data = save(state, metadata={"irformer": json.dumps(dict(meta), sort_keys=True)})
-        atomic_write_bytes(data, path)
-    elif path.suffix == ".pth":
-        atomic_torch_save({"params": state, "irformer": dict(meta)}, path)
-    else:
-        raise ValueError(f"export path {path}: expected a .safetensors or .pth suffix")
-    return path
+    return save_model_weights(path, model, dict(meta) if meta is not None else None)
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Weights and irformer metadata from an export or a training checkpoint.
+def export_checkpoint(checkpoint: str | Path, path: str | Path) -> Path:
+    """A training checkpoint's EMA weights (``params`` without EMA) as an export.
 
-    Prefers ``params_ema`` over ``params`` (the EMA weights are the ones evaluated).
+    The model is rebuilt from the checkpoint's metadata, so the export loads
+    with :func:`irformer.archs.load_checkpoint_model` like any other.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    from irformer.archs import load_checkpoint_model, save_model_weights
 
-        with safe_open(str(path), framework="pt") as handle:
-            meta_text = (handle.metadata() or {}).get("irformer")
-            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        return state, json.loads(meta_text) if meta_text else {}
-    ckpt = load_checkpoint(path)
-    meta = dict(ckpt.get("irformer", {})) if isinstance(ckpt, Mapping) else {}
-    for key in ("params_ema", "params"):
-        if isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping) and ckpt[key]:
-            return dict(ckpt[key]), meta
-    if isinstance(ckpt, Mapping) and all(isinstance(v, Tensor) for v in ckpt.values()):
-        return dict(ckpt), meta  # a bare state dict
-    raise ValueError(f"{path}: no 'params_ema' or 'params' state dict in checkpoint")
+    model, meta = load_checkpoint_model(checkpoint)
+    return save_model_weights(path, model, meta)

@@ -46,7 +46,6 @@ from irformer.engine.checkpoint import (
     load_checkpoint,
     preserve_rng,
     prune_checkpoints,
-    read_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -372,7 +371,9 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def warm_start(model: nn.Module, path: str | Path) -> None:
     """Initialise from another run's weights (x4 from x2): tensors whose name and
     shape match are loaded, the rest (the upsampler) keep their initialisation."""
-    state, _meta = read_weights(path)
+    from irformer.archs import read_state_dict
+
+    state, _meta = read_state_dict(path)
     own = model.state_dict()
     loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not loadable:
@@ -390,20 +391,23 @@ def warm_start(model: nn.Module, path: str | Path) -> None:
 def model_meta(cfg: Config, model: nn.Module) -> dict[str, Any]:
     """The ``irformer`` metadata stored with every checkpoint and export.
 
-    Starts from what ``build_model`` recorded on the model (arch, preset,
-    constructor kwargs); ``task`` uses the config's names (sr/dn/car/dr).
+    What ``build_model`` recorded on the model (arch, preset, norm, scale, task,
+    full constructor kwargs), so :func:`irformer.archs.load_checkpoint_model`
+    rebuilds the network from a checkpoint alone; models built elsewhere get
+    the config's names.
     """
-    meta = dict(getattr(model, "irformer_meta", None) or {})
-    meta.setdefault("arch", type(model).__name__.lower())
-    meta.setdefault("preset", cfg.model.arch)
-    meta.setdefault("model_kwargs", dict(cfg.model.overrides))
-    meta.update(
-        norm=cfg.model.norm,
-        scale=cfg.model.scale,
-        task=cfg.data.task,
-        version=irformer.__version__,
-    )
-    return meta
+    meta = getattr(model, "irformer_meta", None)
+    if isinstance(meta, Mapping):
+        return dict(meta)
+    return {
+        "arch": type(model).__name__.lower(),
+        "preset": cfg.model.arch,
+        "norm": cfg.model.norm,
+        "scale": cfg.model.scale,
+        "task": cfg.data.task,
+        "version": irformer.__version__,
+        "model_kwargs": dict(cfg.model.overrides),
+    }
 
 
 def gather_rng_states(info: DistInfo) -> list[Any]:
