@@ -301,3 +301,27 @@ def test_time_limit_stops_with_a_checkpoint(tmp_path: Path) -> None:
     state = run_tiny(tmp_path, "train.time_limit_min=1e-9")
     assert state.iteration == 1
     assert [it for it, _ in list_checkpoints(state.run_dir / "checkpoints")] == [1]
+
+
+def test_fresh_run_in_old_folder_and_resume_cut_every_jsonl(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "features.jsonl").write_text('{"iter": 5, "x": 1}\n{"iter": 50, "x": 2}\n')
+    run_tiny(tmp_path, "train.iters=4")
+    assert (run / "features.jsonl").read_text() == ""  # a fresh run starts clean
+    (run / "features.jsonl").write_text('{"iter": 3, "x": 1}\n{"iter": 4, "x": 2}\n')
+    cfg = tiny_config(tmp_path, "train.iters=6", "log.checkpoint_every=3")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 5, "loss": 9.0}\n{"iter": 6, "lo')  # a killed run's tail
+    state = train(
+        cfg,
+        resume=True,
+        model=TinySR(),
+        train_set=TensorPairs(smooth_pairs(), patch_size=8, scale=2),
+    )
+    assert state.start_iteration == 4
+    assert [json.loads(x)["iter"] for x in (run / "features.jsonl").read_text().splitlines()] == [
+        3,
+        4,
+    ]
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6] and losses(run)[5] != 9.0

@@ -606,14 +606,17 @@ def write_run_config(cfg: Config, run_dir: Path) -> None:
 class MetricsLog:
     """JSONL (``metrics.jsonl``) and optional TensorBoard (``tb/``) writer.
 
-    On resume the JSONL is first cut back to the checkpoint's iteration, so the
-    records of iterations that are about to be re-run appear once.
+    At start every ``*.jsonl`` of the run folder (these metrics, the probes'
+    ``features.jsonl``) is cut back to the starting iteration: a resumed run
+    re-runs the iterations after its checkpoint and must log them once, and a
+    fresh run in an old folder starts clean.
     """
 
     def __init__(self, run_dir: Path, cfg: Config, *, truncate_after: int) -> None:
+        for old in run_dir.glob("*.jsonl"):
+            _truncate_jsonl(old, truncate_after)
         self.path = run_dir / "metrics.jsonl" if cfg.log.jsonl else None
         if self.path is not None:
-            _truncate_jsonl(self.path, truncate_after)
             self.handle = self.path.open("a")
         self.tb = None
         if cfg.log.tensorboard:
@@ -652,7 +655,7 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if int(record.get("iter", 0)) <= last_iteration:
+        if int(record.get("iter", record.get("iteration", 0))) <= last_iteration:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
