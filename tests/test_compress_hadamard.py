@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -22,6 +24,16 @@ from irformer.compress.hadamard import (
     sylvester_matrix,
     unrotate,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Many tiny ops: one thread avoids OpenMP barrier stalls on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 ORDERS = [1, 2, 4, 8, 12, 16, 20, 24, 28, 36, 40, 44, 60, 64, 120, 128, 240]
 

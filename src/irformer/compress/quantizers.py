@@ -49,6 +49,8 @@ __all__ = [
     "quantize_weight_tensor",
     "quantize_weights_",
     "round_ste",
+    "scaled_minmax_search",
+    "search_bounds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,14 +58,15 @@ logger = logging.getLogger(__name__)
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 """Bit widths of the post-training quantisers (the papers' W/A 2, 3, 4 and 8)."""
 
-BoundSearch = Literal["minmax", "dobi", "dobi_one_sided"]
-"""How bounds are initialised from calibration data: plain min/max, or DOBI's
-100-point error search shrinking both bounds (or only the upper one)."""
+BoundSearch = Literal["minmax", "dobi", "dobi_one_sided", "scaled_minmax"]
+"""How bounds are initialised from calibration data: plain min/max; DOBI's
+100-point error search shrinking both bounds (or only the upper one); or
+PTQ4ViT's search over ``[a min, a max]`` for 100 factors ``a`` in [0.01, 1.2]."""
 
 DOBI_POINTS = 100
 """Candidates in 2DQuant's distribution-oriented bound initialisation."""
 
-OBSERVER_SAMPLE = 1 << 20
+OBSERVER_SAMPLE = 1 << 18
 """Elements an activation observer keeps for the bound search. The error of a
 candidate is estimated on a uniform sample (min/max stay exact): a full
 SwinIR-light attention map of one calibration batch has ~50M values."""
@@ -180,6 +183,34 @@ def dobi_search(
     return float(lowers[best]), float(uppers[best])
 
 
+def scaled_minmax_search(
+    x: Tensor,
+    bits: int,
+    *,
+    num: int = DOBI_POINTS,
+    factors: tuple[float, float] = (0.01, 1.2),
+    lo: float | None = None,
+    hi: float | None = None,
+) -> tuple[float, float]:
+    """PTQ4ViT-style range search: bounds ``(a lo, a hi)`` for ``num`` factors ``a``
+    in ``factors``, keeping the least squared error on ``x``."""
+    x = x.detach().reshape(-1).float()
+    lo = float(x.min()) if lo is None else lo
+    hi = float(x.max()) if hi is None else hi
+    best, best_err = (lo, hi), math.inf
+    with torch.no_grad():
+        for a in torch.linspace(factors[0], factors[1], num).tolist():
+            lb, ub = a * lo, a * hi
+            if ub <= lb:
+                continue
+            err = float(
+                (fake_quantize(x, torch.tensor(lb), torch.tensor(ub), bits) - x).pow(2).sum()
+            )
+            if err < best_err:
+                best, best_err = (lb, ub), err
+    return best
+
+
 def search_bounds(
     x: Tensor, bits: int, method: BoundSearch, *, lo: float | None = None, hi: float | None = None
 ) -> tuple[float, float]:
@@ -189,7 +220,11 @@ def search_bounds(
         return (mn if lo is None else lo), (mx if hi is None else hi)
     if method in ("dobi", "dobi_one_sided"):
         return dobi_search(x, bits, one_sided=method == "dobi_one_sided", lo=lo, hi=hi)
-    raise ValueError(f"unknown bound search {method!r}; expected minmax, dobi or dobi_one_sided")
+    if method == "scaled_minmax":
+        return scaled_minmax_search(x, bits, lo=lo, hi=hi)
+    raise ValueError(
+        f"unknown bound search {method!r}; expected minmax, dobi, dobi_one_sided or scaled_minmax"
+    )
 
 
 class UniformQuantizer(nn.Module):

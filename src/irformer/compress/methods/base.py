@@ -1,0 +1,430 @@
+"""What every post-training quantisation method shares: where quantisers go,
+calibration, and bound distillation (DQC).
+
+Quantised, as in 2DQuant/CompSRT: in every Transformer block (any module with
+a :class:`~irformer.archs.common.WindowAttention` child) every ``nn.Linear``
+(qkv, proj, fc1, fc2) gets a weight quantiser and an input-activation
+quantiser (:class:`QuantLinear`), and the window attention's four matmul
+operands (q after the ``1/sqrt(d)`` scaling, k, the post-softmax map, v) get
+activation quantisers through the ``quant_*`` hooks of ``WindowAttention``.
+Convolutions, norms, softmax, GELU, biases and the position bias stay FP32.
+
+The fused ``qkv`` projection is one ``nn.Linear`` in SwinIR. Its weight is
+quantised with three bound pairs (rows of q, k and v separately, ``qkv_split``,
+like 2DQuant's ``qkv_separation: True``) but with one input quantiser: 2DQuant
+splits the layer into three linears, each with its own quantiser of the same
+input, i.e. three different quantised copies of one tensor, which no integer
+kernel would run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from irformer.archs.common import WindowAttention
+from irformer.compress.hadamard import RotationMode, hadamard_size
+from irformer.compress.quantizers import (
+    OBSERVER_SAMPLE,
+    ActQuantizer,
+    BoundSearch,
+    UniformQuantizer,
+    WeightQuantizer,
+)
+
+__all__ = [
+    "ATTENTION_OPERANDS",
+    "DistillLog",
+    "QuantConfig",
+    "QuantLinear",
+    "act_quantizers",
+    "attach_quantizers",
+    "calibrate",
+    "default_act_quantizer",
+    "distill_bounds",
+    "learnable_quantizer_parameters",
+    "quant_linears",
+    "residual_groups",
+    "transformer_blocks",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_OPERANDS: tuple[str, ...] = ("quant_q", "quant_k", "quant_attn", "quant_v")
+"""WindowAttention hooks: q, k, post-softmax map, v (before the two matmuls)."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that defines a quantised model (serialised into packed files).
+
+    ``search``: bound initialisation (``minmax`` or DOBI); ``rotation``: Hadamard
+    sizing (None = no rotation); ``dqc_iters > 0`` distils the bounds against
+    the FP model. Defaults are 2DQuant's published configuration.
+    """
+
+    method: str = "minmax"
+    wbits: int = 4
+    abits: int = 4
+    search: BoundSearch = "minmax"
+    rotation: RotationMode | None = None
+    scalar_decomposition: bool = False
+    prune: float = 0.0
+    qkv_split: bool = True
+    quantize_attention: bool = True
+    observer_sample: int = OBSERVER_SAMPLE
+    twin_uniform: bool = False
+    noise: bool = False
+    noise_seed: int = 0
+    dqc_iters: int = 0
+    dqc_lr: float = 1e-2
+    dqc_betas: tuple[float, float] = (0.9, 0.99)
+    feature_weight: float = 5.0
+    grad_clip: float = 1.0
+
+    def with_overrides(self, **kwargs: Any) -> QuantConfig:
+        unknown = set(kwargs) - set(asdict(self))
+        if unknown:
+            raise KeyError(
+                f"unknown QuantConfig fields {sorted(unknown)}; valid: {sorted(asdict(self))}"
+            )
+        return replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dqc_betas"] = list(self.dqc_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        d = dict(d)
+        if "dqc_betas" in d:
+            d["dqc_betas"] = tuple(d["dqc_betas"])
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise KeyError(f"unknown QuantConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with a fake-quantised input activation and weight.
+
+    ``weight``/``bias`` keep their FP values and names; ``weight_prequantized``
+    marks a weight already replaced by its dequantised value (a model loaded
+    from a packed file), which then skips the weight quantiser.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_quantizer: WeightQuantizer,
+        act_quantizer: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quantizer = weight_quantizer
+        self.act_quantizer = act_quantizer
+        self.weight_prequantized = False
+
+    def quantized_weight(self) -> Tensor:
+        if self.weight_prequantized or not self.weight_quantizer.calibrated:
+            return self.weight
+        return self.weight_quantizer(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that directly own a WindowAttention (SwinIR/HAT blocks), in order."""
+    blocks = []
+    for name, module in model.named_modules():
+        if any(isinstance(child, WindowAttention) for child in module.children()):
+            blocks.append((name, module))
+    return blocks
+
+
+def residual_groups(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The residual groups' block stacks (``<RSTB>.residual_group``), whose outputs
+    2DQuant's feature loss compares (its ``hook_per_layer`` on ``BasicLayer``)."""
+    groups = []
+    for name, module in model.named_modules():
+        sub = getattr(module, "residual_group", None)
+        if isinstance(sub, nn.Module):
+            groups.append((f"{name}.residual_group" if name else "residual_group", sub))
+    return groups
+
+
+def _rotate_size(n: int, cfg: QuantConfig) -> int | None:
+    return None if cfg.rotation is None else hadamard_size(n, cfg.rotation)
+
+
+def default_act_quantizer(n: int, cfg: QuantConfig) -> ActQuantizer:
+    """The uniform activation quantiser of a tensor whose last dim is ``n``."""
+    return ActQuantizer(
+        cfg.abits,
+        rotate_size=_rotate_size(n, cfg),
+        scalar_decomposition=cfg.scalar_decomposition,
+        sample_size=cfg.observer_sample,
+    )
+
+
+def attach_quantizers(
+    model: nn.Module,
+    cfg: QuantConfig,
+    *,
+    act_factory: Callable[[str, str, int, QuantConfig], nn.Module | None] | None = None,
+) -> nn.Module:
+    """Wrap, in place, every Linear of every Transformer block and hook the attention.
+
+    ``act_factory(name, role, width, cfg)`` may supply the activation quantiser
+    of a role (``linear_input``, ``post_gelu``, ``q``, ``k``, ``post_softmax``,
+    ``v``; e.g. PTQ4ViT's twin-uniform quantisers) for the module at ``name``;
+    when it returns None an :class:`ActQuantizer` is used.
+    """
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no Transformer blocks with a WindowAttention to quantise"
+        )
+
+    def make_act(name: str, role: str, width: int) -> nn.Module:
+        if act_factory is not None:
+            special = act_factory(name, role, width, cfg)
+            if special is not None:
+                return special
+        return default_act_quantizer(width, cfg)
+
+    for block_name, block in blocks:
+        targets = [
+            (f"{block_name}.{pname}".strip("."), parent, attr, child)
+            for pname, parent in block.named_modules()
+            for attr, child in parent.named_children()
+            if isinstance(child, nn.Linear)
+        ]
+        for pname, parent, attr, linear in targets:
+            groups = 3 if (cfg.qkv_split and attr == "qkv") else 1
+            wq = WeightQuantizer(
+                cfg.wbits,
+                groups=groups,
+                rotate_size=_rotate_size(linear.in_features, cfg),
+                scalar_decomposition=cfg.scalar_decomposition,
+                prune=cfg.prune,
+            )
+            role = "post_gelu" if attr == "fc2" else "linear_input"
+            aq = make_act(f"{pname}.{attr}", role, linear.in_features)
+            setattr(parent, attr, QuantLinear(linear, wq, aq))
+        if cfg.quantize_attention:
+            for attn_name, module in block.named_children():
+                if isinstance(module, WindowAttention):
+                    prefix = f"{block_name}.{attn_name}".strip(".")
+                    head_dim = module.dim // module.num_heads
+                    tokens = module.window_size * module.window_size
+                    module.quant_q = make_act(f"{prefix}.quant_q", "q", head_dim)
+                    module.quant_k = make_act(f"{prefix}.quant_k", "k", head_dim)
+                    module.quant_attn = make_act(f"{prefix}.quant_attn", "post_softmax", tokens)
+                    module.quant_v = make_act(f"{prefix}.quant_v", "v", head_dim)
+    return model
+
+
+def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def act_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every activation quantiser (anything with an observe/quant ``mode``)."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if hasattr(m, "mode") and hasattr(m, "finish_calibration")
+    ]
+
+
+def learnable_quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Bounds (and alpha/beta) of every uniform quantiser: what DQC trains."""
+    params: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, UniformQuantizer):
+            params.extend(m.learnable_parameters())
+    return params
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batch: Tensor, cfg: QuantConfig, *, chunk: int = 8) -> None:
+    """Initialise every bound: weights from themselves, activations from ``batch``.
+
+    All activation quantisers observe in one FP forward pass (chunked over the
+    batch to bound memory), then search their bounds (``cfg.search``).
+    """
+    for name, ql in quant_linears(model):
+        ql.weight_quantizer.calibrate(ql.weight, cfg.search)
+        logger.debug("weight %s bounds %s", name, ql.weight_quantizer.quantizer.lower.tolist())
+    acts = act_quantizers(model)
+    for _, aq in acts:
+        aq.mode = "observe"
+    # Weights stay FP during observation, as in 2DQuant's calibration pass.
+    for _, ql in quant_linears(model):
+        ql.weight_prequantized = True
+    try:
+        for start in range(0, batch.shape[0], chunk):
+            model(batch[start : start + chunk])
+    finally:
+        for _, ql in quant_linears(model):
+            ql.weight_prequantized = False
+    for _, aq in acts:
+        aq.finish_calibration(cfg.search)
+    logger.info(
+        "calibrated %d weight and %d activation quantisers (%s, W%d A%d)",
+        len(quant_linears(model)),
+        len(acts),
+        cfg.search,
+        cfg.wbits,
+        cfg.abits,
+    )
+
+
+@dataclass
+class DistillLog:
+    """Losses of bound distillation, one entry per iteration."""
+
+    loss: list[float] = field(default_factory=list)
+    pixel: list[float] = field(default_factory=list)
+    feature: list[float] = field(default_factory=list)
+    stopped_early: str | None = None
+
+
+def _normalised(f: Tensor) -> Tensor:
+    """Per-sample Frobenius normalisation (2DQuant's feature loss)."""
+    norm = f.flatten(1).norm(dim=1).clamp_min(1e-12).detach()
+    return f / norm.view(-1, *([1] * (f.dim() - 1)))
+
+
+class _FeatureTap:
+    """Forward hooks collecting residual-group outputs."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.features: list[Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self.features.append(output)
+
+    def pop(self) -> list[Tensor]:
+        out, self.features = self.features, []
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def distill_bounds(
+    qmodel: nn.Module,
+    fp_model: nn.Module,
+    batches: Iterable[Tensor],
+    cfg: QuantConfig,
+    *,
+    device: torch.device | str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> DistillLog:
+    """DQC: train only the quantisers' bounds (and alpha/beta) against the FP model.
+
+    Loss = L1(quantised output, FP output) + ``feature_weight`` x sum over
+    residual groups of MSE between per-sample-normalised features (2DQuant,
+    ``loss_weight 5``). Adam, ``cfg.dqc_lr``/``dqc_betas``, gradients clipped
+    to +-``grad_clip`` by value; stops on a non-finite loss (CompSRT 7.4).
+    Note that with Frobenius-normalised features and mean reduction the
+    feature term is orders of magnitude smaller than the L1 term, as in the
+    reference code: the output loss drives the bounds.
+    """
+    params = learnable_quantizer_parameters(qmodel)
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    fp_model.eval()
+    qmodel.eval()
+    opt = torch.optim.Adam(params, lr=cfg.dqc_lr, betas=cfg.dqc_betas)
+    q_groups = [m for _, m in residual_groups(qmodel)]
+    f_groups = [m for _, m in residual_groups(fp_model)]
+    use_features = cfg.feature_weight > 0 and len(q_groups) == len(f_groups) > 0
+    tap_q = _FeatureTap(q_groups if use_features else [])
+    tap_f = _FeatureTap(f_groups if use_features else [])
+    log = DistillLog()
+    it: Iterator[Tensor] = iter(batches)
+    try:
+        for step in range(cfg.dqc_iters):
+            lq = next(it)
+            if device is not None:
+                lq = lq.to(device)
+            with torch.no_grad():
+                out_f = fp_model(lq)
+            feats_f = tap_f.pop()
+            out_q = qmodel(lq)
+            feats_q = tap_q.pop()
+            pixel = F.l1_loss(out_q, out_f)
+            feature = sum(
+                (
+                    F.mse_loss(_normalised(fq), _normalised(ff))
+                    for fq, ff in zip(feats_q, feats_f, strict=True)
+                ),
+                start=torch.zeros((), device=out_q.device),
+            )
+            loss = pixel + cfg.feature_weight * feature
+            if not torch.isfinite(loss):
+                log.stopped_early = f"non-finite loss at iteration {step}"
+                logger.warning("DQC stopped: %s", log.stopped_early)
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+            opt.step()
+            log.loss.append(float(loss.detach()))
+            log.pixel.append(float(pixel.detach()))
+            log.feature.append(float(feature.detach()))
+            if on_step is not None:
+                on_step(step, log.loss[-1])
+    finally:
+        tap_q.close()
+        tap_f.close()
+        for p in params:
+            p.requires_grad_(False)
+    return log
+
+
+def prepare_quantized_copy(model: nn.Module, cfg: QuantConfig, **attach_kwargs: Any) -> nn.Module:
+    """A deep copy of ``model`` with quantisers attached (FP weights frozen)."""
+    qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    return attach_quantizers(qmodel, cfg, **attach_kwargs)
+
+
+def count_quantized(model: nn.Module) -> dict[str, int]:
+    """How many weights/activation tensors are quantised (for logs and reports)."""
+    lin = quant_linears(model)
+    return {
+        "linears": len(lin),
+        "weights": sum(ql.weight.numel() for _, ql in lin),
+        "activation_quantizers": len(act_quantizers(model)),
+        "blocks": len(transformer_blocks(model)),
+    }
+
+
+def nan_safe_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
