@@ -203,3 +203,25 @@ def test_detect_rejects_other_layouts() -> None:
         state = SwinIR(**PRESETS["swinir_light_x2"]).state_dict()
     state["layers.0.residual_group.blocks.0.conv_block.cab.0.weight"] = torch.zeros(1)
     assert detect(state) is None
+
+
+def test_fused_shifted_attention_equals_explicit() -> None:
+    """The fused path (all windows with the bias, masked border windows redone) equals
+    the explicit softmax path, forward and backward, for a batch of images."""
+    from irformer.archs.common import WindowAttention, masked_windows, shifted_window_mask
+
+    torch.manual_seed(3)
+    attn = WindowAttention(12, 4, 3)
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    mask = shifted_window_mask(12, 16, 4, 2, torch.device("cpu"))
+    # last window row and column of the 3 x 4 window grid
+    assert masked_windows(mask).tolist() == [3, 7, 8, 9, 10, 11]
+    x = torch.randn(2 * 12, 16, 12, requires_grad=True)
+    fused = attn(x, mask)
+    (g_fused,) = torch.autograd.grad(fused.square().sum(), x)
+    attn.quant_q = lambda t: t  # any quantiser hook selects the explicit path
+    explicit = attn(x, mask)
+    (g_explicit,) = torch.autograd.grad(explicit.square().sum(), x)
+    assert (fused - explicit).abs().max().item() < 1e-5
+    assert (g_fused - g_explicit).abs().max().item() < 1e-4

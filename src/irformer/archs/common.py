@@ -96,6 +96,25 @@ def shifted_window_mask(
     return mask
 
 
+_MASKED_WINDOWS: dict[tuple[int, tuple[int, ...], tuple[int, ...], str], tuple[Tensor, Tensor]] = {}
+
+
+def masked_windows(mask: Tensor) -> Tensor:
+    """Indices of the windows whose (nW, N, N) additive mask is not all zero.
+
+    Cached per mask tensor (the masks are cached per size and never modified);
+    the entry keeps the mask alive, so its address cannot be reused by another.
+    """
+    key = (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), str(mask.device))
+    entry = _MASKED_WINDOWS.get(key)
+    if entry is None:
+        if len(_MASKED_WINDOWS) > 256:
+            _MASKED_WINDOWS.clear()
+        idx = mask.reshape(mask.shape[0], -1).ne(0).any(dim=1).nonzero().flatten()
+        entry = _MASKED_WINDOWS[key] = (mask, idx)
+    return entry[1]
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention within windows, with relative position bias.
 
@@ -193,15 +212,36 @@ class WindowAttention(nn.Module):
     def _fused_attention(
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
     ) -> Tensor:
+        """Every window with the bias alone, then the masked windows again with the mask.
+
+        A shifted-window mask is zero except in the last row and column of
+        windows (where the roll wrapped the map around), so only those are
+        recomputed with ``bias + mask``; folding the mask into one additive
+        tensor for all windows would materialise ``(nW, heads, N, N)`` floats
+        on every call. Interior windows add an exact zero either way.
+        """
         bw, heads, n, d = q.shape
-        if mask is None:
-            add = bias.unsqueeze(0).to(q.dtype)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=self.scale)
-        nw = mask.shape[0]
-        add = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nw * heads, n, n).to(q.dtype)
-        shape = (bw // nw, nw * heads, n, d)
         out = F.scaled_dot_product_attention(
-            q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=add, scale=self.scale
+            q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), scale=self.scale
+        )
+        if mask is None:
+            return out
+        nw = mask.shape[0]
+        idx = masked_windows(mask)
+        if idx.numel() == 0:
+            return out
+        nb = idx.numel()
+
+        def pick(t: Tensor) -> Tensor:
+            return t.view(bw // nw, nw, heads, n, d)[:, idx].reshape(bw // nw, nb * heads, n, d)
+
+        add = (bias.unsqueeze(0) + mask[idx].unsqueeze(1)).reshape(1, nb * heads, n, n)
+        border = F.scaled_dot_product_attention(
+            pick(q), pick(k), pick(v), attn_mask=add.to(q.dtype), scale=self.scale
+        )
+        # out of place: SDPA keeps ``out`` for its backward
+        out = out.view(bw // nw, nw, heads, n, d).index_copy(
+            1, idx, border.view(bw // nw, nb, heads, n, d)
         )
         return out.view(bw, heads, n, d)
 
