@@ -667,7 +667,13 @@ def _seq_len(keys: Sequence[str], prefix: str) -> int:
 
 
 def _divisor_for(total: int, quotient: int, key: str) -> int:
-    """The smallest integer ratio r with ``total // r == quotient`` (official ``dim // ratio``)."""
+    """An integer ratio r with ``total // r == quotient`` (official ``dim // ratio``).
+
+    The exact divisor when there is one (HAT-S: 144 // 24 == 6, not 144 // 21),
+    else the smallest ratio that reproduces the channel count.
+    """
+    if quotient and total % quotient == 0:
+        return total // quotient
     for ratio in range(1, total + 1):
         if total // ratio == quotient:
             return ratio
