@@ -91,9 +91,12 @@ def quantize_model(
     *,
     device: torch.device | str | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    val_batch: Tensor | None = None,
+    val_every: int = 100,
 ) -> QuantResult:
     """Quantise a copy of ``model``: attach, calibrate on ``calib`` (B, C, h, w),
-    then (if ``cfg.dqc_iters``) distil the bounds on ``train_batches``.
+    then (if ``cfg.dqc_iters``) distil the bounds on ``train_batches``, keeping
+    the bounds with the lowest L1 on ``val_batch`` when one is given.
 
     ``model`` itself is left untouched and serves as the FP teacher.
     """
@@ -112,7 +115,16 @@ def quantize_model(
                 f"method {cfg.method} distils bounds for {cfg.dqc_iters} iterations but no "
                 "training batches were given (pass train_batches or set dqc_iters=0)"
             )
-        log = distill_bounds(qmodel, model, train_batches, cfg, device=device, on_step=on_step)
+        log = distill_bounds(
+            qmodel,
+            model,
+            train_batches,
+            cfg,
+            device=device,
+            on_step=on_step,
+            val_batch=val_batch,
+            val_every=val_every,
+        )
         if log.loss:
             logger.info(
                 "DQC: %d iterations, loss %.4g -> %.4g", len(log.loss), log.loss[0], log.loss[-1]

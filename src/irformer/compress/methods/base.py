@@ -149,13 +149,34 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _has_attention_hooks(module: nn.Module) -> bool:
+    return all(hasattr(module, hook) for hook in ATTENTION_OPERANDS)
+
+
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that directly own a WindowAttention (SwinIR/HAT blocks), in order."""
+    """Transformer blocks, in order: modules owning a WindowAttention (SwinIR/HAT
+    blocks) and attention blocks carrying the ``quant_*`` hooks themselves
+    (HAT's overlapping cross-attention block)."""
     blocks = []
     for name, module in model.named_modules():
-        if any(isinstance(child, WindowAttention) for child in module.children()):
+        if isinstance(module, WindowAttention):
+            continue
+        owns = any(isinstance(child, WindowAttention) for child in module.children())
+        if owns or _has_attention_hooks(module):
             blocks.append((name, module))
     return blocks
+
+
+def attention_modules(block: nn.Module, block_name: str) -> list[tuple[str, nn.Module]]:
+    """The module(s) of a block whose ``quant_*`` hooks feed the attention matmuls."""
+    owns = any(isinstance(c, WindowAttention) for c in block.children())
+    if _has_attention_hooks(block) and not owns:
+        return [(block_name, block)]
+    return [
+        (f"{block_name}.{n}".strip("."), m)
+        for n, m in block.named_children()
+        if isinstance(m, WindowAttention)
+    ]
 
 
 def residual_groups(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -229,15 +250,14 @@ def attach_quantizers(
             aq = make_act(f"{pname}.{attr}", role, linear.in_features)
             setattr(parent, attr, QuantLinear(linear, wq, aq))
         if cfg.quantize_attention:
-            for attn_name, module in block.named_children():
-                if isinstance(module, WindowAttention):
-                    prefix = f"{block_name}.{attn_name}".strip(".")
-                    head_dim = module.dim // module.num_heads
-                    tokens = module.window_size * module.window_size
-                    module.quant_q = make_act(f"{prefix}.quant_q", "q", head_dim)
-                    module.quant_k = make_act(f"{prefix}.quant_k", "k", head_dim)
-                    module.quant_attn = make_act(f"{prefix}.quant_attn", "post_softmax", tokens)
-                    module.quant_v = make_act(f"{prefix}.quant_v", "v", head_dim)
+            for prefix, module in attention_modules(block, block_name):
+                head_dim = module.dim // module.num_heads
+                # Keys/values of HAT's OCAB come from enlarged windows.
+                tokens = getattr(module, "overlap_win_size", module.window_size) ** 2
+                module.quant_q = make_act(f"{prefix}.quant_q", "q", head_dim)
+                module.quant_k = make_act(f"{prefix}.quant_k", "k", head_dim)
+                module.quant_attn = make_act(f"{prefix}.quant_attn", "post_softmax", tokens)
+                module.quant_v = make_act(f"{prefix}.quant_v", "v", head_dim)
     return model
 
 
@@ -304,6 +324,12 @@ class DistillLog:
     loss: list[float] = field(default_factory=list)
     pixel: list[float] = field(default_factory=list)
     feature: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    """L1 to the FP output on the held-out batch, before training and every
+    ``val_every`` iterations."""
+    best_step: int | None = None
+    """Iterations done when the kept (lowest held-out loss) bounds were reached."""
     stopped_early: str | None = None
 
 
@@ -340,6 +366,8 @@ def distill_bounds(
     *,
     device: torch.device | str | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    val_batch: Tensor | None = None,
+    val_every: int = 100,
 ) -> DistillLog:
     """DQC: train only the quantisers' bounds (and alpha/beta) against the FP model.
 
@@ -350,6 +378,11 @@ def distill_bounds(
     Note that with Frobenius-normalised features and mean reduction the
     feature term is orders of magnitude smaller than the L1 term, as in the
     reference code: the output loss drives the bounds.
+
+    With ``val_batch`` (held-out patches from the *training* pool) the bounds
+    with the lowest held-out L1 are kept, checked before training, every
+    ``val_every`` iterations and at the end. The papers select their iteration
+    on Set5, a test set; this keeps selection off the benchmarks.
     """
     params = learnable_quantizer_parameters(qmodel)
     for p in qmodel.parameters():
@@ -366,7 +399,26 @@ def distill_bounds(
     tap_f = _FeatureTap(f_groups if use_features else [])
     log = DistillLog()
     it: Iterator[Tensor] = iter(batches)
+    if val_batch is not None and device is not None:
+        val_batch = val_batch.to(device)
+    best: list[Tensor] | None = None
+
+    def validate(step: int) -> None:
+        nonlocal best
+        if val_batch is None:
+            return
+        with torch.no_grad():
+            loss = float(F.l1_loss(qmodel(val_batch), fp_model(val_batch)))
+        tap_q.pop()
+        tap_f.pop()
+        log.val_steps.append(step)
+        log.val_loss.append(loss)
+        if math.isfinite(loss) and loss <= min(log.val_loss):
+            best = [p.detach().clone() for p in params]
+            log.best_step = step
+
     try:
+        validate(0)
         for step in range(cfg.dqc_iters):
             lq = next(it)
             if device is not None:
@@ -398,6 +450,12 @@ def distill_bounds(
             log.feature.append(float(feature.detach()))
             if on_step is not None:
                 on_step(step, log.loss[-1])
+            if (step + 1) % val_every == 0 or step + 1 == cfg.dqc_iters:
+                validate(step + 1)
+        if best is not None:
+            with torch.no_grad():
+                for p, b in zip(params, best, strict=True):
+                    p.copy_(b)
     finally:
         tap_q.close()
         tap_f.close()
