@@ -325,3 +325,34 @@ def test_fresh_run_in_old_folder_and_resume_cut_every_jsonl(tmp_path: Path) -> N
         4,
     ]
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6] and losses(run)[5] != 9.0
+
+
+def test_demo_feature_summary_and_table() -> None:
+    from irformer.cli.demo import final_features, markdown_table
+
+    records = [
+        {"iter": 10, "block": "a", "kind": "layer", "sq_mean": 1.0, "entropy": 3.0},
+        {"iter": 20, "block": "a", "kind": "layer", "sq_mean": 4.0, "entropy": 2.0},
+        {"iter": 20, "block": "b", "kind": "layer", "sq_mean": 9.0, "entropy": 1.0},
+        {"iter": 20, "block": "g", "kind": "group", "sq_mean": 99.0, "entropy": 0.0},
+    ]
+    assert final_features(records) == (9.0, 1.5)
+    scores = {"bicubic": {"x": (30.0, 0.9)}, "LN": {"x": (31.0, 0.91)}}
+    table = markdown_table(scores, {"LN": (9.0, 1.5)}, {"LN": 12.0})
+    assert "| LN | 31.00 / 0.9100 | 31.00 | 9 | 1.500 | 12 |" in table
+    assert "| bicubic | 30.00 / 0.9000 | 30.00 | - | - | - |" in table
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    from irformer.cli import main
+
+    assert (
+        main(
+            ["demo", "--out", str(tmp_path), "--iters", "4", "--probe-every", "2", "--no-progress"]
+        )
+        == 0
+    )
+    for name in ("summary.md", "magnitude.png", "entropy.png", "loss.png", "restored.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| i-LN |" in (tmp_path / "summary.md").read_text()
