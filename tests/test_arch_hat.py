@@ -22,7 +22,13 @@ from irformer.archs.hat import (
     PRESETS,
     detect,
     reflect_pad_to_multiple,
-    strip_official_buffers,
+)
+from irformer.archs.registry import (
+    CheckpointMismatchError,
+    build_model,
+    load_checkpoint_model,
+    prepare_state_dict,
+    save_model_weights,
 )
 from irformer.norms import NORM_NAMES, ChannelAffine, HolisticLayerNorm
 
@@ -85,7 +91,7 @@ def test_matches_spandrel(spandrel_archs, scale, in_chans, extra) -> None:
     ours = HAT(in_chans=in_chans, upscale=scale, **kw).eval()
     ref_state = ref.state_dict()
     assert set(OFFICIAL_BUFFER_KEYS) <= set(ref_state)
-    state = strip_official_buffers(ref_state, ours)
+    state = prepare_state_dict(ours, ref_state)
     # Same keys, same order, same shapes as the official layout.
     assert [(k, tuple(v.shape)) for k, v in state.items()] == [
         (k, tuple(v.shape)) for k, v in ours.state_dict().items()
@@ -103,7 +109,7 @@ def test_matches_spandrel(spandrel_archs, scale, in_chans, extra) -> None:
 def test_matches_spandrel_backward(spandrel_archs) -> None:
     ref = _spandrel_hat(spandrel_archs, 2, 3, TINY)
     ours = HAT(upscale=2, **TINY)
-    ours.load_state_dict(strip_official_buffers(ref.state_dict(), ours))
+    ours.load_state_dict(prepare_state_dict(ours, ref.state_dict()))
     ref.train()
     x = torch.rand(1, 3, 8, 8)
     ref(x).square().mean().backward()
@@ -147,7 +153,7 @@ def test_other_heads_match_spandrel_swinir_heads(
     head_prefixes = ("conv_before_upsample.", "upsample.", "conv_last.", "conv_up", "conv_hr.")
     state = {k: v for k, v in hat.state_dict().items() if not k.startswith(head_prefixes)}
     state.update({k: v for k, v in swin.state_dict().items() if k.startswith(head_prefixes)})
-    ours.load_state_dict(strip_official_buffers(state, ours), strict=True)
+    ours.load_state_dict(prepare_state_dict(ours, state), strict=True)
     for h, w in [(8, 8), (7, 10)]:
         x = torch.rand(2, in_chans, h, w)
         with torch.no_grad():
@@ -194,7 +200,7 @@ def test_iln_matches_authors_code() -> None:
                 state[ours] = _formula_weight(i, key, own[ours].shape)
             for key in OFFICIAL_BUFFER_KEYS:
                 state[key] = f.get_tensor(f"{name}.buffer.{key}")
-            state = strip_official_buffers(state, model)
+            state = prepare_state_dict(model, state)
             model.load_state_dict(state, strict=True)
             no_rescale.load_state_dict(state, strict=True)
             for j in range(cfg["n_inputs"]):
@@ -400,11 +406,37 @@ def test_detect_reads_norm_and_rejects_other_layouts(spandrel_archs) -> None:
 def test_official_buffers_are_validated(spandrel_archs) -> None:
     official = _spandrel_hat(spandrel_archs, 2, 3, TINY).state_dict()
     other_window = HAT(upscale=2, **{**TINY, "window_size": 8})
-    with pytest.raises(ValueError, match="relative_position_index_SA"):
-        strip_official_buffers(official, other_window)
+    with pytest.raises(CheckpointMismatchError, match="relative_position_index_SA"):
+        prepare_state_dict(other_window, official)
     other_overlap = HAT(upscale=2, **{**TINY, "overlap_ratio": 1.0})
     tampered = dict(official)
     tampered.pop("relative_position_index_SA")
-    with pytest.raises(ValueError, match="relative_position_index_OCA"):
-        strip_official_buffers(tampered, other_overlap)
+    with pytest.raises(CheckpointMismatchError, match="relative_position_index_OCA"):
+        prepare_state_dict(other_overlap, tampered)
     assert not any(k in HAT(**TINY).state_dict() for k in OFFICIAL_BUFFER_KEYS)
+
+
+def test_official_file_loads_through_registry(spandrel_archs, tmp_path) -> None:
+    """An official-layout HAT file (params_ema, with its index buffers) is detected and loads."""
+    ref = _spandrel_hat(spandrel_archs, 3, 3, {**TINY, "window_size": 8})
+    path = tmp_path / "HAT_official.pth"
+    torch.save({"params_ema": ref.state_dict()}, path)
+    model, meta = load_checkpoint_model(path)
+    assert isinstance(model, HAT) and meta["arch"] == "hat" and meta["norm"] == "ln"
+    x = torch.rand(1, 3, 10, 13)
+    with torch.no_grad():
+        assert (model(x) - ref(x)).abs().max().item() < 1e-5
+
+
+def test_iln_checkpoint_round_trip(tmp_path) -> None:
+    """irformer's metadata keeps an i-LN HAT from loading as LN (same keys)."""
+    model = build_model("hat", norm="iln", stdnorm=True, upscale=2, **TINY).eval()
+    _randomize(model)
+    path = save_model_weights(tmp_path / "hat_iln.safetensors", model)
+    loaded, meta = load_checkpoint_model(path)
+    assert meta["norm"] == "iln" and loaded.norm_name == "iln" and loaded.stdnorm
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="norm"):
+        load_checkpoint_model(path, norm="ln")

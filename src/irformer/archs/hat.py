@@ -10,8 +10,9 @@ official checkpoints load unchanged. Differences that do not change outputs:
 
 - the official model stores ``relative_position_index_SA`` / ``_OCA`` as
   persistent top-level buffers; here they are non-persistent (derived from
-  ``window_size`` and ``overlap_ratio``): :func:`strip_official_buffers`
-  validates and drops them from official files;
+  ``window_size`` and ``overlap_ratio``), and the registry's loader
+  (:func:`irformer.archs.registry.prepare_state_dict`) checks an official
+  file's copies against them and drops them (:data:`OFFICIAL_BUFFER_KEYS`);
 - the shifted-window mask is cached per input size, attention runs through the
   fused SDPA kernel, and feature maps are channels-last so token <-> map
   transposes are views;
@@ -421,7 +422,7 @@ class HAT(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         # Official files carry these two (persistent there); kept here only so
-        # strip_official_buffers can validate them against the configuration.
+        # the loader can validate a file's copies against this configuration.
         self.register_buffer(
             "relative_position_index_SA", relative_position_index(window_size), persistent=False
         )
@@ -565,35 +566,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-# --------------------------------------------------------------------------- official files
-
-
-def strip_official_buffers(state_dict: Mapping[str, Tensor], model: HAT) -> dict[str, Tensor]:
-    """``state_dict`` without the official top-level index buffers, after checking them.
-
-    Official HAT files store ``relative_position_index_SA`` / ``_OCA`` (functions
-    of ``window_size`` and ``overlap_ratio``). A copy that disagrees with
-    ``model`` means the file was trained with another window/overlap: that is a
-    ValueError naming the key, never a silent load.
-    """
-    out = dict(state_dict)
-    for key in OFFICIAL_BUFFER_KEYS:
-        if key not in out:
-            continue
-        found = out.pop(key)
-        expected = model.get_buffer(key)
-        if tuple(found.shape) != tuple(expected.shape) or not torch.equal(
-            found.to(device=expected.device, dtype=expected.dtype), expected
-        ):
-            raise ValueError(
-                f"{key}: the file's index {tuple(found.shape)} does not match this model's "
-                f"{tuple(expected.shape)} (window_size={model.window_size}, "
-                f"overlap_ratio={model.overlap_ratio}); the checkpoint was built with "
-                "another window or overlap"
-            )
-    return out
 
 
 # --------------------------------------------------------------------------- presets
