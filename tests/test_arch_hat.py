@@ -30,6 +30,7 @@ from irformer.archs.registry import (
     prepare_state_dict,
     save_model_weights,
 )
+from irformer.engine.infer import chunked_attention
 from irformer.norms import NORM_NAMES, ChannelAffine, HolisticLayerNorm
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -440,3 +441,19 @@ def test_iln_checkpoint_round_trip(tmp_path) -> None:
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="norm"):
         load_checkpoint_model(path, norm="ln")
+
+
+@pytest.mark.parametrize("norm", ["ln", "iln", "in", "bn"])
+def test_chunked_exact_path_equals_plain(norm: str) -> None:
+    """engine.infer's bounded-memory path chunks HABs and OCABs; the output is unchanged."""
+    model = HAT(norm=norm, upscale=2, **TINY).eval()
+    _randomize(model)
+    x = torch.rand(2, 3, 13, 18)
+    with torch.no_grad():
+        plain = model(x)
+        for windows, tokens in ((1, None), (3, 20)):
+            with chunked_attention(model, windows, tokens):
+                assert model.layers[0].residual_group.overlap_attn.chunk_windows == windows
+                chunked = model(x)
+            torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    assert model.layers[0].residual_group.overlap_attn.chunk_windows is None

@@ -64,7 +64,7 @@ from irformer.archs.common import (
     window_partition,
     window_reverse,
 )
-from irformer.norms import TokenNorm, build_norm, merge_residual
+from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, build_norm, merge_residual
 
 ARCH_NAME = "hat"
 RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "identity")
@@ -192,6 +192,12 @@ class OCAB(nn.Module):
         self.quant_attn: ActivationQuantizer | None = None
         self.quant_v: ActivationQuantizer | None = None
 
+    chunk_windows: int | None = None
+    """Query windows per attention chunk (None: the whole image at once). Set by
+    :func:`irformer.engine.infer.chunked_attention`; the output is unchanged."""
+    chunk_tokens: int | None = None
+    """Tokens per MLP chunk (None: ``chunk_windows * window_size**2``)."""
+
     def position_bias(self) -> Tensor:
         """(heads, ws*ws, ows*ows) relative position bias."""
         n_q, n_kv = self.window_size**2, self.overlap_win_size**2
@@ -202,23 +208,72 @@ class OCAB(nn.Module):
         """x: (B, H*W, C) with ``x_size = (H, W)`` multiples of the window size."""
         h, w = x_size
         b, _, c = x.shape
+        ws = self.window_size
+        stats = self.norm1.statistics(x)
+        y = self.norm1.normalize(x, stats).view(b, h, w, c)
+        n_rows = h // ws
+        rows_per_chunk = n_rows
+        if self.chunk_windows is not None:
+            rows_per_chunk = max(1, self.chunk_windows // max(1, b * (w // ws)))
+        if rows_per_chunk >= n_rows:
+            branch = self.proj(self._attend_rows(y, 0, n_rows)).view(b, h * w, c)
+            x = merge_residual(x, branch, self.norm1, stats)
+        else:
+            # Bounded memory: a slab of window rows at a time, whole-image norm stats.
+            x4 = x.view(b, h, w, c)
+            out = torch.empty_like(x)
+            out4 = out.view(b, h, w, c)
+            for r0 in range(0, n_rows, rows_per_chunk):
+                r1 = min(n_rows, r0 + rows_per_chunk)
+                rows = slice(r0 * ws, r1 * ws)
+                branch = self.proj(self._attend_rows(y, r0, r1))
+                out4[:, rows] = merge_residual(x4[:, rows], branch, self.norm1, stats)
+            x = out
+        del y
+        return self._mlp_residual(x)
+
+    def _attend_rows(self, y: Tensor, r0: int, r1: int) -> Tensor:
+        """Cross-attention of query window rows ``r0:r1``: y (B, H, W, C) -> (B, n, W, C).
+
+        Only the rows the enlarged windows reach are projected; rows and columns
+        outside the image are zeros after the projection, as the official
+        ``nn.Unfold`` padding makes them.
+        """
+        b, h, w, c = y.shape
         ws, ows = self.window_size, self.overlap_win_size
         heads, d = self.num_heads, c // self.num_heads
-        stats = self.norm1.statistics(x)
-        y = self.norm1.normalize(x, stats)
-        qkv = self.qkv(y).view(b, h, w, 3, c)
-        q = window_partition(qkv[..., 0, :], ws).view(-1, ws * ws, heads, d).transpose(1, 2)
         pad = (ows - ws) // 2
-        kv = F.pad(qkv[..., 1:, :], (0, 0, 0, 0, pad, pad, pad, pad))
+        top, bottom = r0 * ws - pad, r1 * ws + pad
+        qkv = self.qkv(y[:, max(top, 0) : min(bottom, h)]).view(b, -1, w, 3, c)
+        n = (r1 - r0) * ws
+        first = r0 * ws - max(top, 0)
+        q = window_partition(qkv[:, first : first + n, :, 0], ws)
+        q = q.view(-1, ws * ws, heads, d).transpose(1, 2)
+        kv = F.pad(qkv[..., 1:, :], (0, 0, 0, 0, pad, pad, max(0, -top), max(0, bottom - h)))
         # (B, nH, nW, 2, C, ows, ows): overlapping windows as a strided view.
         kv = kv.unfold(1, ows, ws).unfold(2, ows, ws)
         kv = kv.permute(3, 0, 1, 2, 5, 6, 4).reshape(2, -1, ows * ows, heads, d)
         k, v = kv.transpose(2, 3).unbind(0)
         out = self._attention(q, k, v, self.position_bias())
-        out = window_reverse(out.transpose(1, 2).reshape(-1, ws, ws, c), ws, h, w)
-        x = merge_residual(x, self.proj(out.reshape(b, h * w, c)), self.norm1, stats)
+        return window_reverse(out.transpose(1, 2).reshape(-1, ws, ws, c), ws, n, w)
+
+    def _mlp_residual(self, x: Tensor) -> Tensor:
+        """The MLP half, over slices of tokens when chunking (same result)."""
         stats = self.norm2.statistics(x)
-        return merge_residual(x, self.mlp(self.norm2.normalize(x, stats)), self.norm2, stats)
+        tokens = self.chunk_tokens
+        if tokens is None and self.chunk_windows is not None:
+            tokens = self.chunk_windows * self.window_size**2
+        if tokens is None or tokens >= x.shape[1]:
+            return merge_residual(x, self.mlp(self.norm2.normalize(x, stats)), self.norm2, stats)
+        # IN and BN pool over tokens inside normalize(): normalise the whole map.
+        pooled = isinstance(self.norm2, (InstanceNorm, BatchNorm))
+        y = self.norm2.normalize(x, stats) if pooled else None
+        out = torch.empty_like(x)
+        for s in range(0, x.shape[1], tokens):
+            e = s + tokens
+            part = y[:, s:e] if y is not None else self.norm2.normalize(x[:, s:e], stats)
+            out[:, s:e] = merge_residual(x[:, s:e], self.mlp(part), self.norm2, stats)
+        return out
 
     @property
     def quantized(self) -> bool:
