@@ -21,6 +21,7 @@ from irformer.archs.hat import (
     PRESET_TASKS,
     PRESETS,
     detect,
+    overlap_relative_position_index,
     reflect_pad_to_multiple,
 )
 from irformer.archs.registry import (
@@ -457,3 +458,19 @@ def test_chunked_exact_path_equals_plain(norm: str) -> None:
                 chunked = model(x)
             torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
     assert model.layers[0].residual_group.overlap_attn.chunk_windows is None
+
+
+@pytest.mark.parametrize(("ws", "ows"), [(16, 24), (4, 6), (8, 12)])
+def test_overlap_index_quirk_is_a_bijection(ws: int, ows: int) -> None:
+    """The official OCA index has negative entries (wrapping around the table), yet maps
+    each relative offset to its own table entry: nothing is shared or left unused."""
+    idx = overlap_relative_position_index(ws, ows)
+    table = (ws + ows - 1) ** 2
+    assert idx.shape == (ws * ws, ows * ows) and idx.min() < 0 and idx.max() < table
+    axis_q, axis_k = torch.arange(ws), torch.arange(ows)
+    dy = axis_k.repeat_interleave(ows)[None, :] - axis_q.repeat_interleave(ws)[:, None]
+    dx = axis_k.repeat(ows)[None, :] - axis_q.repeat(ws)[:, None]
+    pairs = set(zip((dy * 1000 + dx).flatten().tolist(), (idx % table).flatten().tolist()))
+    offsets = {p[0] for p in pairs}
+    entries = {p[1] for p in pairs}
+    assert len(pairs) == len(offsets) == len(entries) == table

@@ -34,9 +34,11 @@ by the DF2K RGB std after subtracting the mean (0.2842 for grey input, as in
 the authors' code). The authors' names: ``HAT-mini`` is the paper's HAT_1,
 ``HAT-dagger`` its HAT†.
 
-Not supported (no official config uses them): absolute position embedding
-(``ape``) and stochastic depth (``drop_path_rate``; HAT's default 0.1 only
-matters for training).
+Not supported: absolute position embedding (``ape``, no official config uses
+it) and stochastic depth. The official constructor's default
+``drop_path_rate=0.1`` (which the official and the i-LN training configs keep)
+only acts in training; irformer's shared Swin block has no drop path yet, so
+training here runs without it (inference is unaffected).
 """
 
 from __future__ import annotations
