@@ -320,7 +320,7 @@ def load_packed(path: str | Path, skeleton: nn.Module) -> nn.Module:
             mask = torch.from_numpy(mask_bits.astype(bool)).reshape(out, n_in)
             idx = torch.zeros(out, n_in, dtype=torch.int64)
             idx[mask] = kept
-            wq.mask = mask
+            wq.mask = mask.to(qls[name].weight.device)
         else:
             idx = kept.reshape(out, n_in)
         indices[name] = idx
@@ -337,7 +337,8 @@ def load_packed(path: str | Path, skeleton: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, idx in indices.items():
             ql = qls[name]
-            w_hat = ql.weight_quantizer.dequantize(idx.to(ql.weight.dtype), ql.in_features)
+            idx = idx.to(device=ql.weight.device, dtype=ql.weight.dtype)
+            w_hat = ql.weight_quantizer.dequantize(idx, ql.in_features)
             ql.weight = nn.Parameter(w_hat.contiguous(), requires_grad=False)
             ql.weight_prequantized = True
     for m in qmodel.modules():

@@ -1,0 +1,256 @@
+"""``irformer compress``: post-training quantisation (CompSRT and baselines), statistics.
+
+Examples::
+
+    irformer compress run --model ckpt.safetensors --method minmax,dquant2d,compsrt \\
+        --wbits 4,3,2 --abits 4,3,2 --calib DF2K/HR --bench Set5,Set14,B100 \\
+        --data-root ../shared/data --out results/compress_x4
+    irformer compress run --model ckpt.safetensors --method compsrt --wbits 4 --abits 4 \\
+        --prune 0.4 --calib DF2K/HR --bench Set5 --out results/prune --save-packed
+    irformer compress stats ckpt.safetensors --calib DF2K/HR --out results/stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from irformer.compress.calibration import calibration_batch
+from irformer.compress.experiment import (
+    CompressionRow,
+    CompressionSettings,
+    complexity_table,
+    quality_table,
+    rows_as_dicts,
+    run_compression,
+)
+from irformer.compress.methods import METHOD_ALIASES, METHODS
+from irformer.compress.stats import (
+    EPS_SWEEP,
+    StatsReport,
+    activation_tensors,
+    compare_pre_post,
+    weight_tensors,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compress",
+        help="quantise a model (minmax, 2DQuant, CompSRT, PTQ4ViT, NoisyQuant) or test its "
+        "pre/post-Hadamard statistics",
+        description=__doc__.splitlines()[0],
+    )
+    sub = p.add_subparsers(dest="compress_command", metavar="ACTION", required=True)
+
+    r = sub.add_parser("run", help="quantise with methods x bit widths; write quality/size tables")
+    r.add_argument("--model", required=True, type=Path, help="FP checkpoint (irformer or official)")
+    r.add_argument("--arch", default=None, help="preset for official files without metadata")
+    r.add_argument(
+        "--method",
+        default="compsrt",
+        help=f"comma-separated methods: {', '.join(METHODS)} (alias: 2dquant)",
+    )
+    r.add_argument("--wbits", default="4", help="comma-separated weight bits (2, 3, 4, 8)")
+    r.add_argument("--abits", default=None, help="comma-separated activation bits (default: wbits)")
+    r.add_argument("--prune", type=float, default=0.0, help="fraction of each weight to prune")
+    r.add_argument("--calib", required=True, type=Path, help="folder of clean training images")
+    r.add_argument("--calib-batch", type=int, default=32, help="calibration patches (2DQuant: 32)")
+    r.add_argument("--patch", type=int, default=64, help="LR patch side (2DQuant: 64)")
+    r.add_argument(
+        "--dqc-iters", type=int, default=None, help="distillation iterations (default: 4000)"
+    )
+    r.add_argument("--dqc-batch", type=int, default=16, help="distillation batch (default: 16)")
+    r.add_argument("--dqc-lr", type=float, default=None, help="bound learning rate (1e-2)")
+    r.add_argument("--val-every", type=int, default=200, help="held-out check interval")
+    r.add_argument("--rotation", choices=("pow2", "exact"), default=None, help="CompSRT sizing")
+    r.add_argument("--bench", default="Set5,Set14,B100", help="comma-separated benchmarks")
+    r.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
+    r.add_argument("--out", required=True, type=Path, help="output folder for tables and JSON")
+    r.add_argument("--save-packed", action="store_true", help="write and verify packed models")
+    r.add_argument("--latency-size", type=int, default=128, help="LR side for latency")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--workers", type=int, default=0, help="data loader workers for DQC")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=run)
+
+    s = sub.add_parser("stats", help="Shapiro-Wilk/range/eps-band tests pre vs post Hadamard")
+    s.add_argument("checkpoint", type=Path, metavar="CKPT")
+    s.add_argument("--arch", default=None, help="preset for official files without metadata")
+    s.add_argument("--calib", type=Path, default=None, help="images for activation statistics")
+    s.add_argument("--calib-batch", type=int, default=32)
+    s.add_argument("--patch", type=int, default=64)
+    s.add_argument("--rotation", choices=("pow2", "exact"), default="pow2")
+    s.add_argument(
+        "--paper-padding",
+        action="store_true",
+        help="pad every dim to a power of two as CompSRT's code (adds exact zeros)",
+    )
+    s.add_argument("--out", type=Path, default=None, help="write stats.json and stats.md here")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=stats)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from exc
+
+
+def _bit_pairs(wbits: str, abits: str | None) -> list[tuple[int, int]]:
+    w = _ints(wbits, "--wbits")
+    a = _ints(abits, "--abits") if abits else list(w)
+    if len(a) == 1 and len(w) > 1:
+        a = a * len(w)
+    if len(w) == 1 and len(a) > 1:
+        w = w * len(a)
+    if len(w) != len(a):
+        raise ValueError(f"--wbits {wbits} and --abits {abits} list different numbers of widths")
+    return list(zip(w, a, strict=True))
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    for m in names:
+        if m not in METHODS and m not in METHOD_ALIASES:
+            raise ValueError(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    return names
+
+
+def _load(path: Path, arch: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from irformer.archs import load_checkpoint_model
+
+    return load_checkpoint_model(path, arch)
+
+
+def _resolve_device(text: str) -> torch.device:
+    from irformer.engine.evaluate import resolve_device
+
+    return resolve_device(text)
+
+
+def _benchmark_evaluator(names: list[str], data_root: Path, scale: int, device: torch.device):
+    from irformer.data.benchmarks import load_benchmark
+    from irformer.engine.evaluate import evaluate_benchmark
+
+    benches = [load_benchmark(n, data_root, task="sr", scale=scale) for n in names]
+
+    def evaluator(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+        out = {}
+        for bench in benches:
+            res = evaluate_benchmark(model.eval(), bench, device=device)
+            out[bench.name] = (res.psnr, res.ssim)
+        return out
+
+    return evaluator, [b.name for b in benches]
+
+
+def _print_row(row: CompressionRow) -> None:
+    scores = ", ".join(f"{b} {p:.2f}/{s:.4f}" for b, (p, s) in row.scores.items())
+    print(
+        f"{row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}: {scores} | "
+        f"{row.megabytes:.3f} MB, {row.bits_per_param:.2f} bits/param, "
+        f"{row.latency_ms:.1f} ms",
+        flush=True,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    model, meta = _load(args.model, args.arch)
+    scale = int(meta.get("scale") or getattr(model, "upscale", 1))
+    if scale < 2:
+        raise ValueError(f"{args.model}: compress run evaluates SR models; scale is {scale}")
+    data_root = args.data_root or DEFAULT_DATA_ROOT
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"benchmark root {data_root} does not exist (--data-root)")
+    device = _resolve_device(args.device)
+    settings = CompressionSettings(
+        methods=tuple(_methods(args.method)),
+        bits=tuple(_bit_pairs(args.wbits, args.abits)),
+        calib_dir=str(args.calib),
+        scale=scale,
+        prune=args.prune,
+        calib_batch=args.calib_batch,
+        calib_patch=args.patch,
+        dqc_iters=args.dqc_iters,
+        dqc_batch=args.dqc_batch,
+        dqc_lr=args.dqc_lr,
+        val_every=args.val_every,
+        rotation=args.rotation,
+        seed=args.seed,
+        workers=args.workers,
+        latency_size=args.latency_size,
+        save_packed=args.save_packed,
+    )
+    names = [n.strip() for n in args.bench.split(",") if n.strip()]
+    evaluator, bench_names = _benchmark_evaluator(names, data_root, scale, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = run_compression(
+        model, settings, evaluator, device=device, out_dir=args.out, on_row=_print_row
+    )
+    quality = quality_table(rows, bench_names)
+    complexity = complexity_table(rows, str(device))
+    (args.out / "quality.md").write_text(quality)
+    (args.out / "complexity.md").write_text(complexity)
+    payload = {
+        "model": str(args.model),
+        "model_meta": meta,
+        "device": str(device),
+        "torch": torch.__version__,
+        "settings": {**settings.__dict__, "bits": [list(b) for b in settings.bits]},
+        "rows": rows_as_dicts(rows),
+    }
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    print()
+    print(quality)
+    print(complexity)
+    return 0
+
+
+def _stats_markdown(report: StatsReport) -> str:
+    lines = [
+        "| Tensors | Test (one-sided) | n | mean diff | Cohen d_z | Wilcoxon p | Shapiro p of d |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in report.tests:
+        p = "-" if math.isnan(t.p_value) else f"{t.p_value:.3g}"
+        lines.append(
+            f"| {t.kind} | {t.metric} | {t.n} | {t.mean_diff:.4g} | {t.cohen_dz:.3f} | {p} | "
+            f"{t.diff_shapiro_p:.3g} |"
+        )
+    zeros = sum(p.padding_zeros for p in report.pairs)
+    lines.append("")
+    lines.append(f"Exact zeros introduced by padding (in the post tensors): {zeros}")
+    return "\n".join(lines) + "\n"
+
+
+def stats(args: argparse.Namespace) -> int:
+    model, meta = _load(args.checkpoint, args.arch)
+    tensors = weight_tensors(model)
+    if args.calib is not None:
+        scale = int(meta.get("scale") or getattr(model, "upscale", 1))
+        batch = calibration_batch(
+            args.calib, scale=scale, batch=args.calib_batch, patch=args.patch, seed=args.seed
+        )
+        tensors += activation_tensors(model, batch)
+    report = compare_pre_post(
+        tensors, rotation=args.rotation, eps=EPS_SWEEP, paper_padding=args.paper_padding
+    )
+    text = _stats_markdown(report)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "stats.md").write_text(text)
+        (args.out / "stats.json").write_text(json.dumps(report.as_dict(), indent=1))
+    return 0

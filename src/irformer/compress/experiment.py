@@ -1,0 +1,302 @@
+"""The compression experiment: methods x bit widths -> quality, size and latency tables.
+
+:func:`run_compression` quantises one FP model with every requested method at
+every bit width, scores each quantised model with a caller-supplied
+``evaluator`` (the CLI passes the benchmark evaluation of
+:mod:`irformer.engine.evaluate`; ``compress`` sits below ``engine`` and does
+not import it), and measures storage (:func:`irformer.compress.pack.storage_report`,
+optionally a real packed file that is reloaded and checked) and latency
+(warm, synchronised, median of repeats).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from irformer.compress.calibration import calibration_batch, patch_stream
+from irformer.compress.methods import method_config, quantize_model
+from irformer.compress.pack import load_packed, save_packed, storage_report
+
+__all__ = [
+    "CompressionRow",
+    "CompressionSettings",
+    "Evaluator",
+    "complexity_table",
+    "measure_latency",
+    "quality_table",
+    "run_compression",
+]
+
+logger = logging.getLogger(__name__)
+
+Evaluator = Callable[[nn.Module], dict[str, tuple[float, float]]]
+"""model -> {benchmark: (PSNR, SSIM)}."""
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    """What :func:`run_compression` runs (defaults: the papers' calibration)."""
+
+    methods: tuple[str, ...]
+    bits: tuple[tuple[int, int], ...]
+    """(weight bits, activation bits) pairs."""
+    calib_dir: str
+    scale: int
+    prune: float = 0.0
+    calib_batch: int = 32
+    calib_patch: int = 64
+    dqc_iters: int | None = None
+    """None = each method's default (4000 for 2DQuant/CompSRT)."""
+    dqc_batch: int = 16
+    dqc_lr: float | None = None
+    val_batch: int = 16
+    val_every: int = 200
+    rotation: str | None = None
+    """Override CompSRT's Hadamard sizing (``pow2``/``exact``)."""
+    seed: int = 0
+    workers: int = 0
+    latency_size: int = 128
+    """LR side of the latency input (one image, batch 1)."""
+    latency_repeats: int = 10
+    save_packed: bool = False
+
+
+@dataclass
+class CompressionRow:
+    method: str
+    wbits: int
+    abits: int
+    prune: float
+    scores: dict[str, tuple[float, float]]
+    megabytes: float
+    bits_per_param: float
+    nominal_bits_per_param: float
+    latency_ms: float
+    seconds_to_quantize: float
+    dqc_iters_done: int = 0
+    dqc_best_step: int | None = None
+    packed_file_bytes: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def measure_latency(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    *,
+    device: torch.device,
+    warmup: int = 2,
+    repeats: int = 10,
+) -> float:
+    """Median wall time (ms) of one forward pass on a random input of ``shape``.
+
+    Warm-up runs first (allocator, caches, cuDNN autotune); CUDA is synchronised
+    before and after each timed run, so the time is the work, not the launch.
+    """
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
+    over: dict[str, Any] = {}
+    if settings.prune:
+        over["prune"] = settings.prune
+    if settings.dqc_iters is not None and method in ("dquant2d", "2dquant", "compsrt"):
+        over["dqc_iters"] = settings.dqc_iters
+    if settings.dqc_lr is not None:
+        over["dqc_lr"] = settings.dqc_lr
+    if settings.rotation is not None and method == "compsrt":
+        over["rotation"] = settings.rotation
+    return over
+
+
+def run_compression(
+    model: nn.Module,
+    settings: CompressionSettings,
+    evaluator: Evaluator,
+    *,
+    device: torch.device,
+    out_dir: str | Path | None = None,
+    on_row: Callable[[CompressionRow], None] | None = None,
+) -> list[CompressionRow]:
+    """FP row first, then one row per (method, bits); see the module docstring."""
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lat_shape = (1, getattr(model, "in_chans", 3), settings.latency_size, settings.latency_size)
+    fp_report = storage_report(model)
+    rows = [
+        CompressionRow(
+            method="fp32",
+            wbits=32,
+            abits=32,
+            prune=0.0,
+            scores=evaluator(model),
+            megabytes=fp_report.megabytes,
+            bits_per_param=32.0,
+            nominal_bits_per_param=32.0,
+            latency_ms=measure_latency(
+                model, lat_shape, device=device, repeats=settings.latency_repeats
+            ),
+            seconds_to_quantize=0.0,
+        )
+    ]
+    if on_row:
+        on_row(rows[0])
+    calib = calibration_batch(
+        settings.calib_dir,
+        scale=settings.scale,
+        batch=settings.calib_batch,
+        patch=settings.calib_patch,
+        seed=settings.seed,
+    )
+    held_out = calibration_batch(
+        settings.calib_dir,
+        scale=settings.scale,
+        batch=settings.val_batch,
+        patch=settings.calib_patch,
+        seed=settings.seed + 10_000,
+    )
+    for method in settings.methods:
+        for wbits, abits in settings.bits:
+            cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method))
+            stream = patch_stream(
+                settings.calib_dir,
+                scale=settings.scale,
+                batch=settings.dqc_batch,
+                patch=settings.calib_patch,
+                seed=settings.seed + 1,
+                workers=settings.workers,
+            )
+            start = time.perf_counter()
+            result = quantize_model(
+                model,
+                cfg,
+                calib,
+                stream if cfg.dqc_iters else None,
+                device=device,
+                val_batch=held_out,
+                val_every=settings.val_every,
+                on_step=_progress_logger(method, wbits, abits, cfg.dqc_iters),
+            )
+            elapsed = time.perf_counter() - start
+            qmodel = result.model.eval()
+            report = storage_report(qmodel)
+            row = CompressionRow(
+                method=cfg.method,
+                wbits=wbits,
+                abits=abits,
+                prune=cfg.prune,
+                scores=evaluator(qmodel),
+                megabytes=report.megabytes,
+                bits_per_param=report.bits_per_quantized_param,
+                nominal_bits_per_param=report.nominal_bits_per_param,
+                latency_ms=measure_latency(
+                    qmodel, lat_shape, device=device, repeats=settings.latency_repeats
+                ),
+                seconds_to_quantize=elapsed,
+                dqc_iters_done=len(result.distill.loss) if result.distill else 0,
+                dqc_best_step=result.distill.best_step if result.distill else None,
+                config=cfg.to_dict(),
+            )
+            if settings.save_packed and out_dir is not None:
+                row.packed_file_bytes = _save_and_check(qmodel, cfg, model, out_dir, lat_shape)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+            del qmodel, result
+    return rows
+
+
+def _progress_logger(
+    method: str, wbits: int, abits: int, iters: int
+) -> Callable[[int, float], None]:
+    every = max(iters // 20, 1)
+
+    def log(step: int, loss: float) -> None:
+        if (step + 1) % every == 0:
+            logger.info(
+                "%s W%dA%d DQC %d/%d loss %.5g", method, wbits, abits, step + 1, iters, loss
+            )
+
+    return log
+
+
+def _save_and_check(
+    qmodel: nn.Module, cfg: Any, skeleton: nn.Module, out_dir: str | Path, shape: tuple[int, ...]
+) -> int:
+    """Write the packed file, reload it and insist on identical outputs."""
+    path = (
+        Path(out_dir) / "packed" / f"{cfg.method}_w{cfg.wbits}a{cfg.abits}"
+        f"{'_p' + str(cfg.prune) if cfg.prune else ''}.safetensors"
+    )
+    device = next(qmodel.parameters()).device
+    save_packed(qmodel, cfg, path)
+    loaded = load_packed(path, skeleton)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.inference_mode():
+        same = torch.equal(qmodel(x), loaded(x))
+    if not same:
+        raise RuntimeError(f"{path}: reloaded packed model does not reproduce the outputs")
+    return path.stat().st_size
+
+
+def _fmt(v: float, digits: int) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def quality_table(rows: Sequence[CompressionRow], benchmarks: Sequence[str]) -> str:
+    """Markdown: method x bits rows, PSNR/SSIM per benchmark (the papers' Table 2)."""
+    head = (
+        "| Method | W/A | Prune | " + " | ".join(f"{b} PSNR | {b} SSIM" for b in benchmarks) + " |"
+    )
+    sep = "|" + "---|" * (3 + 2 * len(benchmarks))
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for b in benchmarks:
+            psnr, ssim = r.scores.get(b, (math.nan, math.nan))
+            cells += [_fmt(psnr, 2), _fmt(ssim, 4)]
+        bits = "32/32" if r.method == "fp32" else f"{r.wbits}/{r.abits}"
+        lines.append(f"| {r.method} | {bits} | {r.prune:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def complexity_table(rows: Sequence[CompressionRow], device: str) -> str:
+    """Markdown: size, bits per quantised weight and measured latency (Table 4)."""
+    lines = [
+        "| Method | W/A | Prune | MB | bits/param (stored) | bits/param (nominal) "
+        f"| latency ms ({device}) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bits = "32/32" if r.method == "fp32" else f"{r.wbits}/{r.abits}"
+        lines.append(
+            f"| {r.method} | {bits} | {r.prune:g} | {r.megabytes:.4f} | {r.bits_per_param:.3f} | "
+            f"{r.nominal_bits_per_param:.2f} | {r.latency_ms:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rows_as_dicts(rows: Sequence[CompressionRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]

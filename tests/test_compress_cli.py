@@ -1,0 +1,149 @@
+"""``irformer compress run/stats`` end to end on a tiny model and synthetic data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from irformer.archs import build_model, save_model_weights
+from irformer.cli import main
+from irformer.data.degradations import matlab_imresize
+from irformer.data.io import write_image
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Many tiny ops: one thread avoids OpenMP barrier stalls on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    # Smooth random colour fields: something an SR model can be scored on.
+    base = rng.random((h // 8 + 1, w // 8 + 1, 3))
+    up = np.kron(base, np.ones((8, 8, 1)))[:h, :w]
+    return (255 * up).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compress_cli")
+    rng = np.random.default_rng(0)
+    calib = root / "calib"
+    for i in range(3):
+        write_image(calib / f"c{i}.png", _image(rng, 48, 48))
+    bench = root / "data" / "sr" / "Set5"
+    for name in ("baby", "bird"):
+        hr = _image(rng, 32, 40)
+        write_image(bench / "HR" / f"{name}.png", hr)
+        write_image(bench / "LR_bicubic" / "X2" / f"{name}x2.png", matlab_imresize(hr, 0.5))
+    torch.manual_seed(0)
+    model = build_model("swinir_light_x2", embed_dim=12, depths=(2,), num_heads=(2,))
+    ckpt = root / "tiny.safetensors"
+    save_model_weights(ckpt, model)
+    return {"root": root, "calib": calib, "data": root / "data", "ckpt": ckpt}
+
+
+def test_run_writes_tables(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = setup["root"] / "out"
+    code = main(
+        [
+            "compress",
+            "run",
+            "--model",
+            str(setup["ckpt"]),
+            "--method",
+            "minmax,compsrt",
+            "--wbits",
+            "8,4",
+            "--calib",
+            str(setup["calib"]),
+            "--calib-batch",
+            "2",
+            "--patch",
+            "16",
+            "--dqc-iters",
+            "2",
+            "--dqc-batch",
+            "2",
+            "--val-every",
+            "1",
+            "--prune",
+            "0.4",
+            "--bench",
+            "Set5",
+            "--data-root",
+            str(setup["data"]),
+            "--out",
+            str(out),
+            "--latency-size",
+            "16",
+            "--device",
+            "cpu",
+            "--save-packed",
+        ]
+    )
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert [(r["method"], r["wbits"]) for r in rows] == [
+        ("fp32", 32),
+        ("minmax", 8),
+        ("minmax", 4),
+        ("compsrt", 8),
+        ("compsrt", 4),
+    ]
+    fp = rows[0]["scores"]["Set5"][0]
+    assert 10 < fp < 60
+    # W8 stays within 0.1 dB of FP; the pruned W4 model loses more.
+    assert abs(rows[1]["scores"]["Set5"][0] - fp) < 0.1
+    assert rows[4]["nominal_bits_per_param"] == pytest.approx(3.4, abs=0.01)
+    assert rows[4]["dqc_iters_done"] == 2
+    for r in rows[1:]:
+        assert r["packed_file_bytes"] > 0 and r["latency_ms"] > 0
+        assert r["megabytes"] < rows[0]["megabytes"]
+    quality = (out / "quality.md").read_text()
+    assert "| compsrt | 4/4 | 0.4 |" in quality and "Set5 PSNR" in quality
+    assert "bits/param" in (out / "complexity.md").read_text()
+    assert len(list((out / "packed").glob("*.safetensors"))) == 4
+    assert "compsrt W4A4" in capsys.readouterr().out
+
+
+def test_stats(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = setup["root"] / "stats"
+    code = main(
+        [
+            "compress",
+            "stats",
+            str(setup["ckpt"]),
+            "--calib",
+            str(setup["calib"]),
+            "--calib-batch",
+            "2",
+            "--patch",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    data = json.loads((out / "stats.json").read_text())
+    assert len([p for p in data["pairs"] if p["kind"] == "weight"]) == 12
+    assert len([p for p in data["pairs"] if p["kind"] == "activation"]) == 16
+    assert "range_reduction" in capsys.readouterr().out
+
+
+def test_bad_arguments(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["compress", "run", "--model", str(setup["ckpt"]), "--calib", str(setup["calib"])]
+    base += ["--data-root", str(setup["data"]), "--out", str(setup["root"] / "bad")]
+    assert main([*base, "--method", "gptq"]) == 2
+    assert "unknown method 'gptq'" in capsys.readouterr().err
+    assert main([*base, "--wbits", "4,3", "--abits", "4,3,2"]) == 2
+    assert "different numbers" in capsys.readouterr().err
