@@ -88,6 +88,7 @@ def test_run_writes_tables(setup: dict[str, Path], capsys: pytest.CaptureFixture
             "--device",
             "cpu",
             "--save-packed",
+            "--int8-kernel",
         ]
     )
     assert code == 0
@@ -95,6 +96,7 @@ def test_run_writes_tables(setup: dict[str, Path], capsys: pytest.CaptureFixture
     rows = res["rows"]
     assert [(r["method"], r["wbits"]) for r in rows] == [
         ("fp32", 32),
+        ("int8_dynamic", 8),
         ("minmax", 8),
         ("minmax", 4),
         ("compsrt", 8),
@@ -104,9 +106,10 @@ def test_run_writes_tables(setup: dict[str, Path], capsys: pytest.CaptureFixture
     assert 10 < fp < 60
     # W8 stays within 0.1 dB of FP; the pruned W4 model loses more.
     assert abs(rows[1]["scores"]["Set5"][0] - fp) < 0.1
-    assert rows[4]["nominal_bits_per_param"] == pytest.approx(3.4, abs=0.01)
-    assert rows[4]["dqc_iters_done"] == 2
-    for r in rows[1:]:
+    assert abs(rows[2]["scores"]["Set5"][0] - fp) < 0.1
+    assert rows[5]["nominal_bits_per_param"] == pytest.approx(3.4, abs=0.01)
+    assert rows[5]["dqc_iters_done"] == 2
+    for r in rows[2:]:
         assert r["packed_file_bytes"] > 0 and r["latency_ms"] > 0
         assert r["megabytes"] < rows[0]["megabytes"]
     quality = (out / "quality.md").read_text()

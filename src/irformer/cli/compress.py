@@ -79,6 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True, type=Path, help="output folder for tables and JSON")
     r.add_argument("--save-packed", action="store_true", help="write and verify packed models")
     r.add_argument("--latency-size", type=int, default=128, help="LR side for latency")
+    r.add_argument(
+        "--int8-kernel",
+        action="store_true",
+        help="add a row for PyTorch's real int8 CPU Linears (dynamic W8A8, CPU timing)",
+    )
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--workers", type=int, default=0, help="data loader workers for DQC")
     r.add_argument("--seed", type=int, default=0)
@@ -147,9 +152,12 @@ def _benchmark_evaluator(names: list[str], data_root: Path, scale: int, device: 
     benches = [load_benchmark(n, data_root, task="sr", scale=scale) for n in names]
 
     def evaluator(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+        # The model's own device: PyTorch's int8 kernels run on CPU only.
+        param = next(iter(model.parameters()), None)
+        dev = param.device if param is not None else device
         out = {}
         for bench in benches:
-            res = evaluate_benchmark(model.eval(), bench, device=device)
+            res = evaluate_benchmark(model.eval(), bench, device=dev)
             out[bench.name] = (res.psnr, res.ssim)
         return out
 
@@ -192,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         latency_size=args.latency_size,
         save_packed=args.save_packed,
+        int8_kernel=args.int8_kernel,
     )
     names = [n.strip() for n in args.bench.split(",") if n.strip()]
     evaluator, bench_names = _benchmark_evaluator(names, data_root, scale, device)

@@ -69,6 +69,8 @@ class CompressionSettings:
     """LR side of the latency input (one image, batch 1)."""
     latency_repeats: int = 10
     save_packed: bool = False
+    int8_kernel: bool = False
+    """Add a row for PyTorch's real int8 CPU kernels (dynamic W8A8 Linears)."""
 
 
 @dataclass
@@ -163,6 +165,10 @@ def run_compression(
     ]
     if on_row:
         on_row(rows[0])
+    if settings.int8_kernel:
+        rows.append(_int8_row(model, evaluator, lat_shape, settings.latency_repeats))
+        if on_row:
+            on_row(rows[-1])
     calib = calibration_batch(
         settings.calib_dir,
         scale=settings.scale,
@@ -226,6 +232,34 @@ def run_compression(
                 on_row(row)
             del qmodel, result
     return rows
+
+
+def _int8_row(
+    model: nn.Module, evaluator: Evaluator, shape: tuple[int, ...], repeats: int
+) -> CompressionRow:
+    """PyTorch's dynamic int8 Linears on CPU: quality, size (int8 weights + a
+    scale/zero point per layer + fp32 rest) and latency."""
+    from irformer.compress.kernels import dynamic_int8
+
+    start = time.perf_counter()
+    qmodel = dynamic_int8(model)
+    elapsed = time.perf_counter() - start
+    linear_w = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    n_linear = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    other = sum(p.numel() for p in model.parameters()) - linear_w
+    total = linear_w + 8 * n_linear + 4 * other
+    return CompressionRow(
+        method="int8_dynamic",
+        wbits=8,
+        abits=8,
+        prune=0.0,
+        scores=evaluator(qmodel),
+        megabytes=total / 1e6,
+        bits_per_param=8.0 + 64 * n_linear / max(linear_w, 1),
+        nominal_bits_per_param=8.0,
+        latency_ms=measure_latency(qmodel, shape, device=torch.device("cpu"), repeats=repeats),
+        seconds_to_quantize=elapsed,
+    )
 
 
 def _progress_logger(
