@@ -136,6 +136,10 @@ def train(
     run_dir = Path(cfg.log.out_dir)
     tc = cfg.train
 
+    # Data first: a wrong folder should fail before a large model is built.
+    if train_set is None:
+        train_set = build_train_dataset(cfg)
+
     # Model: seeded so that every fresh run with this seed starts identically.
     seed_everything(tc.seed)
     if model is None:
@@ -164,8 +168,6 @@ def train(
     state.start_iteration = state.iteration
 
     # Data: an endless stream positioned after the samples already consumed.
-    if train_set is None:
-        train_set = build_train_dataset(cfg)
     global_batch = cfg.data.batch_size * info.world_size
     loader = make_loader(
         train_set,
