@@ -159,7 +159,8 @@ def train(
     if resume and ckpt_path is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
     if ckpt_path is not None:
-        resumed_rng = restore_checkpoint(state, load_checkpoint(ckpt_path, info.device))
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        resumed_rng = restore_checkpoint(state, load_checkpoint(ckpt_path, "cpu"))
         logger.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
     elif tc.warm_start:
         warm_start(model, tc.warm_start)
