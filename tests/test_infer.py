@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from irformer.archs.common import SwinTransformerBlock, WindowAttention, shifted_window_mask
+from irformer.archs.common import (
+    SwinTransformerBlock,
+    WindowAttention,
+    shifted_window_mask,
+    window_sdpa,
+)
 from irformer.archs.swinir import SwinIR
 from irformer.engine.infer import (
     RestoreOptions,
@@ -242,3 +247,30 @@ def test_prepare_model_for_precision_channels_last() -> None:
     assert not model.training
     with pytest.raises(ValueError, match="unknown precision"):
         prepare_model_for_precision(model, "int3")
+
+
+@pytest.mark.parametrize("shape", [(300, 6, 64, 10), (1, 6 * 40, 64, 10), (3, 2, 49, 8)])
+def test_window_sdpa_bf16_cpu_path(shape: tuple[int, int, int, int]) -> None:
+    """The chunked bf16 CPU attention (fp32 softmax) against fp32 SDPA, with a
+    broadcast mask and a per-(batch, head) mask; d=10 heads as in SwinIR-light."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(shape) * 2 for _ in range(3))
+    b, h, n, _ = shape
+    for mask in (torch.randn(1, h, n, n), torch.randn(b, h, n, n) * 10):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        with torch.no_grad():
+            out = window_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.3)
+            kernel = torch.nn.functional.scaled_dot_product_attention(
+                q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask.bfloat16(), scale=0.3
+            )
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        err = (out.float() - ref).pow(2).mean().sqrt()
+        assert err < 2 * (kernel.float() - ref).pow(2).mean().sqrt() + 1e-3
+        kernel_max = float((kernel.float() - ref).abs().max())
+        assert float((out.float() - ref).abs().max()) < 2 * kernel_max + 0.02
+    # fp32 goes to SDPA unchanged
+    with torch.no_grad():
+        assert torch.equal(
+            window_sdpa(q, k, v, mask, 0.3),
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3),
+        )

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 """Reference checkpoints shipped with the package (``irformer/weights``)."""
 
-DEFAULT_WEIGHTS_STEM = "swinir_light_x4_iln"
+DEFAULT_WEIGHTS_STEM = "swinir_light_x2_iln"
 """Preferred default when the weights folder holds several checkpoints."""
 
 
