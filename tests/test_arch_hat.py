@@ -474,3 +474,26 @@ def test_overlap_index_quirk_is_a_bijection(ws: int, ows: int) -> None:
     offsets = {p[0] for p in pairs}
     entries = {p[1] for p in pairs}
     assert len(pairs) == len(offsets) == len(entries) == table
+
+
+def test_ocab_quant_hooks_use_the_explicit_path() -> None:
+    """Identity quantisers on q/k/attn/v: the explicit matmul path equals the fused one."""
+    model = HAT(upscale=2, **TINY).eval()
+    _randomize(model)
+    x = torch.rand(1, 3, 8, 12)
+    with torch.no_grad():
+        fused = model(x)
+        seen: list[tuple[int, ...]] = []
+
+        def record(t: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(t.shape))
+            return t
+
+        for layer in model.layers:
+            ocab = layer.residual_group.overlap_attn
+            ocab.quant_q = ocab.quant_k = ocab.quant_attn = ocab.quant_v = record
+        explicit = model(x)
+    # q (6 windows, 2 heads, 16, 8), k/v (.., 36, 8), attn (.., 16, 36) in the first OCAB
+    assert seen[:4] == [(6, 2, 16, 8), (6, 2, 36, 8), (6, 2, 16, 36), (6, 2, 36, 8)]
+    assert len(seen) == 8
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-6)
