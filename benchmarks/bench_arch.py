@@ -4,7 +4,8 @@ For each model (a registry preset) and LR input size, one process builds the
 reference (spandrel's independent implementation of the official code), copies
 its random weights into irformer ``ln`` and ``iln`` models (same keys), checks
 that ``ln`` reproduces the reference, and times the three forwards interleaved
-(``torch.inference_mode``, fp32, batch 1). Peak memory is measured in a fresh
+(``torch.inference_mode``, fp32, batch 1; the best of ``--repeats`` runs, the
+one least disturbed by other processes). Peak memory is measured in a fresh
 process per case: the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``)
 during one forward, minus the RSS before it. Achieved GFLOP/s uses the
 reference's matmul/conv FLOPs (counted once at the smallest size, scaled by the
@@ -168,12 +169,6 @@ def _worker(args: list[str], threads: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def run(presets: list[str], sizes: list[int], repeats: int, threads: int) -> dict[str, Any]:
     from irformer.archs import list_presets
 
@@ -191,7 +186,8 @@ def run(presets: list[str], sizes: list[int], repeats: int, threads: int) -> dic
                 for impl in IMPLS
             }
             flops = flops64 * (size / min(sizes)) ** 2
-            med = {k: _median(v) for k, v in timing["times"].items()}
+            # the fastest run is the one least disturbed by other processes
+            med = {k: min(v) for k, v in timing["times"].items()}
             rows.append(
                 {
                     "preset": preset,
