@@ -2,7 +2,8 @@
 
 Works alone (one CPU or GPU) and under ``torchrun --nproc_per_node N``
 (DDP: NCCL on GPUs, gloo on CPU). Rank 0 draws the progress bar, writes the
-logs and checkpoints into ``log.out_dir``.
+logs and checkpoints into ``log.out_dir``, and, every ``log.probe_interval``
+iterations, the feature probes of :mod:`irformer.analysis.probes`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -72,8 +74,17 @@ def run(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{state.lr:.2e}", refresh=False)
 
+    hooks = []
+    if cfg.log.probe_interval > 0 and info.is_main:
+        # The analysis probes (issue 5): per-layer magnitude and channel entropy
+        # on a fixed batch of training-like patches, into <out_dir>/features.jsonl.
+        from irformer.analysis.probes import FEATURES_FILE, FeatureProbe
+        from irformer.analysis.studies import probe_batch_for
+
+        out_path = Path(cfg.log.out_dir) / FEATURES_FILE
+        hooks.append(FeatureProbe(probe_batch_for(cfg), out_path=out_path))
     try:
-        state = train(cfg, resume=args.resume, progress=progress, dist_info=info)
+        state = train(cfg, resume=args.resume, progress=progress, dist_info=info, hooks=hooks)
     finally:
         if bar is not None:
             bar.close()
