@@ -65,6 +65,7 @@ from irformer.archs.common import (
     relative_position_index,
     window_partition,
     window_reverse,
+    window_sdpa,
 )
 from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, build_norm, merge_residual
 
@@ -286,9 +287,7 @@ class OCAB(nn.Module):
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         """q: (B*nW, heads, ws², d); k, v: (B*nW, heads, ows², d); bias: (heads, ws², ows²)."""
         if not self.quantized:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), scale=self.scale
-            )
+            return window_sdpa(q, k, v, bias.unsqueeze(0), self.scale)
         q = q * self.scale
         if self.quant_q is not None:
             q = self.quant_q(q)
