@@ -274,3 +274,51 @@ def test_window_sdpa_bf16_cpu_path(shape: tuple[int, int, int, int]) -> None:
             window_sdpa(q, k, v, mask, 0.3),
             torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3),
         )
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs"),
+    [
+        (
+            "hat",
+            {
+                "embed_dim": 12,
+                "depths": (2,),
+                "num_heads": (2,),
+                "window_size": 4,
+                "compress_ratio": 3,
+                "squeeze_factor": 4,
+                "mlp_ratio": 2.0,
+                "num_feat": 8,
+            },
+        ),
+        (
+            "drct",
+            {
+                "img_size": 16,
+                "embed_dim": 12,
+                "depths": (2,),
+                "num_heads": (2,),
+                "window_size": 4,
+                "gc": 6,
+                "num_feat": 8,
+            },
+        ),
+    ],
+)
+def test_exact_path_other_archs(arch: str, kwargs: dict[str, object]) -> None:
+    """HAT's hybrid blocks (conv branch with global channel attention) and DRCT's
+    dense blocks go through the chunked Swin block; HAT's OCAB runs whole."""
+    from irformer.archs import build_model
+
+    torch.manual_seed(6)
+    model = build_model(arch, **kwargs, upscale=2, norm="iln").eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(6.0)
+    x = torch.rand(1, 3, 14, 18)
+    ref = forward_plain(model, x)
+    out = forward_exact(model, x, windows_per_chunk=3, tokens_per_chunk=30)
+    assert out.shape == ref.shape == (1, 3, 28, 36)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
