@@ -146,3 +146,25 @@ def test_restore_tile_ensemble_precision(setup: tuple[Path, Path], tmp_path: Pat
     assert 0 < diffs["tile"].mean() < 40
     assert 0 < diffs["ens"].mean() < 40
     assert diffs["bf16"].max() <= 3  # bf16 within a few grey levels of fp32
+
+
+def test_restore_fp16_guard_and_black_dots(
+    setup: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    from irformer.engine.lowprec import Fp16OverflowWarning
+
+    _, src = setup
+    torch.manual_seed(0)
+    model = build_model("swinir", **TINY, norm="ln")
+    with torch.no_grad():
+        model.layers[0].residual_group.blocks[1].mlp.fc2.weight.mul_(1e7)
+    ckpt = tmp_path / "hot_ln.safetensors"
+    save_model_weights(ckpt, model)
+    out = tmp_path / "fp16"
+    with pytest.warns(Fp16OverflowWarning, match="will overflow"):
+        assert restore(src / "rgb.png", "--model", ckpt, "-o", out, "--precision", "fp16") == 0
+    printed = capsys.readouterr()
+    assert "non-finite" in printed.out and "blocks.1.mlp.fc2" in printed.out
+    assert "1 with non-finite pixels" in printed.err
+    img = read_image(out / "rgb.png")
+    assert img.shape == (36, 44, 3) and int(img.max()) == 0  # every pixel a black dot

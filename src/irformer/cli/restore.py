@@ -62,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="output suffix (.png, .tif, .bmp, .jpg) or 'keep' for the input's own",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="skip the fp16 overflow check (an fp32 probe on a crop of the first image)",
+    )
     p.set_defaults(func=run)
 
 
@@ -133,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         options,
         overwrite=args.overwrite,
         ext=None if args.ext == "keep" else args.ext,
+        guard=not args.no_guard,
         on_done=show,
     )
     bad = sum(not r.report.finite for r in results)

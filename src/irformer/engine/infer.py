@@ -589,6 +589,7 @@ def restore_files(
     *,
     overwrite: bool = False,
     ext: str | None = ".png",
+    guard: bool = True,
     on_done: Callable[[RestoredFile], None] | None = None,
 ) -> list[RestoredFile]:
     """Restore image files and folders into ``out_dir``, one image at a time.
@@ -597,7 +598,10 @@ def restore_files(
     overwritten, existing outputs only with ``overwrite``. Images keep their
     bit depth (8/16-bit); a greyscale image (or an RGB one with three equal
     channels) meeting a 3-channel model is replicated in and averaged out, so
-    grey stays grey. ``on_done`` is called after each image (progress display).
+    grey stays grey. For fp16, ``guard`` first measures feature magnitudes on a
+    64x64 crop of the first image in fp32 and warns when they approach fp16's
+    range (:func:`irformer.engine.lowprec.check_fp16_overflow`). ``on_done`` is
+    called after each image (progress display).
     """
     from irformer.data.io import check_writable, image_to_tensor, read_image, write_image
 
@@ -607,10 +611,16 @@ def restore_files(
     for _, output in pairs:
         check_writable(output, overwrite=overwrite, protected=protected)
     in_chans = getattr(model, "in_chans", 3)
+    channels = "grey" if in_chans == 1 else "rgb"
+    if options.precision == "fp16" and guard:
+        from irformer.engine.lowprec import check_fp16_overflow
+
+        probe = image_to_tensor(_centre_crop(read_image(pairs[0][0], channels=channels), 64))
+        check_fp16_overflow(model=model, probe=probe[None])
     prepare_model_for_precision(model, options.precision)
     results: list[RestoredFile] = []
     for source, output in pairs:
-        image = read_image(source, channels="grey" if in_chans == 1 else "rgb")
+        image = read_image(source, channels=channels)
         grey = image.shape[2] == 3 and bool(
             np.array_equal(image[..., 0], image[..., 1])
             and np.array_equal(image[..., 0], image[..., 2])
@@ -635,6 +645,12 @@ def restore_files(
         if on_done is not None:
             on_done(done)
     return results
+
+
+def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return image[top : top + size, left : left + size]
 
 
 def _to_image(out: Tensor, dtype: np.dtype) -> np.ndarray:
