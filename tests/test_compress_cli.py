@@ -48,7 +48,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = build_model("swinir_light_x2", embed_dim=12, depths=(2,), num_heads=(2,))
     ckpt = root / "tiny.safetensors"
     save_model_weights(ckpt, model)
-    return {"root": root, "calib": calib, "data": root / "data", "ckpt": ckpt}
+    torch.manual_seed(1)
+    iln = build_model("swinir_light_x2", norm="iln", embed_dim=12, depths=(2,), num_heads=(2,))
+    ckpt_iln = root / "tiny_iln.safetensors"
+    save_model_weights(ckpt_iln, iln)
+    return {
+        "root": root,
+        "calib": calib,
+        "data": root / "data",
+        "ckpt": ckpt,
+        "ckpt_iln": ckpt_iln,
+    }
 
 
 def test_run_writes_tables(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,8 +125,29 @@ def test_run_writes_tables(setup: dict[str, Path], capsys: pytest.CaptureFixture
     quality = (out / "quality.md").read_text()
     assert "| compsrt | 4/4 | 0.4 |" in quality and "Set5 PSNR" in quality
     assert "bits/param" in (out / "complexity.md").read_text()
-    assert len(list((out / "packed").glob("*.safetensors"))) == 4
+    assert len(list((out / "packed" / "tiny_ln").glob("*.safetensors"))) == 4
     assert "compsrt W4A4" in capsys.readouterr().out
+    assert {r["model"] for r in rows} == {"tiny (ln)"}
+
+
+def test_run_two_models_share_tables(setup: dict[str, Path]) -> None:
+    out = setup["root"] / "two"
+    args = ["compress", "run", "--model", f"{setup['ckpt']},{setup['ckpt_iln']}"]
+    args += ["--method", "minmax", "--wbits", "4", "--calib", str(setup["calib"])]
+    args += ["--calib-batch", "2", "--patch", "16", "--bench", "Set5"]
+    args += ["--data-root", str(setup["data"]), "--out", str(out), "--latency-size", "16"]
+    assert main([*args, "--device", "cpu"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [
+        ("tiny (ln)", "fp32"),
+        ("tiny (ln)", "minmax"),
+        ("tiny_iln (iln)", "fp32"),
+        ("tiny_iln (iln)", "minmax"),
+    ]
+    drop = (out / "psnr_drop.md").read_text()
+    assert "tiny (ln) Set5 dPSNR" in drop and "tiny_iln (iln) Set5 dPSNR" in drop
+    ln_drop = rows[1]["scores"]["Set5"][0] - rows[0]["scores"]["Set5"][0]
+    assert f"{ln_drop:+.2f}" in drop.splitlines()[2]
 
 
 def test_stats(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

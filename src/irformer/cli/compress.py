@@ -26,6 +26,7 @@ from irformer.compress.experiment import (
     CompressionRow,
     CompressionSettings,
     complexity_table,
+    drop_table,
     quality_table,
     rows_as_dicts,
     run_compression,
@@ -54,7 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="compress_command", metavar="ACTION", required=True)
 
     r = sub.add_parser("run", help="quantise with methods x bit widths; write quality/size tables")
-    r.add_argument("--model", required=True, type=Path, help="FP checkpoint (irformer or official)")
+    r.add_argument(
+        "--model",
+        required=True,
+        help="FP checkpoint (irformer or official); several, comma-separated, share the tables "
+        "(e.g. an LN and an i-LN model)",
+    )
     r.add_argument("--arch", default=None, help="preset for official files without metadata")
     r.add_argument(
         "--method",
@@ -167,18 +173,30 @@ def _benchmark_evaluator(names: list[str], data_root: Path, scale: int, device: 
 def _print_row(row: CompressionRow) -> None:
     scores = ", ".join(f"{b} {p:.2f}/{s:.4f}" for b, (p, s) in row.scores.items())
     print(
-        f"{row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}: {scores} | "
+        f"{row.model}: {row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}: {scores} | "
         f"{row.megabytes:.3f} MB, {row.bits_per_param:.2f} bits/param, "
         f"{row.latency_ms:.1f} ms",
         flush=True,
     )
 
 
+def _label(path: Path, meta: dict[str, Any], taken: set[str]) -> str:
+    label = f"{path.stem} ({meta.get('norm', '?')})"
+    while label in taken:
+        label += "'"
+    taken.add(label)
+    return label
+
+
 def run(args: argparse.Namespace) -> int:
-    model, meta = _load(args.model, args.arch)
-    scale = int(meta.get("scale") or getattr(model, "upscale", 1))
+    paths = [Path(p.strip()) for p in str(args.model).split(",") if p.strip()]
+    loaded = [(p, *_load(p, args.arch)) for p in paths]
+    scales = {int(meta.get("scale") or getattr(m, "upscale", 1)) for _, m, meta in loaded}
+    if len(scales) != 1:
+        raise ValueError(f"--model checkpoints have different scales {sorted(scales)}")
+    scale = scales.pop()
     if scale < 2:
-        raise ValueError(f"{args.model}: compress run evaluates SR models; scale is {scale}")
+        raise ValueError(f"compress run evaluates SR models; {paths[0]} has scale {scale}")
     data_root = args.data_root or DEFAULT_DATA_ROOT
     if not data_root.is_dir():
         raise FileNotFoundError(f"benchmark root {data_root} does not exist (--data-root)")
@@ -205,16 +223,28 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.bench.split(",") if n.strip()]
     evaluator, bench_names = _benchmark_evaluator(names, data_root, scale, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run_compression(
-        model, settings, evaluator, device=device, out_dir=args.out, on_row=_print_row
-    )
-    quality = quality_table(rows, bench_names)
-    complexity = complexity_table(rows, str(device))
-    (args.out / "quality.md").write_text(quality)
-    (args.out / "complexity.md").write_text(complexity)
+    rows: list[CompressionRow] = []
+    taken: set[str] = set()
+    for path, model, meta in loaded:
+        rows += run_compression(
+            model,
+            settings,
+            evaluator,
+            device=device,
+            out_dir=args.out,
+            on_row=_print_row,
+            label=_label(path, meta, taken),
+        )
+    tables = {
+        "quality.md": quality_table(rows, bench_names),
+        "psnr_drop.md": drop_table(rows, bench_names),
+        "complexity.md": complexity_table(rows, str(device)),
+    }
+    for name, text in tables.items():
+        (args.out / name).write_text(text)
     payload = {
-        "model": str(args.model),
-        "model_meta": meta,
+        "command": "irformer compress run",
+        "models": {str(p): meta for p, _, meta in loaded},
         "device": str(device),
         "torch": torch.__version__,
         "settings": {**settings.__dict__, "bits": [list(b) for b in settings.bits]},
@@ -222,8 +252,8 @@ def run(args: argparse.Namespace) -> int:
     }
     (args.out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
     print()
-    print(quality)
-    print(complexity)
+    for text in tables.values():
+        print(text)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "CompressionSettings",
     "Evaluator",
     "complexity_table",
+    "drop_table",
     "measure_latency",
     "quality_table",
     "run_compression",
@@ -75,6 +77,7 @@ class CompressionSettings:
 
 @dataclass
 class CompressionRow:
+    model: str
     method: str
     wbits: int
     abits: int
@@ -140,8 +143,12 @@ def run_compression(
     device: torch.device,
     out_dir: str | Path | None = None,
     on_row: Callable[[CompressionRow], None] | None = None,
+    label: str = "model",
 ) -> list[CompressionRow]:
-    """FP row first, then one row per (method, bits); see the module docstring."""
+    """FP row first, then one row per (method, bits); see the module docstring.
+
+    ``label`` names the model in the rows (several models share one table).
+    """
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -149,6 +156,7 @@ def run_compression(
     fp_report = storage_report(model)
     rows = [
         CompressionRow(
+            model=label,
             method="fp32",
             wbits=32,
             abits=32,
@@ -166,7 +174,7 @@ def run_compression(
     if on_row:
         on_row(rows[0])
     if settings.int8_kernel:
-        rows.append(_int8_row(model, evaluator, lat_shape, settings.latency_repeats))
+        rows.append(_int8_row(model, evaluator, lat_shape, settings.latency_repeats, label))
         if on_row:
             on_row(rows[-1])
     calib = calibration_batch(
@@ -209,6 +217,7 @@ def run_compression(
             qmodel = result.model.eval()
             report = storage_report(qmodel)
             row = CompressionRow(
+                model=label,
                 method=cfg.method,
                 wbits=wbits,
                 abits=abits,
@@ -226,7 +235,9 @@ def run_compression(
                 config=cfg.to_dict(),
             )
             if settings.save_packed and out_dir is not None:
-                row.packed_file_bytes = _save_and_check(qmodel, cfg, model, out_dir, lat_shape)
+                row.packed_file_bytes = _save_and_check(
+                    qmodel, cfg, model, Path(out_dir) / "packed" / _slug(label), lat_shape
+                )
             rows.append(row)
             if on_row:
                 on_row(row)
@@ -235,7 +246,7 @@ def run_compression(
 
 
 def _int8_row(
-    model: nn.Module, evaluator: Evaluator, shape: tuple[int, ...], repeats: int
+    model: nn.Module, evaluator: Evaluator, shape: tuple[int, ...], repeats: int, label: str
 ) -> CompressionRow:
     """PyTorch's dynamic int8 Linears on CPU: quality, size (int8 weights + a
     scale/zero point per layer + fp32 rest) and latency."""
@@ -249,6 +260,7 @@ def _int8_row(
     other = sum(p.numel() for p in model.parameters()) - linear_w
     total = linear_w + 8 * n_linear + 4 * other
     return CompressionRow(
+        model=label,
         method="int8_dynamic",
         wbits=8,
         abits=8,
@@ -281,7 +293,7 @@ def _save_and_check(
 ) -> int:
     """Write the packed file, reload it and insist on identical outputs."""
     path = (
-        Path(out_dir) / "packed" / f"{cfg.method}_w{cfg.wbits}a{cfg.abits}"
+        Path(out_dir) / f"{cfg.method}_w{cfg.wbits}a{cfg.abits}"
         f"{'_p' + str(cfg.prune) if cfg.prune else ''}.safetensors"
     )
     device = next(qmodel.parameters()).device
@@ -295,40 +307,76 @@ def _save_and_check(
     return path.stat().st_size
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
+
+
 def _fmt(v: float, digits: int) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _bits(r: CompressionRow) -> str:
+    return "32/32" if r.method == "fp32" else f"{r.wbits}/{r.abits}"
+
+
 def quality_table(rows: Sequence[CompressionRow], benchmarks: Sequence[str]) -> str:
-    """Markdown: method x bits rows, PSNR/SSIM per benchmark (the papers' Table 2)."""
+    """Markdown: model x method x bits rows, PSNR/SSIM per benchmark (the papers' Table 2)."""
     head = (
-        "| Method | W/A | Prune | " + " | ".join(f"{b} PSNR | {b} SSIM" for b in benchmarks) + " |"
+        "| Model | Method | W/A | Prune | "
+        + " | ".join(f"{b} PSNR | {b} SSIM" for b in benchmarks)
+        + " |"
     )
-    sep = "|" + "---|" * (3 + 2 * len(benchmarks))
-    lines = [head, sep]
+    lines = [head, "|" + "---|" * (4 + 2 * len(benchmarks))]
     for r in rows:
         cells = []
         for b in benchmarks:
             psnr, ssim = r.scores.get(b, (math.nan, math.nan))
             cells += [_fmt(psnr, 2), _fmt(ssim, 4)]
-        bits = "32/32" if r.method == "fp32" else f"{r.wbits}/{r.abits}"
-        lines.append(f"| {r.method} | {bits} | {r.prune:g} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r.model} | {r.method} | {_bits(r)} | {r.prune:g} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def drop_table(rows: Sequence[CompressionRow], benchmarks: Sequence[str]) -> str:
+    """Markdown: PSNR lost against each model's own FP row, one column per model,
+    so models (e.g. LN vs i-LN) compare under the same quantisation."""
+    models = list(dict.fromkeys(r.model for r in rows))
+    fp = {r.model: r.scores for r in rows if r.method == "fp32"}
+    keys = list(dict.fromkeys((r.method, _bits(r), r.prune) for r in rows if r.method != "fp32"))
+    head = "| Method | W/A | Prune | " + " | ".join(
+        f"{m} {b} dPSNR" for m in models for b in benchmarks
+    )
+    lines = [head + " |", "|" + "---|" * (3 + len(models) * len(benchmarks))]
+    index = {(r.model, r.method, _bits(r), r.prune): r for r in rows}
+    for method, bits, prune in keys:
+        cells = []
+        for m in models:
+            row = index.get((m, method, bits, prune))
+            for b in benchmarks:
+                if row is None or m not in fp or b not in fp[m] or b not in row.scores:
+                    cells.append("-")
+                else:
+                    cells.append(f"{row.scores[b][0] - fp[m][b][0]:+.2f}")
+        lines.append(f"| {method} | {bits} | {prune:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def complexity_table(rows: Sequence[CompressionRow], device: str) -> str:
     """Markdown: size, bits per quantised weight and measured latency (Table 4)."""
     lines = [
-        "| Method | W/A | Prune | MB | bits/param (stored) | bits/param (nominal) "
+        "| Model | Method | W/A | Prune | MB | bits/param (stored) | bits/param (nominal) "
         f"| latency ms ({device}) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        bits = "32/32" if r.method == "fp32" else f"{r.wbits}/{r.abits}"
         lines.append(
-            f"| {r.method} | {bits} | {r.prune:g} | {r.megabytes:.4f} | {r.bits_per_param:.3f} | "
-            f"{r.nominal_bits_per_param:.2f} | {r.latency_ms:.2f} |"
+            f"| {r.model} | {r.method} | {_bits(r)} | {r.prune:g} | {r.megabytes:.4f} | "
+            f"{r.bits_per_param:.3f} | {r.nominal_bits_per_param:.2f} | {r.latency_ms:.2f} |"
         )
+    if any(r.method == "int8_dynamic" for r in rows):
+        lines.append("")
+        lines.append("int8_dynamic (PyTorch's int8 Linear kernels) runs and is timed on CPU.")
     return "\n".join(lines) + "\n"
 
 
