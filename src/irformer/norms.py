@@ -134,8 +134,14 @@ class HolisticLayerNorm(_ChannelAffine):
         if stats is None:
             stats = self.statistics(x)
         mean, std = stats[:, 0:1], stats[:, 1:2]
-        y = (x.float() - mean) / std
-        return self._affine(y.to(x.dtype))
+        # (x - mean) * (weight / std) + bias: two passes over x, the affine folded
+        # into a (B, 1, C) factor. The mean is subtracted first on purpose: folding
+        # it into the bias loses precision when |mean| >> std.
+        centred = x.float() - mean
+        scale = self.weight.float() / std
+        if self.bias is None:
+            return (centred * scale).to(x.dtype)
+        return torch.addcmul(self.bias.float(), centred, scale).to(x.dtype)
 
     def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
         if not self.rescale:
@@ -155,8 +161,12 @@ def holistic_stats(x: Tensor, eps: float) -> Tensor:
     x: (B, ...). Returns (B, 2, 1) so the two can be broadcast against (B, L, C).
     """
     flat = x.reshape(x.shape[0], -1).float()
-    var, mean = torch.var_mean(flat, dim=1, unbiased=False)
-    return torch.stack([mean, torch.sqrt(var + eps)], dim=1).unsqueeze(-1)
+    # Two passes (mean, then the mean square of the centred values): as stable as
+    # var_mean and several times faster on CPU, and differentiable (the i-LN
+    # rescale back-propagates through the std, as in the authors' code).
+    mean = flat.mean(dim=1, keepdim=True)
+    var = (flat - mean).square().mean(dim=1, keepdim=True)
+    return torch.stack([mean, torch.sqrt(var + eps)], dim=1)
 
 
 class RMSNorm(TokenNorm):
