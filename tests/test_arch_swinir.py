@@ -225,3 +225,21 @@ def test_fused_shifted_attention_equals_explicit() -> None:
     (g_explicit,) = torch.autograd.grad(explicit.square().sum(), x)
     assert (fused - explicit).abs().max().item() < 1e-5
     assert (g_fused - g_explicit).abs().max().item() < 1e-4
+
+
+def test_inputs_smaller_than_the_padding() -> None:
+    """Reflect padding is repeated (1-pixel sides replicated) where F.pad would fail;
+    wherever F.pad works the result is F.pad's."""
+    import torch.nn.functional as F
+
+    from irformer.archs.common import pad_to_multiple
+
+    x = torch.rand(2, 3, 13, 19)
+    assert torch.equal(pad_to_multiple(x, 8), F.pad(x, (0, 5, 0, 3), mode="reflect"))
+    tiny = torch.arange(3.0).view(1, 1, 1, 3)
+    assert pad_to_multiple(tiny, 8)[0, 0, :, :].tolist() == [[0, 1, 2, 1, 0, 1, 2, 1]] * 8
+    model = SwinIR(upscale=2, upsampler="pixelshuffledirect", **TINY).eval()
+    for h, w in [(1, 1), (1, 6), (3, 2), (5, 9)]:
+        with torch.no_grad():
+            y = model(torch.rand(1, 3, h, w))
+        assert y.shape == (1, 3, 2 * h, 2 * w) and torch.isfinite(y).all()

@@ -511,12 +511,21 @@ DF2K_RGB_STD: tuple[float, float, float] = (0.2842, 0.2701, 0.2920)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Reflect-pad (B, C, H, W) on the bottom/right to a multiple (as the originals do)."""
+    """Reflect-pad (B, C, H, W) on the bottom/right to a multiple (as the originals do).
+
+    Where one reflection cannot cover the padding (a side shorter than the pad
+    plus one, which makes ``F.pad`` fail) it reflects again from the new border,
+    and a one-pixel side is replicated; otherwise it is exactly ``F.pad``.
+    """
     h, w = x.shape[-2:]
-    pad_h = (multiple - h % multiple) % multiple
-    pad_w = (multiple - w % multiple) % multiple
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    while pad_h or pad_w:
+        if (pad_h and h == 1) or (pad_w and w == 1):  # nothing to reflect yet
+            step_h, step_w, mode = int(pad_h > 0 and h == 1), int(pad_w > 0 and w == 1), "replicate"
+        else:
+            step_h, step_w, mode = min(pad_h, h - 1), min(pad_w, w - 1), "reflect"
+        x = F.pad(x, (0, step_w, 0, step_h), mode=mode)
+        h, w, pad_h, pad_w = h + step_h, w + step_w, pad_h - step_h, pad_w - step_w
     return x
 
 
