@@ -259,7 +259,10 @@ class SwinIR(nn.Module):
         return self.patch_unembed(self.norm(x), x_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_chans, H, W) in [0, 1] (or [0, 255]-scaled via img_range)."""
+        """x: (B, in_chans, H, W) in [0, 1], any H and W -> (B, in_chans, s*H, s*W).
+
+        ``img_range=255`` (the official JPEG models) rescales internally only.
+        """
         check_channels(x, self.in_chans, "SwinIR")
         h, w = x.shape[2:]
         x = pad_to_multiple(x, self.window_size)
