@@ -61,6 +61,8 @@ def test_reductions() -> None:
     np.testing.assert_allclose(mx, [3.0, 30.0, 300.0, 3000.0])
     _, mean_ent = reduce_over_blocks(recs, "entropy", "mean")
     assert mean_ent[-1] == pytest.approx((2.0 + 1.7 + 1.4 + 1.0) / 4)
+    _, layer_ent = reduce_over_blocks(recs, "entropy", "mean", kind="layer")
+    assert layer_ent[-1] == pytest.approx((2.0 + 1.7 + 1.4) / 3)
     series = records_by_block(recs, "sq_mean", kind="layer")
     assert list(series) == [f"layers.0.residual_group.blocks.{b}" for b in range(3)]
     with pytest.raises(ValueError, match="how must be"):

@@ -29,7 +29,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI)
     return path
 
 
@@ -51,7 +51,7 @@ def plot_block_stats(stats: Sequence[BlockStats], path: str | Path, *, title: st
     """Per-block magnitude (bars, log axis; ``max|x|`` as dots) and channel entropy (line)."""
     if not stats:
         raise ValueError("no block statistics to plot")
-    fig = Figure(figsize=(max(6.0, 0.25 * len(stats) + 2), 4.0))
+    fig = Figure(figsize=(max(6.0, 0.25 * len(stats) + 2), 4.0), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(stats))
     colours = [KIND_COLOURS.get(s.kind, "tab:gray") for s in stats]
@@ -91,11 +91,17 @@ def records_by_block(
 
 
 def reduce_over_blocks(
-    records: Sequence[Mapping[str, Any]], metric: str, how: str = "max"
+    records: Sequence[Mapping[str, Any]],
+    metric: str,
+    how: str = "max",
+    *,
+    kind: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per iteration, the max (or mean) of ``metric`` over all blocks."""
+    """Per iteration, the max (or mean) of ``metric`` over all blocks (or those of one kind)."""
     per_iter: dict[int, list[float]] = defaultdict(list)
     for rec in records:
+        if kind is not None and rec.get("kind", kind) != kind:
+            continue
         per_iter[int(rec["iter"])].append(float(rec[metric]))
     iters = np.array(sorted(per_iter))
     fn = {"max": np.max, "mean": np.mean, "min": np.min}.get(how)
@@ -117,7 +123,7 @@ def plot_per_block_curves(
     n = len(runs)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
     log = metric in ("sq_mean", "max_abs")
     for i, (label, records) in enumerate(runs.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -139,19 +145,24 @@ def plot_run_overlay(
     *,
     metric: str = "sq_mean",
     how: str = "max",
+    kind: str | None = None,
 ) -> Path:
-    """Several runs overlaid: per iteration the max/mean of ``metric`` over blocks (Figs. 2, 4)."""
+    """Several runs overlaid: per iteration the max/mean of ``metric`` over blocks (Figs. 2, 4).
+
+    ``kind`` restricts the blocks to Transformer ``layer``s or residual ``group``s.
+    """
     if not runs:
         raise ValueError("no runs to plot")
-    fig = Figure(figsize=(6.0, 4.0))
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     for label, records in runs.items():
-        it, val = reduce_over_blocks(records, metric, how)
+        it, val = reduce_over_blocks(records, metric, how, kind=kind)
         ax.plot(it, val, "-o", ms=2, lw=1.2, label=label)
     if metric in ("sq_mean", "max_abs"):
         ax.set_yscale("log")
     ax.set_xlabel("iteration")
-    ax.set_ylabel(f"{how} over blocks of {_METRIC_LABELS.get(metric, metric)}")
+    blocks = {"layer": "layers", "group": "groups"}.get(kind or "", "blocks")
+    ax.set_ylabel(f"{how} over {blocks} of {_METRIC_LABELS.get(metric, metric)}")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
@@ -176,7 +187,7 @@ def plot_bars(
     """One bar per configuration, e.g. final channel entropy per norm (Fig. 8)."""
     if not values:
         raise ValueError("no values to plot")
-    fig = Figure(figsize=(max(4.0, 0.7 * len(values) + 1.5), 3.5))
+    fig = Figure(figsize=(max(4.0, 0.7 * len(values) + 1.5), 3.5), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     labels = list(values)
     heights = [values[k] for k in labels]
@@ -199,7 +210,7 @@ def plot_bars(
 def plot_bias_alignment(alignment: BiasAlignment, path: str | Path, *, title: str = "") -> Path:
     """Feature mean per channel above the final norm's bias, plus their scatter (Fig. 7)."""
     c = np.arange(alignment.bias.size)
-    fig = Figure(figsize=(10.0, 4.0))
+    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
     grid = fig.add_gridspec(2, 3)
     ax1 = fig.add_subplot(grid[0, :2])
     ax1.bar(c, alignment.feature_mean, color="tab:blue", width=0.9)
@@ -227,12 +238,14 @@ def plot_rpe(tables: Sequence[tuple[str, Tensor]], path: str | Path, *, max_rows
     step = max(1, math.ceil(len(tables) / max_rows))
     shown = list(tables)[::step]
     cols = max(images.shape[0] for _, images in shown)
-    fig = Figure(figsize=(1.3 * cols + 1.0, 1.4 * len(shown) + 0.3))
+    fig = Figure(figsize=(1.3 * cols + 1.0, 1.4 * len(shown) + 0.3), layout="constrained")
     for r, (name, images) in enumerate(shown):
         smooth = rpe_smoothness(images).tolist()
         for h in range(images.shape[0]):
             ax = fig.add_subplot(len(shown), cols, r * cols + h + 1)
-            ax.imshow(images[h].numpy(), cmap="RdBu_r", interpolation="nearest")
+            img = images[h].numpy()
+            lim = float(np.abs(img).max()) or 1.0  # symmetric: white is a zero bias
+            ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"h{h} s={smooth[h]:.2f}", fontsize=6)

@@ -505,7 +505,9 @@ def write_study_plots(results: Sequence[RunResult], out_dir: str | Path) -> dict
     paths = {
         "magnitude.png": plot_run_overlay(runs, out / "magnitude.png", metric="sq_mean"),
         "max_abs.png": plot_run_overlay(runs, out / "max_abs.png", metric="max_abs"),
-        "entropy.png": plot_run_overlay(runs, out / "entropy.png", metric="entropy", how="mean"),
+        "entropy.png": plot_run_overlay(
+            runs, out / "entropy.png", metric="entropy", how="mean", kind="layer"
+        ),
         "magnitude_per_block.png": plot_per_block_curves(runs, out / "magnitude_per_block.png"),
         "entropy_per_block.png": plot_per_block_curves(
             runs, out / "entropy_per_block.png", metric="entropy"
@@ -513,7 +515,10 @@ def write_study_plots(results: Sequence[RunResult], out_dir: str | Path) -> dict
     }
     final_entropy = {r.label: r.final_entropy for r in results}
     paths["final_entropy.png"] = plot_bars(
-        final_entropy, out / "final_entropy.png", ylabel="channel entropy at the end (nats)"
+        final_entropy,
+        out / "final_entropy.png",
+        ylabel="channel entropy at the end (nats)",
+        log=False,
     )
     final_mag = {
         label: float(reduce_over_blocks(recs, "sq_mean", "max")[1].max())

@@ -135,14 +135,14 @@ def run_runs(args: argparse.Namespace) -> int:
     written = [
         plot_run_overlay(runs, out / "magnitude.png", metric="sq_mean"),
         plot_run_overlay(runs, out / "max_abs.png", metric="max_abs"),
-        plot_run_overlay(runs, out / "entropy.png", metric="entropy", how="mean"),
+        plot_run_overlay(runs, out / "entropy.png", metric="entropy", how="mean", kind="layer"),
         plot_per_block_curves(runs, out / "magnitude_per_block.png"),
         plot_per_block_curves(runs, out / "entropy_per_block.png", metric="entropy"),
     ]
     print(f"{'run':<20} {'last iter':>9} {'max mean x^2':>13} {'final entropy':>14}")
     for label, records in runs.items():
         it, mag = reduce_over_blocks(records, "sq_mean", "max")
-        _, ent = reduce_over_blocks(records, "entropy", "mean")
+        _, ent = reduce_over_blocks(records, "entropy", "mean", kind="layer")
         print(f"{label:<20} {int(it[-1]):>9} {mag.max():>13.4g} {ent[-1]:>14.4f}")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
