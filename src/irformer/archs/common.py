@@ -471,11 +471,18 @@ class PatchEmbed(nn.Module):
 
 
 class PatchUnEmbed(nn.Module):
-    """(B, H*W, C) tokens -> (B, C, H, W)."""
+    """(B, H*W, C) tokens -> (B, C, H, W), a channels-last view of contiguous tokens.
+
+    Channels-last maps keep the convolutions between token stages in the fast
+    channels-last kernels and make :class:`PatchEmbed` a view again; built via
+    ``permute`` so that batch 1 gets proper channels-last strides too (a
+    ``transpose + reshape`` view gives batch 1 a stride the conv reads as NCHW,
+    which then turns the whole residual stream into a transposed layout).
+    """
 
     def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
         b, _, c = x.shape
-        return x.transpose(1, 2).reshape(b, c, x_size[0], x_size[1])
+        return x.reshape(b, x_size[0], x_size[1], c).permute(0, 3, 1, 2)
 
 
 class Upsample(nn.Sequential):
