@@ -319,3 +319,40 @@ def test_feature_probe_drops_records_of_redone_iterations(tmp_path) -> None:
     resumed(SimpleNamespace(model=model, iteration=30, run_dir=tmp_path, start_iteration=20))
     iters = [r["iter"] for r in read_feature_records(tmp_path)]
     assert iters == [10] * 6 + [20] * 6 + [30] * 6
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "expected"),
+    [
+        (
+            "hat",
+            {"compress_ratio": 3, "squeeze_factor": 4, "upsampler": "pixelshuffle", "num_feat": 8},
+            ["layers.0", "layers.0.residual_group.blocks.0", "layers.0.residual_group.blocks.1",
+             "layers.0.residual_group.overlap_attn"],
+        ),
+        (
+            "drct",
+            {"img_size": 8, "gc": 4, "upsampler": "pixelshuffle", "num_feat": 8},
+            ["layers.0", *[f"layers.0.swin{k}" for k in range(1, 6)]],
+        ),
+        (
+            "srformer",
+            {"img_size": 8, "upsampler": "pixelshuffledirect"},
+            ["layers.0", "layers.0.residual_group.blocks.0", "layers.0.residual_group.blocks.1"],
+        ),
+    ],
+)  # fmt: skip
+def test_blocks_of_every_architecture(arch: str, kwargs: dict, expected: list[str]) -> None:
+    from irformer.archs import build_model
+
+    torch.manual_seed(0)
+    model = build_model(
+        arch, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4, upscale=2, **kwargs
+    )
+    blocks = discover_blocks(model)
+    assert [n for n, _, _ in blocks] == expected
+    assert blocks[0][1] == "group" and {k for _, k, _ in blocks[1:]} == {"layer"}
+    stats = measure_blocks(model, torch.rand(1, 3, 16, 16))
+    assert [s.block for s in stats] == expected
+    assert all(s.sq_mean > 0 and 0 < s.entropy <= math.log(12 + 4 * 4) for s in stats)
+    assert len(rpe_tables(model)) >= 2
