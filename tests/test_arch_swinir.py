@@ -243,3 +243,22 @@ def test_inputs_smaller_than_the_padding() -> None:
         with torch.no_grad():
             y = model(torch.rand(1, 3, h, w))
         assert y.shape == (1, 3, 2 * h, 2 * w) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("norm", ["ln", "iln"])
+def test_token_stream_stays_contiguous(batch: int, norm: str) -> None:
+    """Channels-last maps keep every token tensor contiguous (batch 1 included), so no
+    linear or norm pays for a transposed residual stream."""
+    model = SwinIR(upscale=2, upsampler="pixelshuffledirect", norm=norm, **TINY).eval()
+    layouts = []
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        layouts.append(args[0].is_contiguous())
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(record)
+    with torch.no_grad():
+        model(torch.rand(batch, 3, 16, 16))
+    assert layouts and all(layouts)
