@@ -96,6 +96,33 @@ def shifted_window_mask(
     return mask
 
 
+_CHUNK_MASKS: dict[tuple[int, bool, int, int, int, str], Tensor] = {}
+
+
+def chunk_window_mask(
+    rows: int, last: bool, cols: int, window_size: int, shift_size: int, device: torch.device
+) -> Tensor:
+    """(rows * cols, N, N) shifted-window mask of ``rows`` window rows of a map
+    ``cols`` windows wide; ``last``: the rows end at the bottom of the map.
+
+    The exact path's chunks of one image need at most two distinct masks, so they
+    are cached (the mask of the whole map is never built). The 4 window kinds of
+    a shifted map (interior, last column, last row, corner) are the 4 windows of
+    a 2ws x 2ws map.
+    """
+    key = (rows, last, cols, window_size, shift_size, str(device))
+    mask = _CHUNK_MASKS.get(key)
+    if mask is None:
+        if len(_CHUNK_MASKS) > 64:
+            _CHUNK_MASKS.clear()
+        ws = window_size
+        kinds = _shifted_window_mask_cpu(2 * ws, 2 * ws, ws, shift_size)
+        in_last_row = (torch.arange(rows) == rows - 1) & last
+        kind = 2 * in_last_row.long().view(-1, 1) + (torch.arange(cols) == cols - 1).view(1, -1)
+        mask = _CHUNK_MASKS[key] = kinds[kind.reshape(-1)].to(device)
+    return mask
+
+
 _MASKED_WINDOWS: dict[tuple[int, tuple[int, ...], tuple[int, ...], str], tuple[Tensor, Tensor]] = {}
 
 
@@ -414,9 +441,6 @@ class SwinTransformerBlock(nn.Module):
         conv = None
         if hasattr(self, "conv_block"):
             conv = self.conv_block(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        # The 4 window kinds of a shifted map (interior, last column, last row,
-        # corner) are the 4 windows of a 2ws x 2ws map.
-        kinds = shifted_window_mask(2 * ws, 2 * ws, ws, shift, x.device) if shift else None
         x4 = x.view(b, h, w, c)
         out = torch.empty_like(x)
         out4 = out.view(b, h, w, c)
@@ -427,9 +451,7 @@ class SwinTransformerBlock(nn.Module):
             if shift:
                 rows = (torch.arange(r0 * ws, r1 * ws, device=x.device) + shift) % h
                 part = torch.roll(y[:, rows], shifts=-shift, dims=2)
-                kind = 2 * (torch.arange(r0, r1, device=x.device) == n_rows - 1).view(-1, 1)
-                kind = kind + (torch.arange(n_cols, device=x.device) == n_cols - 1).view(1, -1)
-                mask = kinds[kind.reshape(-1)]
+                mask = chunk_window_mask(r1 - r0, r1 == n_rows, n_cols, ws, shift, x.device)
             else:
                 part = y[:, rows]
             windows = window_partition(part, ws).reshape(-1, ws * ws, c)
