@@ -117,8 +117,14 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def time_case(preset: str, size: int, repeats: int) -> dict[str, Any]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``cpu`` (process CPU time) is a steadier measure on a shared machine, with
+``--threads 1`` only: with more, OpenMP's spin-waiting is counted too."""
+
+
+def time_case(preset: str, size: int, repeats: int, clock: str = "wall") -> dict[str, Any]:
     """Interleaved timings of ref/ln/iln on one input, plus the ln-vs-ref max abs diff."""
+    now = CLOCKS[clock]
     reference = build_reference(preset)
     models = {
         "ref": reference,
@@ -133,9 +139,9 @@ def time_case(preset: str, size: int, repeats: int) -> dict[str, Any]:
         del outputs
         for _ in range(repeats):
             for name, model in models.items():
-                start = time.perf_counter()
+                start = now()
                 model(x)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     return {"preset": preset, "size": size, "times": times, "ln_vs_ref_max_abs": max_diff}
 
 
@@ -169,7 +175,9 @@ def _worker(args: list[str], threads: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(presets: list[str], sizes: list[int], repeats: int, threads: int) -> dict[str, Any]:
+def run(
+    presets: list[str], sizes: list[int], repeats: int, threads: int, clock: str = "wall"
+) -> dict[str, Any]:
     from irformer.archs import list_presets
 
     available = set(list_presets())
@@ -180,7 +188,9 @@ def run(presets: list[str], sizes: list[int], repeats: int, threads: int) -> dic
     for preset in presets:
         flops64 = reference_flops(build_reference(preset), min(sizes))
         for size in sizes:
-            timing = _worker(["--time", preset, str(size), "--repeats", str(repeats)], threads)
+            timing = _worker(
+                ["--time", preset, str(size), "--repeats", str(repeats), "--clock", clock], threads
+            )
             memory = {
                 impl: _worker(["--memory", preset, str(size), impl], threads)["peak_mib"]
                 for impl in IMPLS
@@ -210,6 +220,7 @@ def run(presets: list[str], sizes: list[int], repeats: int, threads: int) -> dic
             "torch": torch.__version__,
             "python": platform.python_version(),
             "load_avg": os.getloadavg(),
+            "clock": clock,
         },
         "matmul_gflops": rate,
         "repeats": repeats,
@@ -250,22 +261,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="64,128,256")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (steadier on a shared machine; with --threads 1)",
+    )
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--time", nargs=2, metavar=("PRESET", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--memory", nargs=3, metavar=("P", "S", "I"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.time:
-        print(json.dumps(time_case(args.time[0], int(args.time[1]), args.repeats)))
+        print(json.dumps(time_case(args.time[0], int(args.time[1]), args.repeats, args.clock)))
         return 0
     if args.memory:
         print(json.dumps(memory_case(args.memory[0], int(args.memory[1]), args.memory[2])))
         return 0
     presets = args.models.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"threads={args.threads} repeats={args.repeats} load={os.getloadavg()}")
+    print(f"threads={args.threads} repeats={args.repeats} clock={args.clock} ", end="")
+    print(f"load={os.getloadavg()}")
     print(HEADER, flush=True)
-    result = run(presets, sizes, args.repeats, args.threads)
+    result = run(presets, sizes, args.repeats, args.threads, args.clock)
     print(f"fp32 GEMM (2048^3): {result['matmul_gflops']:.0f} GFLOP/s; CPU: {result['machine']}")
     for preset in result["skipped"]:
         print(f"skipped {preset}: not a registry preset (module missing?)")
