@@ -197,3 +197,16 @@ def test_lowprec_cli(report_inputs: tuple[Path, Path, Path], tmp_path: Path, cap
         == 2
     )
     assert "unknown settings" in capsys.readouterr().err
+
+
+def test_guard_cli(report_inputs: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
+    ln, iln, _ = report_inputs
+    (tmp_path / "map.json").write_text(json.dumps({"layers.0": 12.0, "layers.1": 9e4}))
+    assert cli_main(["lowprec", "guard", str(ln), "--records", str(tmp_path / "map.json")]) == 1
+    out = capsys.readouterr().out
+    assert "layers.1" in out and "(overflows)" in out and "layers.0 " not in out
+    # Probing the checkpoints themselves on the built-in photos.
+    assert cli_main(["lowprec", "guard", str(ln), "--size", "16", "--count", "1"]) == 1
+    assert HOT in capsys.readouterr().out
+    assert cli_main(["lowprec", "guard", str(iln), "--size", "16", "--count", "1"]) == 0
+    assert "fp16 looks safe" in capsys.readouterr().out
