@@ -13,6 +13,7 @@ from irformer.compress.quantizers import (
     ActQuantizer,
     UniformQuantizer,
     WeightQuantizer,
+    candidate_errors,
     dobi_search,
     fake_quantize,
     quantize_weight_tensor,
@@ -249,3 +250,21 @@ def test_quantize_weights_inplace_report() -> None:
     assert 0 < report.mean_rel_rmse < 0.2
     with pytest.raises(ValueError, match="granularity"):
         quantize_weights_(model, granularity="per_row")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_histogram_errors_match_exact(bits: int) -> None:
+    """Large inputs use binned errors; they pick the same DOBI candidate."""
+    torch.manual_seed(bits)
+    x = torch.distributions.StudentT(3.0).sample((1 << 17,))
+    lo, hi = float(x.min()), float(x.max())
+    i = torch.arange(100, dtype=torch.float64)
+    lowers = (lo + i * (hi - lo) / 200).float()
+    uppers = (hi - i * (hi - lo) / 200).float()
+    binned = candidate_errors(x, lowers, uppers, bits)
+    exact = torch.cat(
+        [candidate_errors(x, lowers[j : j + 8], uppers[j : j + 8], bits) for j in range(0, 100, 8)]
+    )
+    assert x.numel() * 8 <= 1 << 22 < x.numel() * 100  # really two code paths
+    assert int(binned.argmin()) == int(exact.argmin())
+    torch.testing.assert_close(binned, exact, rtol=5e-3, atol=0)
