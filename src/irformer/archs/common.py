@@ -173,16 +173,24 @@ def window_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale
     matrices = max(1, SCORE_ELEMENTS_PER_STEP // (n * k.shape[2]))
     step = max(1, matrices // h) if dim == 0 else matrices
     mask = None if attn_mask is None else attn_mask.float()
+    # One contiguous copy each up front: per-step slices of the permuted qkv
+    # views would be copied by every matmul.
+    q = torch.mul(q, scale, out=q.new_empty(q.shape))
+    k_t = k.contiguous().transpose(-2, -1)
+    v = v.contiguous()
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    q = q * scale
     for start in range(0, q.shape[dim], step):
         part = (
             (slice(start, start + step),) if dim == 0 else (slice(None), slice(start, start + step))
         )
-        scores = torch.matmul(q[part], k[part].transpose(-2, -1)).float()
-        if mask is not None:
-            scores += mask if mask.shape[dim] == 1 else mask[part]
-        out[part] = torch.matmul(torch.softmax(scores, -1).to(v.dtype), v[part])
+        scores = torch.matmul(q[part], k_t[part])
+        # bf16 + fp32 mask promotes to fp32: the softmax input is never rounded again.
+        scores = (
+            scores.float()
+            if mask is None
+            else scores + (mask if mask.shape[dim] == 1 else mask[part])
+        )
+        torch.matmul(torch.softmax(scores, -1).to(v.dtype), v[part], out=out[part])
     return out
 
 
