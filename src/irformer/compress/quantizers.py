@@ -67,7 +67,7 @@ PTQ4ViT's search over ``[a min, a max]`` for 100 factors ``a`` in [0.01, 1.2].""
 DOBI_POINTS = 100
 """Candidates in 2DQuant's distribution-oriented bound initialisation."""
 
-OBSERVER_SAMPLE = 1 << 18
+OBSERVER_SAMPLE = 1 << 20
 """Elements an activation observer keeps for the bound search. The error of a
 candidate is estimated on a uniform sample (min/max stay exact): a full
 SwinIR-light attention map of one calibration batch has ~50M values."""
