@@ -25,6 +25,7 @@ from irformer.compress.calibration import calibration_batch
 from irformer.compress.experiment import (
     CompressionRow,
     CompressionSettings,
+    Evaluator,
     complexity_table,
     drop_table,
     quality_table,
@@ -151,7 +152,10 @@ def _resolve_device(text: str) -> torch.device:
     return resolve_device(text)
 
 
-def _benchmark_evaluator(names: list[str], data_root: Path, scale: int, device: torch.device):
+def _benchmark_evaluator(
+    names: list[str], data_root: Path, scale: int, device: torch.device
+) -> tuple[Evaluator, list[str]]:
+    """Benchmarks resolved once; each call scores a model on all of them."""
     from irformer.data.benchmarks import load_benchmark
     from irformer.engine.evaluate import evaluate_benchmark
 

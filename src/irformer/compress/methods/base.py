@@ -2,7 +2,8 @@
 calibration, and bound distillation (DQC).
 
 Quantised, as in 2DQuant/CompSRT: in every Transformer block (any module with
-a :class:`~irformer.archs.common.WindowAttention` child) every ``nn.Linear``
+a :class:`~irformer.archs.common.WindowAttention` child, or carrying the
+``quant_*`` hooks itself like HAT's OCAB) every ``nn.Linear``
 (qkv, proj, fc1, fc2) gets a weight quantiser and an input-activation
 quantiser (:class:`QuantLinear`), and the window attention's four matmul
 operands (q after the ``1/sqrt(d)`` scaling, k, the post-softmax map, v) get
@@ -47,10 +48,13 @@ __all__ = [
     "QuantLinear",
     "act_quantizers",
     "attach_quantizers",
+    "attention_modules",
     "calibrate",
+    "count_quantized",
     "default_act_quantizer",
     "distill_bounds",
     "learnable_quantizer_parameters",
+    "prepare_quantized_copy",
     "quant_linears",
     "residual_groups",
     "transformer_blocks",
@@ -481,8 +485,3 @@ def count_quantized(model: nn.Module) -> dict[str, int]:
         "activation_quantizers": len(act_quantizers(model)),
         "blocks": len(transformer_blocks(model)),
     }
-
-
-def nan_safe_mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
