@@ -91,7 +91,8 @@ def test_official_preset_is_recognised(spandrel_archs, tmp_path) -> None:
     """Full-size official layouts are matched to their presets (training patch ignored)."""
     cases = {
         "swinir_light_x3": {"img_size": 64, "upscale": 3},
-        "swinir_classical_x2": {"img_size": 48, "upscale": 2},  # the DIV2K s48 file
+        "swinir_light_x2": {"img_size": 48, "upscale": 2},  # trained on 48 px patches
+        "swinir_1_derain": {"img_size": 128, "upscale": 1, "upsampler": ""},
     }
     for preset, extra in cases.items():
         kwargs = {k: v for k, v in registry.preset_kwargs(preset).items() if k != "img_size"}
@@ -170,16 +171,16 @@ def test_wrong_preset_lists_keys_and_suggests_match(spandrel_archs, tmp_path) ->
     text = str(info.value)
     assert "shape mismatches (2)" in text and "upsample.0.weight" in text
     assert "upscale=3" in text  # the detected hyper-parameters
-    # an official light x2 file loaded as classical: missing/unexpected keys + preset hint
+    # an official light x2 file loaded as a same-size model: missing/unexpected keys + hint
     kwargs = registry.preset_kwargs("swinir_light_x2")
     kwargs["depths"], kwargs["num_heads"] = list(kwargs["depths"]), list(kwargs["num_heads"])
     light = spandrel_archs.SwinIR.SwinIR(**kwargs)
     path = _write(tmp_path / "light.pth", "params", light.state_dict())
     with pytest.raises(CheckpointMismatchError) as info:
-        load_checkpoint_model(path, "swinir_classical_x2")
+        load_checkpoint_model(path, "swinir_1_dn")
     text = str(info.value)
-    assert "missing keys" in text and "conv_before_upsample.0.weight" in text
-    assert "conv_first.weight: file (60, 3, 3, 3) vs model (180, 3, 3, 3)" in text
+    assert "missing keys (2): conv_last.weight, conv_last.bias" in text
+    assert "unexpected keys (2): upsample.0.weight, upsample.0.bias" in text
     assert "try: build_model('swinir_light_x2')" in text
 
 
