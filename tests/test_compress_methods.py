@@ -124,6 +124,19 @@ def test_rotation_sizes() -> None:
         assert blk.attn.quant_attn.rotate_size == 64
 
 
+def test_rotation_skip() -> None:
+    model = tiny_swinir()
+    cfg = method_config("compsrt", wbits=4, abits=4, dqc_iters=0, rotation_skip=("post_softmax",))
+    qmodel = quantize_model(model, cfg, torch.rand(2, 3, 16, 16)).model
+    attn = qmodel.layers[0].residual_group.blocks[0].attn
+    assert attn.quant_attn.rotate_size is None and attn.quant_q.rotate_size == 8
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown roles"):
+        quantize_model(
+            model, cfg.with_overrides(rotation_skip=("softmax",)), torch.rand(1, 3, 8, 8)
+        )
+
+
 @pytest.mark.parametrize("method", ["dquant2d", "compsrt"])
 def test_distillation_moves_bounds_and_lowers_loss(method: str, data) -> None:
     """From min/max bounds (poor at 3 bits) DQC on a fixed batch lowers the loss."""

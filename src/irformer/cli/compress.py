@@ -81,6 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--dqc-lr", type=float, default=None, help="bound learning rate (1e-2)")
     r.add_argument("--val-every", type=int, default=200, help="held-out check interval")
     r.add_argument("--rotation", choices=("pow2", "exact"), default=None, help="CompSRT sizing")
+    r.add_argument(
+        "--rotation-skip",
+        default="",
+        help="comma-separated activation roles CompSRT leaves unrotated "
+        "(q, k, v, post_softmax, linear_input, post_gelu); default: none, as the paper",
+    )
     r.add_argument("--bench", default="Set5,Set14,B100", help="comma-separated benchmarks")
     r.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
     r.add_argument("--out", required=True, type=Path, help="output folder for tables and JSON")
@@ -218,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         dqc_lr=args.dqc_lr,
         val_every=args.val_every,
         rotation=args.rotation,
+        rotation_skip=tuple(r.strip() for r in args.rotation_skip.split(",") if r.strip()),
         seed=args.seed,
         workers=args.workers,
         latency_size=args.latency_size,

@@ -65,6 +65,8 @@ class CompressionSettings:
     val_every: int = 200
     rotation: str | None = None
     """Override CompSRT's Hadamard sizing (``pow2``/``exact``)."""
+    rotation_skip: tuple[str, ...] = ()
+    """Activation roles CompSRT leaves unrotated (see :class:`QuantConfig`)."""
     seed: int = 0
     workers: int = 0
     latency_size: int = 128
@@ -132,6 +134,8 @@ def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
         over["dqc_lr"] = settings.dqc_lr
     if settings.rotation is not None and method == "compsrt":
         over["rotation"] = settings.rotation
+    if settings.rotation_skip and method == "compsrt":
+        over["rotation_skip"] = tuple(settings.rotation_skip)
     return over
 
 

@@ -42,6 +42,7 @@ from irformer.compress.quantizers import (
 )
 
 __all__ = [
+    "ACT_ROLES",
     "ATTENTION_OPERANDS",
     "DistillLog",
     "QuantConfig",
@@ -80,6 +81,10 @@ class QuantConfig:
     abits: int = 4
     search: BoundSearch = "minmax"
     rotation: RotationMode | None = None
+    rotation_skip: tuple[str, ...] = ()
+    """Activation roles left unrotated, e.g. ``("post_softmax",)``: every row of
+    a softmax map sums to 1, so its rotation has a constant first coordinate
+    ``1/sqrt(n)`` that becomes the range's outlier. CompSRT rotates all."""
     scalar_decomposition: bool = False
     prune: float = 0.0
     qkv_split: bool = True
@@ -105,13 +110,15 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dqc_betas"] = list(self.dqc_betas)
+        d["rotation_skip"] = list(self.rotation_skip)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         d = dict(d)
-        if "dqc_betas" in d:
-            d["dqc_betas"] = tuple(d["dqc_betas"])
+        for key in ("dqc_betas", "rotation_skip"):
+            if key in d:
+                d[key] = tuple(d[key])
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise KeyError(f"unknown QuantConfig fields {sorted(unknown)}")
@@ -198,14 +205,18 @@ def _rotate_size(n: int, cfg: QuantConfig) -> int | None:
     return None if cfg.rotation is None else hadamard_size(n, cfg.rotation)
 
 
-def default_act_quantizer(n: int, cfg: QuantConfig) -> ActQuantizer:
+def default_act_quantizer(n: int, cfg: QuantConfig, role: str = "linear_input") -> ActQuantizer:
     """The uniform activation quantiser of a tensor whose last dim is ``n``."""
     return ActQuantizer(
         cfg.abits,
-        rotate_size=_rotate_size(n, cfg),
+        rotate_size=None if role in cfg.rotation_skip else _rotate_size(n, cfg),
         scalar_decomposition=cfg.scalar_decomposition,
         sample_size=cfg.observer_sample,
     )
+
+
+ACT_ROLES: tuple[str, ...] = ("linear_input", "post_gelu", "q", "k", "post_softmax", "v")
+"""Roles of activation quantisers (``post_gelu`` is the fc2 input)."""
 
 
 def attach_quantizers(
@@ -221,6 +232,9 @@ def attach_quantizers(
     ``v``; e.g. PTQ4ViT's twin-uniform quantisers) for the module at ``name``;
     when it returns None an :class:`ActQuantizer` is used.
     """
+    unknown = set(cfg.rotation_skip) - set(ACT_ROLES)
+    if unknown:
+        raise ValueError(f"rotation_skip names unknown roles {sorted(unknown)}; valid: {ACT_ROLES}")
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(
@@ -232,7 +246,7 @@ def attach_quantizers(
             special = act_factory(name, role, width, cfg)
             if special is not None:
                 return special
-        return default_act_quantizer(width, cfg)
+        return default_act_quantizer(width, cfg, role)
 
     for block_name, block in blocks:
         targets = [

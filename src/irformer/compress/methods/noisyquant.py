@@ -35,6 +35,6 @@ def unit_noise(name: str, width: int, seed: int) -> torch.Tensor:
 def act_factory(name: str, role: str, width: int, cfg: QuantConfig) -> nn.Module | None:
     if role not in ("linear_input", "post_gelu"):
         return None
-    aq = default_act_quantizer(width, cfg)
+    aq = default_act_quantizer(width, cfg, role)
     aq.set_noise(unit_noise(name, width, cfg.noise_seed))
     return aq
