@@ -67,6 +67,10 @@ class TokenNorm(nn.Module):
         """Scale the branch output before the residual add (identity by default)."""
         return branch
 
+    def merge(self, x: Tensor, branch: Tensor, stats: Tensor | None) -> Tensor:
+        """``x + rescale_branch(branch, stats)``; subclasses may fuse the two."""
+        return x + self.rescale_branch(branch, stats)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.normalize(x, self.statistics(x))
 
@@ -137,7 +141,7 @@ class HolisticLayerNorm(_ChannelAffine):
         # (x - mean) * (weight / std) + bias: two passes over x, the affine folded
         # into a (B, 1, C) factor. The mean is subtracted first on purpose: folding
         # it into the bias loses precision when |mean| >> std.
-        centred = x.float() - mean
+        centred = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x) - mean
         scale = self.weight.float() / std
         if self.bias is None:
             return (centred * scale).to(x.dtype)
@@ -146,10 +150,19 @@ class HolisticLayerNorm(_ChannelAffine):
     def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
         if not self.rescale:
             return branch
+        return branch * self._branch_std(branch, stats)
+
+    def merge(self, x: Tensor, branch: Tensor, stats: Tensor | None) -> Tensor:
+        if not self.rescale:
+            return x + branch
+        return torch.addcmul(x, branch, self._branch_std(branch, stats))  # one pass
+
+    @staticmethod
+    def _branch_std(branch: Tensor, stats: Tensor | None) -> Tensor:
         if stats is None:
             raise ValueError("i-LN rescale needs the statistics of the norm that fed the branch")
         std = stats[:, 1:2].reshape((stats.shape[0],) + (1,) * (branch.dim() - 1))
-        return branch * std.to(branch.dtype)
+        return std.to(branch.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, rescale={self.rescale}"
@@ -160,12 +173,14 @@ def holistic_stats(x: Tensor, eps: float) -> Tensor:
 
     x: (B, ...). Returns (B, 2, 1) so the two can be broadcast against (B, L, C).
     """
-    flat = x.reshape(x.shape[0], -1).float()
-    # Two passes (mean, then the mean square of the centred values): as stable as
+    flat = x.reshape(x.shape[0], -1)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # fp32 at least; fp64 stays fp64
+    # Two passes (mean, then the norm of the centred values): as stable as
     # var_mean and several times faster on CPU, and differentiable (the i-LN
     # rescale back-propagates through the std, as in the authors' code).
     mean = flat.mean(dim=1, keepdim=True)
-    var = (flat - mean).square().mean(dim=1, keepdim=True)
+    var = torch.linalg.vector_norm(flat - mean, dim=1, keepdim=True).square() / flat.shape[1]
     return torch.stack([mean, torch.sqrt(var + eps)], dim=1)
 
 
@@ -190,8 +205,11 @@ class InstanceNorm(_ChannelAffine):
         self.eps = eps
 
     def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
-        var, mean = torch.var_mean(x.float(), dim=1, keepdim=True, unbiased=False)
-        y = (x.float() - mean) * torch.rsqrt(var + self.eps)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mean = xf.mean(dim=1, keepdim=True)
+        centred = xf - mean  # two passes: var_mean is far slower on CPU
+        var = centred.square().mean(dim=1, keepdim=True)
+        y = centred * torch.rsqrt(var + self.eps)
         return self._affine(y.to(x.dtype))
 
 
@@ -305,7 +323,7 @@ def merge_residual(x: Tensor, branch: Tensor, norm: TokenNorm, stats: Tensor | N
     :meth:`TokenNorm.statistics` returned for ``x``; for i-LN this applies the
     input-adaptive rescale, for LayerScale/ReZero their learnable scales.
     """
-    return x + norm.rescale_branch(branch, stats)
+    return norm.merge(x, branch, stats)
 
 
 def set_batchnorm_eval_mode(model: nn.Module, *, use_batch_stats: bool) -> int:
