@@ -12,7 +12,7 @@ Parameter names follow the official SwinIR code so checkpoints load unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import torch
@@ -572,3 +572,141 @@ def check_channels(x: Tensor, expected: int, model_name: str) -> None:
         raise ValueError(
             f"{model_name} expects input of shape (B, {expected}, H, W), got {tuple(x.shape)}"
         )
+
+
+# --------------------------------------------------------------------------- model heads
+# Shared by SwinIR, HAT, DRCT and SRFormer: their shallow/deep-feature wiring,
+# input normalisation and reconstruction heads are the same in the originals.
+# The heads are set as attributes of the model itself (not a sub-module) so the
+# official state-dict keys (``conv_before_upsample``, ``upsample``, ``conv_up1``,
+# ``conv_hr``, ``conv_last``) stay top-level.
+
+DF2K_GREY_STD: float = sum(DF2K_RGB_STD) / 3
+"""Grey-input std for ``stdnorm`` (SwinIR/DRCT/SRFormer: mean of the RGB stds)."""
+
+
+def input_stats(
+    in_chans: int, stdnorm: bool, *, grey_std: float = DF2K_GREY_STD
+) -> tuple[Tensor, Tensor]:
+    """(1, C, 1, 1) mean and std the input is normalised with.
+
+    The originals subtract the DF2K RGB mean for colour input and nothing for
+    grey. ``stdnorm`` divides by the DF2K RGB std, and grey input by
+    ``grey_std`` (the i-LN code only defines it for RGB; its HAT code uses the
+    red-channel std, the other models here the mean of the three).
+    """
+    if in_chans == 3:
+        mean, std = torch.tensor(DF2K_RGB_MEAN), torch.tensor(DF2K_RGB_STD)
+    else:
+        mean, std = torch.zeros(1), torch.tensor([grey_std])
+    if not stdnorm:
+        std = torch.ones_like(std)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def normalize_input(
+    x: Tensor, mean: Tensor, std: Tensor, *, stdnorm: bool, img_range: float
+) -> Tensor:
+    """x: (B, C, H, W) -> ``(x - mean) [/ std] * img_range``, the originals' input scaling."""
+    x = x - mean
+    if stdnorm:
+        x = x / std
+    return x * img_range
+
+
+def denormalize_output(
+    x: Tensor, mean: Tensor, std: Tensor, *, stdnorm: bool, img_range: float
+) -> Tensor:
+    """Inverse of :func:`normalize_input` (same operation order as the originals)."""
+    x = x / img_range
+    if stdnorm:
+        x = x * std
+    return x + mean
+
+
+def residual_conv(dim: int, resi_connection: str, valid: tuple[str, ...]) -> nn.Module:
+    """The conv closing each residual group and the body.
+
+    '1conv' (all models), '3conv' (SwinIR/SRFormer: saves parameters for the
+    large real-SR model), 'identity' (HAT/DRCT). ``valid`` is the calling
+    model's subset, so a name the original does not know is rejected.
+    """
+    if resi_connection not in valid:
+        raise ValueError(f"unknown resi_connection {resi_connection!r}; valid: {', '.join(valid)}")
+    if resi_connection == "1conv":
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if resi_connection == "3conv":
+        return nn.Sequential(
+            nn.Conv2d(dim, dim // 4, 3, 1, 1),
+            nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
+            nn.LeakyReLU(negative_slope=0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim, 3, 1, 1),
+        )
+    if resi_connection == "identity":
+        return nn.Identity()
+    raise ValueError(f"unknown resi_connection {resi_connection!r}; valid: 1conv, 3conv, identity")
+
+
+def add_reconstruction_head(
+    model: nn.Module, upsampler: str, *, embed_dim: int, num_feat: int, in_chans: int, upscale: int
+) -> None:
+    """Attach the official upsampler head's modules to ``model`` (keys kept top-level).
+
+    ``nearest+conv`` gets one ``conv_up{i}`` per x2 step (upscale 2, 4 or 8;
+    callers validate the scales they support).
+    """
+    if upsampler == "pixelshuffle":
+        model.conv_before_upsample = nn.Sequential(
+            nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
+        )
+        model.upsample = Upsample(upscale, num_feat)
+        model.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+    elif upsampler == "pixelshuffledirect":
+        model.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
+    elif upsampler == "nearest+conv":
+        model.conv_before_upsample = nn.Sequential(
+            nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
+        )
+        for i in range(1, int(math.log2(upscale)) + 1):
+            setattr(model, f"conv_up{i}", nn.Conv2d(num_feat, num_feat, 3, 1, 1))
+        model.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        model.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+        model.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+    else:
+        model.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+
+
+def apply_reconstruction_head(model: nn.Module, upsampler: str, x: Tensor, res: Tensor) -> Tensor:
+    """Image from deep features ``res`` (B, C, h, w) through the head built above.
+
+    ``x`` is the normalised input; the same-size head ('') predicts a residual
+    on it, as the originals do.
+    """
+    if upsampler == "":
+        return x + model.conv_last(res)
+    if upsampler == "pixelshuffle":
+        return model.conv_last(model.upsample(model.conv_before_upsample(res)))
+    if upsampler == "pixelshuffledirect":
+        return model.upsample(res)
+    y = model.conv_before_upsample(res)
+    for name in ("conv_up1", "conv_up2", "conv_up3"):
+        if hasattr(model, name):
+            y = model.lrelu(getattr(model, name)(F.interpolate(y, scale_factor=2, mode="nearest")))
+    return model.conv_last(model.lrelu(model.conv_hr(y)))
+
+
+def init_linear_weights(module: nn.Module) -> None:
+    """The originals' init (for ``Module.apply``): truncated-normal linears, zero bias."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def count_indexed(keys: Sequence[str], prefix: str) -> int:
+    """Number of consecutive ``prefix{i}.`` entries in state-dict keys (ModuleList length)."""
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in keys):
+        n += 1
+    return n

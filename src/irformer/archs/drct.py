@@ -31,15 +31,19 @@ import torch
 from torch import Tensor, nn
 
 from irformer.archs.common import (
-    DF2K_RGB_MEAN,
-    DF2K_RGB_STD,
     PatchEmbed,
     PatchUnEmbed,
     SwinTransformerBlock,
-    Upsample,
-    UpsampleOneStep,
+    add_reconstruction_head,
+    apply_reconstruction_head,
     check_channels,
+    count_indexed,
+    denormalize_output,
+    init_linear_weights,
+    input_stats,
+    normalize_input,
     pad_to_multiple,
+    residual_conv,
 )
 from irformer.norms import build_norm
 
@@ -193,22 +197,17 @@ class DRCT(nn.Module):
             for heads in num_heads
         )
         self.norm = build_norm(norm, embed_dim, role="final")
-        if resi_connection == "1conv":
-            self.conv_after_body: nn.Module = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
-        else:
-            self.conv_after_body = nn.Identity()
+        self.conv_after_body = residual_conv(embed_dim, resi_connection, RESI_CONNECTIONS)
 
-        if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(
-                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
-            )
-            self.upsample: nn.Module = Upsample(upscale, num_feat)
-            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-        elif upsampler == "pixelshuffledirect":
-            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
-        else:
-            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
-        self.apply(_init_weights)
+        add_reconstruction_head(
+            self,
+            upsampler,
+            embed_dim=embed_dim,
+            num_feat=num_feat,
+            in_chans=in_chans,
+            upscale=upscale,
+        )
+        self.apply(init_linear_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
@@ -223,51 +222,15 @@ class DRCT(nn.Module):
         check_channels(x, self.in_chans, "DRCT")
         h, w = x.shape[2:]
         x = pad_to_multiple(x, self.window_size)
-        x = x - self.mean
-        if self.stdnorm:
-            x = x / self.std
-        x = x * self.img_range
+        x = normalize_input(x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range)
         feat = self.conv_first(x)
         res = self.conv_after_body(self.forward_features(feat)) + feat
-        if self.upsampler == "pixelshuffle":
-            x = self.conv_last(self.upsample(self.conv_before_upsample(res)))
-        elif self.upsampler == "pixelshuffledirect":
-            x = self.upsample(res)
-        else:
-            x = x + self.conv_last(res)
-        x = x / self.img_range
-        if self.stdnorm:
-            x = x * self.std
-        x = x + self.mean
+        x = apply_reconstruction_head(self, self.upsampler, x, res)
+        x = denormalize_output(
+            x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range
+        )
         s = self.upscale
         return x[:, :, : h * s, : w * s]
-
-
-def input_stats(in_chans: int, stdnorm: bool) -> tuple[Tensor, Tensor]:
-    """(1, C, 1, 1) mean and std the input is normalised with.
-
-    The originals subtract the DF2K RGB mean for colour input and nothing for
-    grey. ``stdnorm`` divides by the DF2K RGB std; for grey input by the mean of
-    the three channel stds (the i-LN code only defines it for RGB; same rule as
-    :mod:`irformer.archs.swinir`).
-    """
-    if in_chans == 3:
-        mean = torch.tensor(DF2K_RGB_MEAN)
-        std = torch.tensor(DF2K_RGB_STD)
-    else:
-        mean = torch.zeros(1)
-        std = torch.tensor([sum(DF2K_RGB_STD) / 3])
-    if not stdnorm:
-        std = torch.ones_like(std)
-    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The official init: truncated-normal linears with zero bias."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # --------------------------------------------------------------------------- presets
@@ -310,14 +273,6 @@ MODEL_CLASS = DRCT
 _BLOCK0 = "layers.0.swin1."
 
 
-def _seq_len(keys: Sequence[str], prefix: str) -> int:
-    """Number of consecutive ``prefix{i}.`` entries present (ModuleList length)."""
-    n = 0
-    while any(k.startswith(f"{prefix}{n}.") for k in keys):
-        n += 1
-    return n
-
-
 def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     """Constructor kwargs of an official/irformer DRCT state dict, or None.
 
@@ -338,7 +293,7 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     embed_dim, in_chans = int(first.shape[0]), int(first.shape[1])
     table = state_dict[_BLOCK0 + "attn.relative_position_bias_table"]
     window = (math.isqrt(int(table.shape[0])) + 1) // 2
-    n_layers = _seq_len(keys, "layers.")
+    n_layers = count_indexed(keys, "layers.")
     kwargs: dict[str, object] = {
         "in_chans": in_chans,
         "embed_dim": embed_dim,

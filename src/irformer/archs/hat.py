@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from irformer.archs.common import (
-    DF2K_RGB_MEAN,
     DF2K_RGB_STD,
     UPSAMPLERS,
     ActivationQuantizer,
@@ -59,14 +58,21 @@ from irformer.archs.common import (
     PatchEmbed,
     PatchUnEmbed,
     SwinTransformerBlock,
-    Upsample,
-    UpsampleOneStep,
+    add_reconstruction_head,
+    apply_reconstruction_head,
     check_channels,
+    count_indexed,
+    denormalize_output,
+    init_linear_weights,
+    normalize_input,
+    pad_to_multiple,
     relative_position_index,
     window_partition,
     window_reverse,
     window_sdpa,
 )
+from irformer.archs.common import input_stats as shared_input_stats
+from irformer.archs.common import residual_conv as shared_residual_conv
 from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, build_norm, merge_residual
 
 ARCH_NAME = "hat"
@@ -401,13 +407,7 @@ class RHAG(nn.Module):
 
 def residual_conv(dim: int, resi_connection: str) -> nn.Module:
     """The conv closing each group and the body (official HAT: '1conv' or 'identity')."""
-    if resi_connection == "1conv":
-        return nn.Conv2d(dim, dim, 3, 1, 1)
-    if resi_connection == "identity":
-        return nn.Identity()
-    raise ValueError(
-        f"unknown resi_connection {resi_connection!r}; valid: {', '.join(RESI_CONNECTIONS)}"
-    )
+    return shared_residual_conv(dim, resi_connection, RESI_CONNECTIONS)
 
 
 # --------------------------------------------------------------------------- model
@@ -514,29 +514,15 @@ class HAT(nn.Module):
         self.norm = build_norm(norm, embed_dim, role="final")
         self.conv_after_body = residual_conv(embed_dim, resi_connection)
 
-        if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(
-                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
-            )
-            self.upsample = Upsample(upscale, num_feat)
-            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-        elif upsampler == "pixelshuffledirect":
-            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
-        elif upsampler == "nearest+conv":
-            self.conv_before_upsample = nn.Sequential(
-                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
-            )
-            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            if upscale >= 4:
-                self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            if upscale == 8:
-                self.conv_up3 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-            self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
-        else:
-            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
-        self.apply(_init_weights)
+        add_reconstruction_head(
+            self,
+            upsampler,
+            embed_dim=embed_dim,
+            num_feat=num_feat,
+            in_chans=in_chans,
+            upscale=upscale,
+        )
+        self.apply(init_linear_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
@@ -550,78 +536,32 @@ class HAT(nn.Module):
         """x: (B, in_chans, H, W) in [0, 1] (or [0, 255]-scaled via img_range)."""
         check_channels(x, self.in_chans, "HAT")
         h, w = x.shape[2:]
-        x = x - self.mean
-        if self.stdnorm:
-            x = x / self.std
-        x = reflect_pad_to_multiple(x * self.img_range, self.window_size)
+        x = normalize_input(x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range)
+        x = pad_to_multiple(x, self.window_size)
         # Channels-last maps make every token <-> map transpose a view.
         x = x.contiguous(memory_format=torch.channels_last)
         feat = self.conv_first(x)
-        body = self.conv_after_body(self.forward_features(feat)) + feat
-        x = x + self.conv_last(body) if self.upsampler == "" else self._reconstruct(body)
-        x = x / self.img_range
-        if self.stdnorm:
-            x = x * self.std
-        x = x + self.mean
+        res = self.conv_after_body(self.forward_features(feat)) + feat
+        x = apply_reconstruction_head(self, self.upsampler, x, res)
+        x = denormalize_output(
+            x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range
+        )
         s = self.upscale
         return x[:, :, : h * s, : w * s].contiguous()
-
-    def _reconstruct(self, x: Tensor) -> Tensor:
-        if self.upsampler == "pixelshuffle":
-            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        if self.upsampler == "pixelshuffledirect":
-            return self.upsample(x)
-        x = self.conv_before_upsample(x)
-        for name in ("conv_up1", "conv_up2", "conv_up3"):
-            if hasattr(self, name):
-                up = F.interpolate(x, scale_factor=2, mode="nearest")
-                x = self.lrelu(getattr(self, name)(up))
-        return self.conv_last(self.lrelu(self.conv_hr(x)))
 
 
 def input_stats(in_chans: int, stdnorm: bool) -> tuple[Tensor, Tensor]:
     """(1, C, 1, 1) mean and std the input is normalised with.
 
-    Colour input: DF2K RGB mean (and std with ``stdnorm``); grey input: mean 0
-    and, with ``stdnorm``, std 0.2842 (the red-channel std, as the authors'
-    i-LN HAT code does).
+    As :func:`irformer.archs.common.input_stats`, except that grey input with
+    ``stdnorm`` uses std 0.2842 (the red-channel std, as the authors' i-LN HAT
+    code does).
     """
-    if in_chans == 3:
-        mean, std = torch.tensor(DF2K_RGB_MEAN), torch.tensor(DF2K_RGB_STD)
-    else:
-        mean, std = torch.zeros(1), torch.tensor(DF2K_RGB_STD[:1])
-    if not stdnorm:
-        std = torch.ones_like(std)
-    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    return shared_input_stats(in_chans, stdnorm, grey_std=DF2K_RGB_STD[0])
 
 
-def reflect_pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Reflect-pad (B, C, H, W) on the bottom/right to a multiple of ``multiple``.
-
-    Equals ``F.pad(mode="reflect")`` (what the official test loop does) whenever
-    that is defined; inputs smaller than the padding are reflected repeatedly
-    (and a 1-pixel side is replicated) instead of failing.
-    """
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    while pad_h or pad_w:
-        if (pad_h and h == 1) or (pad_w and w == 1):
-            step_h, step_w = int(pad_h > 0 and h == 1), int(pad_w > 0 and w == 1)
-            x = F.pad(x, (0, step_w, 0, step_h), mode="replicate")
-        else:
-            step_h, step_w = min(pad_h, h - 1), min(pad_w, w - 1)
-            x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
-        h, w = h + step_h, w + step_w
-        pad_h, pad_w = pad_h - step_h, pad_w - step_w
-    return x
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The official init: truncated-normal linears with zero bias."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+reflect_pad_to_multiple = pad_to_multiple
+"""Former name of :func:`irformer.archs.common.pad_to_multiple` (same behaviour)."""
 
 
 # --------------------------------------------------------------------------- presets
@@ -684,14 +624,6 @@ MODEL_CLASS = HAT
 
 _BLOCK0 = "layers.0.residual_group.blocks.0."
 _OCAB0 = "layers.0.residual_group.overlap_attn."
-
-
-def _seq_len(keys: Sequence[str], prefix: str) -> int:
-    """Number of consecutive ``prefix{i}.`` entries present (ModuleList length)."""
-    n = 0
-    while any(k.startswith(f"{prefix}{n}.") for k in keys):
-        n += 1
-    return n
 
 
 def _divisor_for(total: int, quotient: int, key: str) -> int:
@@ -757,9 +689,9 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     kwargs["overlap_ratio"] = next(
         (r for r in (0.5, 0.25, 0.75, 1.0, 0.0) if int(window * r) == overlap), overlap / window
     )
-    n_layers = _seq_len(keys, "layers.")
+    n_layers = count_indexed(keys, "layers.")
     kwargs["depths"] = tuple(
-        _seq_len(keys, f"layers.{i}.residual_group.blocks.") for i in range(n_layers)
+        count_indexed(keys, f"layers.{i}.residual_group.blocks.") for i in range(n_layers)
     )
     kwargs["num_heads"] = tuple(
         int(

@@ -39,19 +39,25 @@ from irformer.archs.common import (
     UPSAMPLERS,
     PatchEmbed,
     PatchUnEmbed,
-    Upsample,
-    UpsampleOneStep,
+    add_reconstruction_head,
+    apply_reconstruction_head,
     check_channels,
+    count_indexed,
+    denormalize_output,
+    init_linear_weights,
+    input_stats,
+    normalize_input,
     pad_to_multiple,
     relative_position_index,
+    residual_conv,
     window_partition,
     window_reverse,
 )
-from irformer.archs.drct import input_stats
-from irformer.archs.swinir import residual_conv
 from irformer.norms import TokenNorm, build_norm, merge_residual
 
 ARCH_NAME = "srformer"
+RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "3conv")
+"""SwinIR's group/body closing convs (the official SRFormer reuses them)."""
 SIZE_DEPENDENT_BUFFERS: tuple[str, ...] = ("attn_mask", "aligned_relative_position_index")
 """Buffer names official SRFormer files carry that irformer derives instead of storing."""
 FFN_KERNEL = 5
@@ -391,7 +397,7 @@ class PSAGroup(nn.Module):
             qk_scale=qk_scale,
             norm=norm,
         )
-        self.conv = residual_conv(dim, resi_connection)
+        self.conv = residual_conv(dim, resi_connection, RESI_CONNECTIONS)
         self.patch_embed = PatchEmbed(dim, None)
         self.patch_unembed = PatchUnEmbed()
 
@@ -485,28 +491,17 @@ class SRFormer(nn.Module):
             for depth, heads in zip(depths, num_heads, strict=True)
         )
         self.norm = build_norm(norm, embed_dim, role="final")
-        self.conv_after_body = residual_conv(embed_dim, resi_connection)
+        self.conv_after_body = residual_conv(embed_dim, resi_connection, RESI_CONNECTIONS)
 
-        if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(
-                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
-            )
-            self.upsample: nn.Module = Upsample(upscale, num_feat)
-            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-        elif upsampler == "pixelshuffledirect":
-            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
-        elif upsampler == "nearest+conv":
-            self.conv_before_upsample = nn.Sequential(
-                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
-            )
-            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-            self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
-        else:
-            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
-        self.apply(_init_weights)
+        add_reconstruction_head(
+            self,
+            upsampler,
+            embed_dim=embed_dim,
+            num_feat=num_feat,
+            in_chans=in_chans,
+            upscale=upscale,
+        )
+        self.apply(init_linear_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
@@ -521,38 +516,15 @@ class SRFormer(nn.Module):
         check_channels(x, self.in_chans, "SRFormer")
         h, w = x.shape[2:]
         x = pad_to_multiple(x, self.window_size)
-        x = x - self.mean
-        if self.stdnorm:
-            x = x / self.std
-        x = x * self.img_range
+        x = normalize_input(x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range)
         feat = self.conv_first(x)
         res = self.conv_after_body(self.forward_features(feat)) + feat
-        # Same-size restoration predicts a residual on the (normalised) input.
-        x = self._reconstruct(res) if self.upsampler else x + self.conv_last(res)
-        x = x / self.img_range
-        if self.stdnorm:
-            x = x * self.std
-        x = x + self.mean
+        x = apply_reconstruction_head(self, self.upsampler, x, res)
+        x = denormalize_output(
+            x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range
+        )
         s = self.upscale
         return x[:, :, : h * s, : w * s]
-
-    def _reconstruct(self, x: Tensor) -> Tensor:
-        if self.upsampler == "pixelshuffle":
-            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        if self.upsampler == "pixelshuffledirect":
-            return self.upsample(x)
-        x = self.conv_before_upsample(x)
-        x = self.lrelu(self.conv_up1(F.interpolate(x, scale_factor=2, mode="nearest")))
-        x = self.lrelu(self.conv_up2(F.interpolate(x, scale_factor=2, mode="nearest")))
-        return self.conv_last(self.lrelu(self.conv_hr(x)))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The official init: truncated-normal linears with zero bias."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # --------------------------------------------------------------------------- presets
@@ -605,14 +577,6 @@ MODEL_CLASS = SRFormer
 _BLOCK0 = "layers.0.residual_group.blocks.0."
 
 
-def _seq_len(keys: Sequence[str], prefix: str) -> int:
-    """Number of consecutive ``prefix{i}.`` entries present (ModuleList length)."""
-    n = 0
-    while any(k.startswith(f"{prefix}{n}.") for k in keys):
-        n += 1
-    return n
-
-
 def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     """Constructor kwargs of an official/irformer SRFormer state dict, or None.
 
@@ -634,13 +598,13 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     embed_dim, in_chans = int(first.shape[0]), int(first.shape[1])
     table = state_dict[_BLOCK0 + "attn.relative_position_bias_table"]
     window = 2 * ((math.isqrt(int(table.shape[0])) + 1) // 2)
-    n_layers = _seq_len(keys, "layers.")
+    n_layers = count_indexed(keys, "layers.")
     kwargs: dict[str, object] = {
         "in_chans": in_chans,
         "embed_dim": embed_dim,
         "window_size": window,
         "depths": tuple(
-            _seq_len(keys, f"layers.{i}.residual_group.blocks.") for i in range(n_layers)
+            count_indexed(keys, f"layers.{i}.residual_group.blocks.") for i in range(n_layers)
         ),
         "num_heads": tuple(
             int(

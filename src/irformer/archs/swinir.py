@@ -23,21 +23,24 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from irformer.archs.common import (
-    DF2K_RGB_MEAN,
-    DF2K_RGB_STD,
     UPSAMPLERS,
     PatchEmbed,
     PatchUnEmbed,
     SwinTransformerBlock,
-    Upsample,
-    UpsampleOneStep,
+    add_reconstruction_head,
+    apply_reconstruction_head,
     check_channels,
+    count_indexed,
+    denormalize_output,
+    init_linear_weights,
+    input_stats,
+    normalize_input,
     pad_to_multiple,
 )
+from irformer.archs.common import residual_conv as shared_residual_conv
 from irformer.norms import build_norm
 
 ARCH_NAME = "swinir"
@@ -46,20 +49,7 @@ RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "3conv")
 
 def residual_conv(dim: int, resi_connection: str) -> nn.Module:
     """The conv closing each residual group and the body (official '1conv'/'3conv')."""
-    if resi_connection == "1conv":
-        return nn.Conv2d(dim, dim, 3, 1, 1)
-    if resi_connection == "3conv":
-        # The 3conv variant saves parameters for the large real-SR model.
-        return nn.Sequential(
-            nn.Conv2d(dim, dim // 4, 3, 1, 1),
-            nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
-            nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim, 3, 1, 1),
-        )
-    raise ValueError(
-        f"unknown resi_connection {resi_connection!r}; valid: {', '.join(RESI_CONNECTIONS)}"
-    )
+    return shared_residual_conv(dim, resi_connection, RESI_CONNECTIONS)
 
 
 class BasicLayer(nn.Module):
@@ -194,7 +184,7 @@ class SwinIR(nn.Module):
         # block uses one window covering the patch and no shift.
         shifted = img_size > window_size
         self.window_size = window_size if shifted else img_size
-        mean, std = _input_stats(in_chans, stdnorm)
+        mean, std = input_stats(in_chans, stdnorm)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
@@ -222,31 +212,17 @@ class SwinIR(nn.Module):
         self.norm = build_norm(norm, embed_dim, role="final")
         self.conv_after_body = residual_conv(embed_dim, resi_connection)
 
-        if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(
-                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
-            )
-            self.upsample = Upsample(upscale, num_feat)
-            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-        elif upsampler == "pixelshuffledirect":
-            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
-        elif upsampler == "nearest+conv":
-            if upscale not in (2, 4, 8):
-                raise ValueError(f"nearest+conv supports upscale 2, 4 or 8, got {upscale}")
-            self.conv_before_upsample = nn.Sequential(
-                nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True)
-            )
-            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            if upscale >= 4:
-                self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            if upscale == 8:
-                self.conv_up3 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-            self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
-        else:
-            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
-        self.apply(_init_weights)
+        if upsampler == "nearest+conv" and upscale not in (2, 4, 8):
+            raise ValueError(f"nearest+conv supports upscale 2, 4 or 8, got {upscale}")
+        add_reconstruction_head(
+            self,
+            upsampler,
+            embed_dim=embed_dim,
+            num_feat=num_feat,
+            in_chans=in_chans,
+            upscale=upscale,
+        )
+        self.apply(init_linear_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
@@ -267,62 +243,16 @@ class SwinIR(nn.Module):
         h, w = x.shape[2:]
         x = pad_to_multiple(x, self.window_size)
         # Channels-last maps make every token <-> map transpose a view.
-        x = x - self.mean
-        if self.stdnorm:
-            x = x / self.std
-        x = (x * self.img_range).contiguous(memory_format=torch.channels_last)
-        if self.upsampler == "":
-            feat = self.conv_first(x)
-            x = x + self.conv_last(self.conv_after_body(self.forward_features(feat)) + feat)
-        else:
-            feat = self.conv_first(x)
-            x = self.conv_after_body(self.forward_features(feat)) + feat
-            x = self._reconstruct(x)
-        x = x / self.img_range
-        if self.stdnorm:
-            x = x * self.std
-        x = x + self.mean
+        x = normalize_input(x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range)
+        x = x.contiguous(memory_format=torch.channels_last)
+        feat = self.conv_first(x)
+        res = self.conv_after_body(self.forward_features(feat)) + feat
+        x = apply_reconstruction_head(self, self.upsampler, x, res)
+        x = denormalize_output(
+            x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range
+        )
         s = self.upscale
         return x[:, :, : h * s, : w * s].contiguous()
-
-    def _reconstruct(self, x: Tensor) -> Tensor:
-        if self.upsampler == "pixelshuffle":
-            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        if self.upsampler == "pixelshuffledirect":
-            return self.upsample(x)
-        x = self.conv_before_upsample(x)
-        x = self.lrelu(self.conv_up1(F.interpolate(x, scale_factor=2, mode="nearest")))
-        if hasattr(self, "conv_up2"):
-            x = self.lrelu(self.conv_up2(F.interpolate(x, scale_factor=2, mode="nearest")))
-        if hasattr(self, "conv_up3"):
-            x = self.lrelu(self.conv_up3(F.interpolate(x, scale_factor=2, mode="nearest")))
-        return self.conv_last(self.lrelu(self.conv_hr(x)))
-
-
-def _input_stats(in_chans: int, stdnorm: bool) -> tuple[Tensor, Tensor]:
-    """(1, C, 1, 1) mean and std the input is normalised with.
-
-    The originals subtract the DF2K RGB mean for colour input and nothing for
-    grey. ``stdnorm`` divides by the DF2K RGB std; for grey input by the mean of
-    the three channel stds (the i-LN code only defines it for RGB).
-    """
-    if in_chans == 3:
-        mean = torch.tensor(DF2K_RGB_MEAN)
-        std = torch.tensor(DF2K_RGB_STD)
-    else:
-        mean = torch.zeros(1)
-        std = torch.tensor([sum(DF2K_RGB_STD) / 3])
-    if not stdnorm:
-        std = torch.ones_like(std)
-    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The official init: truncated-normal linears with zero bias."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # --------------------------------------------------------------------------- presets
@@ -426,14 +356,6 @@ MODEL_CLASS = SwinIR
 _BLOCK0 = "layers.0.residual_group.blocks.0."
 
 
-def _seq_len(keys: Sequence[str], prefix: str) -> int:
-    """Number of consecutive ``prefix{i}.`` entries present (ModuleList length)."""
-    n = 0
-    while any(k.startswith(f"{prefix}{n}.") for k in keys):
-        n += 1
-    return n
-
-
 def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     """Constructor kwargs of an official/irformer SwinIR state dict, or None.
 
@@ -463,9 +385,9 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     table = state_dict[_BLOCK0 + "attn.relative_position_bias_table"]
     window = (math.isqrt(int(table.shape[0])) + 1) // 2
     kwargs["window_size"] = window
-    n_layers = _seq_len(keys, "layers.")
+    n_layers = count_indexed(keys, "layers.")
     kwargs["depths"] = tuple(
-        _seq_len(keys, f"layers.{i}.residual_group.blocks.") for i in range(n_layers)
+        count_indexed(keys, f"layers.{i}.residual_group.blocks.") for i in range(n_layers)
     )
     kwargs["num_heads"] = tuple(
         int(
