@@ -648,6 +648,30 @@ def residual_conv(dim: int, resi_connection: str, valid: tuple[str, ...]) -> nn.
     raise ValueError(f"unknown resi_connection {resi_connection!r}; valid: 1conv, 3conv, identity")
 
 
+def check_model_args(
+    *,
+    upsampler: str,
+    valid_upsamplers: tuple[str, ...],
+    in_chans: int,
+    depths: Sequence[int],
+    num_heads: Sequence[int],
+    upscale: int,
+) -> None:
+    """Reject constructor arguments the four originals all reject (ValueError)."""
+    if upsampler not in valid_upsamplers:
+        raise ValueError(
+            f"unknown upsampler {upsampler!r}; valid: {', '.join(map(repr, valid_upsamplers))}"
+        )
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if len(depths) != len(num_heads):
+        raise ValueError(
+            f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length"
+        )
+    if upsampler == "" and upscale != 1:
+        raise ValueError(f"upsampler '' (same-size restoration) needs upscale=1, got {upscale}")
+
+
 def add_reconstruction_head(
     model: nn.Module, upsampler: str, *, embed_dim: int, num_feat: int, in_chans: int, upscale: int
 ) -> None:
@@ -694,6 +718,34 @@ def apply_reconstruction_head(model: nn.Module, upsampler: str, x: Tensor, res: 
         if hasattr(model, name):
             y = model.lrelu(getattr(model, name)(F.interpolate(y, scale_factor=2, mode="nearest")))
     return model.conv_last(model.lrelu(model.conv_hr(y)))
+
+
+def deep_features(model: nn.Module, x: Tensor) -> Tensor:
+    """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features.
+
+    The originals' ``forward_features``: tokens through ``model.layers`` (each
+    called as ``layer(tokens, (H, W))``) and the final ``model.norm``, with
+    SwinIR's optional ``absolute_pos_embed`` added after the patch embedding.
+    """
+    x_size = (x.shape[2], x.shape[3])
+    x = model.patch_embed(x)
+    pos_embed = getattr(model, "absolute_pos_embed", None)
+    if pos_embed is not None:
+        x = x + pos_embed
+    for layer in model.layers:
+        x = layer(x, x_size)
+    return model.patch_unembed(model.norm(x), x_size)
+
+
+def reconstruct_image(model: nn.Module, x: Tensor) -> Tensor:
+    """x: (B, C, H, W) normalised input -> normalised output (B, C, s*H, s*W).
+
+    Shallow conv, deep features with the long skip (``conv_after_body(...) +
+    feat``), then the upsampler head, as in all four originals.
+    """
+    feat = model.conv_first(x)
+    res = model.conv_after_body(model.forward_features(feat)) + feat
+    return apply_reconstruction_head(model, model.upsampler, x, res)
 
 
 def init_linear_weights(module: nn.Module) -> None:

@@ -35,14 +35,16 @@ from irformer.archs.common import (
     PatchUnEmbed,
     SwinTransformerBlock,
     add_reconstruction_head,
-    apply_reconstruction_head,
     check_channels,
+    check_model_args,
     count_indexed,
+    deep_features,
     denormalize_output,
     init_linear_weights,
     input_stats,
     normalize_input,
     pad_to_multiple,
+    reconstruct_image,
     residual_conv,
 )
 from irformer.norms import build_norm
@@ -150,23 +152,14 @@ class DRCT(nn.Module):
         stdnorm: bool = False,
     ) -> None:
         super().__init__()
-        if upsampler not in DRCT_UPSAMPLERS:
-            raise ValueError(
-                f"unknown DRCT upsampler {upsampler!r}; valid: "
-                f"{', '.join(map(repr, DRCT_UPSAMPLERS))}"
-            )
-        if resi_connection not in RESI_CONNECTIONS:
-            raise ValueError(
-                f"unknown resi_connection {resi_connection!r}; valid: {', '.join(RESI_CONNECTIONS)}"
-            )
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-        if len(depths) != len(num_heads):
-            raise ValueError(
-                f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length"
-            )
-        if upsampler == "" and upscale != 1:
-            raise ValueError(f"upsampler '' (same-size restoration) needs upscale=1, got {upscale}")
+        check_model_args(
+            upsampler=upsampler,
+            valid_upsamplers=DRCT_UPSAMPLERS,
+            in_chans=in_chans,
+            depths=depths,
+            num_heads=num_heads,
+            upscale=upscale,
+        )
         self.in_chans = in_chans
         self.upscale = upscale
         self.upsampler = upsampler
@@ -211,11 +204,7 @@ class DRCT(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
-        x_size = (x.shape[2], x.shape[3])
-        x = self.patch_embed(x)
-        for layer in self.layers:
-            x = layer(x, x_size)
-        return self.patch_unembed(self.norm(x), x_size)
+        return deep_features(self, x)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_chans, H, W) in [0, 1] -> (B, in_chans, H*upscale, W*upscale)."""
@@ -223,9 +212,7 @@ class DRCT(nn.Module):
         h, w = x.shape[2:]
         x = pad_to_multiple(x, self.window_size)
         x = normalize_input(x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range)
-        feat = self.conv_first(x)
-        res = self.conv_after_body(self.forward_features(feat)) + feat
-        x = apply_reconstruction_head(self, self.upsampler, x, res)
+        x = reconstruct_image(self, x)
         x = denormalize_output(
             x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range
         )
