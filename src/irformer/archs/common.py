@@ -748,6 +748,29 @@ def reconstruct_image(model: nn.Module, x: Tensor) -> Tensor:
     return apply_reconstruction_head(model, model.upsampler, x, res)
 
 
+def restore_forward(model: nn.Module, x: Tensor, model_name: str, *, channels_last: bool) -> Tensor:
+    """x: (B, in_chans, H, W), any H and W -> (B, in_chans, s*H, s*W): the models' forward.
+
+    Reflect-pad to a window multiple, normalise, reconstruct, undo the
+    normalisation and crop the padding off (the originals' test-time wrapper,
+    folded into the model). Padding before or after the per-channel
+    normalisation is the same: padding copies values. ``channels_last`` makes
+    every token <-> map transpose a view (SwinIR, HAT); the output is then
+    made contiguous again.
+    """
+    check_channels(x, model.in_chans, model_name)
+    h, w = x.shape[2:]
+    x = pad_to_multiple(x, model.window_size)
+    stats = {"stdnorm": model.stdnorm, "img_range": model.img_range}
+    x = normalize_input(x, model.mean, model.std, **stats)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = denormalize_output(reconstruct_image(model, x), model.mean, model.std, **stats)
+    s = model.upscale
+    x = x[:, :, : h * s, : w * s]
+    return x.contiguous() if channels_last else x
+
+
 def init_linear_weights(module: nn.Module) -> None:
     """The originals' init (for ``Module.apply``): truncated-normal linears, zero bias."""
     if isinstance(module, nn.Linear):

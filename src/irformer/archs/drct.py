@@ -35,17 +35,13 @@ from irformer.archs.common import (
     PatchUnEmbed,
     SwinTransformerBlock,
     add_reconstruction_head,
-    check_channels,
     check_model_args,
     count_indexed,
     deep_features,
-    denormalize_output,
     init_linear_weights,
     input_stats,
-    normalize_input,
-    pad_to_multiple,
-    reconstruct_image,
     residual_conv,
+    restore_forward,
 )
 from irformer.norms import build_norm
 
@@ -208,16 +204,7 @@ class DRCT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_chans, H, W) in [0, 1] -> (B, in_chans, H*upscale, W*upscale)."""
-        check_channels(x, self.in_chans, "DRCT")
-        h, w = x.shape[2:]
-        x = pad_to_multiple(x, self.window_size)
-        x = normalize_input(x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range)
-        x = reconstruct_image(self, x)
-        x = denormalize_output(
-            x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range
-        )
-        s = self.upscale
-        return x[:, :, : h * s, : w * s]
+        return restore_forward(self, x, "DRCT", channels_last=False)
 
 
 # --------------------------------------------------------------------------- presets

@@ -59,16 +59,13 @@ from irformer.archs.common import (
     PatchUnEmbed,
     SwinTransformerBlock,
     add_reconstruction_head,
-    check_channels,
     check_model_args,
     count_indexed,
     deep_features,
-    denormalize_output,
     init_linear_weights,
-    normalize_input,
     pad_to_multiple,
-    reconstruct_image,
     relative_position_index,
+    restore_forward,
     window_partition,
     window_reverse,
     window_sdpa,
@@ -528,18 +525,7 @@ class HAT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_chans, H, W) in [0, 1] (or [0, 255]-scaled via img_range)."""
-        check_channels(x, self.in_chans, "HAT")
-        h, w = x.shape[2:]
-        x = normalize_input(x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range)
-        x = pad_to_multiple(x, self.window_size)
-        # Channels-last maps make every token <-> map transpose a view.
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = reconstruct_image(self, x)
-        x = denormalize_output(
-            x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range
-        )
-        s = self.upscale
-        return x[:, :, : h * s, : w * s].contiguous()
+        return restore_forward(self, x, "HAT", channels_last=True)
 
 
 def input_stats(in_chans: int, stdnorm: bool) -> tuple[Tensor, Tensor]:

@@ -31,16 +31,12 @@ from irformer.archs.common import (
     PatchUnEmbed,
     SwinTransformerBlock,
     add_reconstruction_head,
-    check_channels,
     check_model_args,
     count_indexed,
     deep_features,
-    denormalize_output,
     init_linear_weights,
     input_stats,
-    normalize_input,
-    pad_to_multiple,
-    reconstruct_image,
+    restore_forward,
 )
 from irformer.archs.common import residual_conv as shared_residual_conv
 from irformer.norms import build_norm
@@ -231,18 +227,7 @@ class SwinIR(nn.Module):
 
         ``img_range=255`` (the official JPEG models) rescales internally only.
         """
-        check_channels(x, self.in_chans, "SwinIR")
-        h, w = x.shape[2:]
-        x = pad_to_multiple(x, self.window_size)
-        # Channels-last maps make every token <-> map transpose a view.
-        x = normalize_input(x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range)
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = reconstruct_image(self, x)
-        x = denormalize_output(
-            x, self.mean, self.std, stdnorm=self.stdnorm, img_range=self.img_range
-        )
-        s = self.upscale
-        return x[:, :, : h * s, : w * s].contiguous()
+        return restore_forward(self, x, "SwinIR", channels_last=True)
 
 
 # --------------------------------------------------------------------------- presets
