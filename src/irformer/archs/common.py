@@ -672,6 +672,38 @@ def check_model_args(
         raise ValueError(f"upsampler '' (same-size restoration) needs upscale=1, got {upscale}")
 
 
+def add_input_stem(
+    model: nn.Module,
+    *,
+    in_chans: int,
+    embed_dim: int,
+    upscale: int,
+    upsampler: str,
+    img_range: float,
+    norm: str,
+    patch_norm: bool,
+    stdnorm: bool,
+    stats: tuple[Tensor, Tensor],
+) -> None:
+    """Set the settings :func:`restore_forward` reads and build the shallow stem.
+
+    ``stats``: the (mean, std) from :func:`input_stats` (non-persistent buffers:
+    the originals hard-code them). Adds ``conv_first``, ``patch_embed`` and
+    ``patch_unembed`` under their official names.
+    """
+    model.in_chans = in_chans
+    model.upscale = upscale
+    model.upsampler = upsampler
+    model.img_range = img_range
+    model.norm_name = norm
+    model.stdnorm = stdnorm
+    model.register_buffer("mean", stats[0], persistent=False)
+    model.register_buffer("std", stats[1], persistent=False)
+    model.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+    model.patch_embed = PatchEmbed(embed_dim, norm if patch_norm else None)
+    model.patch_unembed = PatchUnEmbed()
+
+
 def add_reconstruction_head(
     model: nn.Module, upsampler: str, *, embed_dim: int, num_feat: int, in_chans: int, upscale: int
 ) -> None:

@@ -58,6 +58,7 @@ from irformer.archs.common import (
     PatchEmbed,
     PatchUnEmbed,
     SwinTransformerBlock,
+    add_input_stem,
     add_reconstruction_head,
     check_model_args,
     count_indexed,
@@ -461,17 +462,8 @@ class HAT(nn.Module):
             raise ValueError(
                 f"window_size must be >= 2 (shifts are window_size // 2), got {window_size}"
             )
-        self.in_chans = in_chans
-        self.upscale = upscale
-        self.upsampler = upsampler
-        self.img_range = img_range
         self.window_size = window_size
         self.overlap_ratio = overlap_ratio
-        self.norm_name = norm
-        self.stdnorm = stdnorm
-        mean, std = input_stats(in_chans, stdnorm)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
         # Official files carry these two (persistent there); kept here only so
         # the loader can validate a file's copies against this configuration.
         self.register_buffer(
@@ -485,9 +477,18 @@ class HAT(nn.Module):
             persistent=False,
         )
 
-        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
-        self.patch_embed = PatchEmbed(embed_dim, norm if patch_norm else None)
-        self.patch_unembed = PatchUnEmbed()
+        add_input_stem(
+            self,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            upscale=upscale,
+            upsampler=upsampler,
+            img_range=img_range,
+            norm=norm,
+            patch_norm=patch_norm,
+            stdnorm=stdnorm,
+            stats=input_stats(in_chans, stdnorm),
+        )
         self.layers = nn.ModuleList(
             RHAG(
                 embed_dim,

@@ -39,6 +39,7 @@ from irformer.archs.common import (
     UPSAMPLERS,
     PatchEmbed,
     PatchUnEmbed,
+    add_input_stem,
     add_reconstruction_head,
     check_model_args,
     count_indexed,
@@ -452,23 +453,23 @@ class SRFormer(nn.Module):
             )
         if upsampler == "nearest+conv" and upscale != 4:
             raise ValueError(f"SRFormer's nearest+conv upsampler is x4 only, got upscale {upscale}")
-        self.in_chans = in_chans
-        self.upscale = upscale
-        self.upsampler = upsampler
-        self.img_range = img_range
-        self.norm_name = norm
-        self.stdnorm = stdnorm
         self.window_size = window_size
         # Official quirk: the training patch is padded to a window multiple, and
         # a patch of one window disables the shift (the window itself stays).
         shifted = img_size > window_size
-        mean, std = input_stats(in_chans, stdnorm)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
 
-        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
-        self.patch_embed = PatchEmbed(embed_dim, norm if patch_norm else None)
-        self.patch_unembed = PatchUnEmbed()
+        add_input_stem(
+            self,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            upscale=upscale,
+            upsampler=upsampler,
+            img_range=img_range,
+            norm=norm,
+            patch_norm=patch_norm,
+            stdnorm=stdnorm,
+            stats=input_stats(in_chans, stdnorm),
+        )
         self.layers = nn.ModuleList(
             PSAGroup(
                 embed_dim,

@@ -30,6 +30,7 @@ from irformer.archs.common import (
     PatchEmbed,
     PatchUnEmbed,
     SwinTransformerBlock,
+    add_input_stem,
     add_reconstruction_head,
     check_model_args,
     count_indexed,
@@ -168,23 +169,23 @@ class SwinIR(nn.Module):
             num_heads=num_heads,
             upscale=upscale,
         )
-        self.in_chans = in_chans
-        self.upscale = upscale
-        self.upsampler = upsampler
-        self.img_range = img_range
-        self.norm_name = norm
-        self.stdnorm = stdnorm
         # Official quirk: with a training patch no larger than the window, every
         # block uses one window covering the patch and no shift.
         shifted = img_size > window_size
         self.window_size = window_size if shifted else img_size
-        mean, std = input_stats(in_chans, stdnorm)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
 
-        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
-        self.patch_embed = PatchEmbed(embed_dim, norm if patch_norm else None)
-        self.patch_unembed = PatchUnEmbed()
+        add_input_stem(
+            self,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            upscale=upscale,
+            upsampler=upsampler,
+            img_range=img_range,
+            norm=norm,
+            patch_norm=patch_norm,
+            stdnorm=stdnorm,
+            stats=input_stats(in_chans, stdnorm),
+        )
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, img_size * img_size, embed_dim))
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
