@@ -273,3 +273,29 @@ def test_cli_models_list_and_info(tmp_path, capsys) -> None:
     assert info["meta"]["norm"] == "iln" and info["detected"]["arch"] == "swinir"
     assert info["parameters"] == registry.count_parameters(model)
     assert main(["models", "info", str(tmp_path / "absent.pth")]) == 2
+
+
+def test_cli_models_export_picks_weights_and_never_overwrites(tmp_path, capsys) -> None:
+    from irformer.cli import main
+
+    model = build_model("swinir", upscale=2, upsampler="pixelshuffledirect", norm="iln", **TINY)
+    ema = build_model("swinir", upscale=2, upsampler="pixelshuffledirect", norm="iln", **TINY)
+    ckpt = tmp_path / "train.pth"
+    torch.save(
+        {
+            "params": model.state_dict(),
+            "params_ema": ema.state_dict(),
+            "irformer": registry.model_meta(model),
+        },
+        ckpt,
+    )
+    out = tmp_path / "raw.safetensors"
+    assert main(["models", "export", str(ckpt), str(out), "--param-key", "params"]) == 0
+    loaded, meta = load_checkpoint_model(out)
+    assert meta["norm"] == "iln"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    before = out.read_bytes()
+    assert main(["models", "export", str(ckpt), str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert out.read_bytes() == before

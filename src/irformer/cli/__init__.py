@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as exc:
         if args.verbose:
             raise
         print(f"irformer {args.command}: error: {exc}", file=sys.stderr)

@@ -22,6 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("checkpoint", help=".pth or .safetensors file")
     info.add_argument("--param-key", help="state-dict key inside a .pth (default: params_ema)")
     info.set_defaults(func=info_command)
+    export = sub.add_parser(
+        "export", help="weights only (one state dict + irformer metadata) from a checkpoint"
+    )
+    export.add_argument("checkpoint", help="training checkpoint or weights file")
+    export.add_argument("output", help="destination .safetensors or .pth (never overwritten)")
+    export.add_argument(
+        "--param-key", help="which weights of a training checkpoint (default: params_ema)"
+    )
+    export.set_defaults(func=export_command)
 
 
 def preset_table(arch: str | None = None) -> list[dict[str, object]]:
@@ -70,4 +79,17 @@ def info_command(args: argparse.Namespace) -> int:
             else "no known architecture matches"
         )
         print(f"no irformer metadata (an official file; loaded as norm 'ln'); {hint}")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """Export one set of weights; refuses an existing output so nothing is lost."""
+    from pathlib import Path
+
+    output = Path(args.output)
+    if output.exists():
+        raise FileExistsError(f"{output} exists; choose another name or remove it first")
+    model, meta = registry.load_checkpoint_model(args.checkpoint, param_key=args.param_key)
+    path = registry.save_model_weights(output, model, meta)
+    print(f"wrote {path} ({registry.count_parameters(model):,} parameters, norm {meta['norm']})")
     return 0
