@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from irformer.archs import swinir
 from irformer.archs.common import (
     MASK_VALUE,
     UPSAMPLERS,
@@ -330,41 +331,10 @@ class PSABlock(nn.Module):
         return out.reshape(b, h * w, c)
 
 
-class BasicLayer(nn.Module):
+class BasicLayer(swinir.BasicLayer):
     """A stack of PSA blocks alternating regular and shifted windows."""
 
-    def __init__(
-        self,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        *,
-        window_size: int,
-        shifted: bool,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        qk_scale: float | None,
-        norm: str,
-    ) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            PSABlock(
-                dim,
-                num_heads,
-                window_size=window_size,
-                shift_size=window_size // 2 if (shifted and i % 2) else 0,
-                mlp_ratio=mlp_ratio,
-                norm=norm,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-            )
-            for i in range(depth)
-        )
-
-    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
-        for block in self.blocks:
-            x = block(x, x_size)
-        return x
+    block_class = PSABlock
 
 
 class PSAGroup(nn.Module):

@@ -52,7 +52,12 @@ def residual_conv(dim: int, resi_connection: str) -> nn.Module:
 
 
 class BasicLayer(nn.Module):
-    """A stack of Swin blocks alternating regular and shifted windows."""
+    """A stack of Swin blocks alternating regular and shifted windows.
+
+    ``block_class`` is the one thing other Swin-style groups change (SRFormer's PSA blocks).
+    """
+
+    block_class: type[nn.Module] = SwinTransformerBlock
 
     def __init__(
         self,
@@ -69,7 +74,7 @@ class BasicLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(
+            self.block_class(
                 dim,
                 num_heads,
                 window_size=window_size,
