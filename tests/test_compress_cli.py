@@ -150,6 +150,35 @@ def test_run_two_models_share_tables(setup: dict[str, Path]) -> None:
     assert f"{ln_drop:+.2f}" in drop.splitlines()[2]
 
 
+def test_report_merges_parallel_runs(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One run per model (e.g. two processes), merged: the same tables as one joint run."""
+    base = ["compress", "run", "--method", "minmax", "--wbits", "4", "--calib", str(setup["calib"])]
+    base += ["--calib-batch", "2", "--patch", "16", "--bench", "Set5", "--device", "cpu"]
+    base += ["--data-root", str(setup["data"]), "--latency-size", "16"]
+    runs = []
+    for key in ("ckpt", "ckpt_iln"):
+        runs.append(setup["root"] / f"part_{key}")
+        assert main([*base, "--model", str(setup[key]), "--out", str(runs[-1])]) == 0
+    lines = (runs[0] / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(line)["method"] for line in lines] == ["fp32", "minmax"]
+    merged = setup["root"] / "merged"
+    capsys.readouterr()
+    assert main(["compress", "report", *map(str, runs), "--out", str(merged)]) == 0
+    drop = (merged / "psnr_drop.md").read_text()
+    assert "tiny (ln) Set5 dPSNR" in drop and "tiny_iln (iln) Set5 dPSNR" in drop
+    rows = [json.loads(line) for line in (merged / "rows.jsonl").read_text().splitlines()]
+    ln_drop = rows[1]["scores"]["Set5"][0] - rows[0]["scores"]["Set5"][0]
+    assert f"{ln_drop:+.2f}" in drop.splitlines()[2]
+    assert "| minmax | 4/4 | 0 |" in capsys.readouterr().out
+    # The same run twice is a mistake, not a silently doubled table.
+    assert main(["compress", "report", str(runs[0]), str(runs[0]), "--out", str(merged)]) != 0
+    assert "also in" in capsys.readouterr().err
+    assert main(["compress", "report", str(setup["root"]), "--out", str(merged)]) != 0
+    assert "rows.jsonl does not exist" in capsys.readouterr().err
+
+
 def test_stats(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = setup["root"] / "stats"
     code = main(

@@ -7,6 +7,7 @@ Examples::
         --data-root ../shared/data --out results/compress_x4
     irformer compress run --model ckpt.safetensors --method compsrt --wbits 4 --abits 4 \\
         --prune 0.4 --calib DF2K/HR --bench Set5 --out results/prune --save-packed
+    irformer compress report results/ln results/iln --out results/both
     irformer compress stats ckpt.safetensors --calib DF2K/HR --out results/stats
 """
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from irformer.compress.stats import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
+ROWS_FILE = "rows.jsonl"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,6 +104,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--workers", type=int, default=0, help="data loader workers for DQC")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=run)
+
+    m = sub.add_parser(
+        "report",
+        help="merge the rows of several `compress run` folders (e.g. one per model, run in "
+        "parallel) into one set of tables",
+    )
+    m.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="folders with rows.jsonl")
+    m.add_argument("--out", required=True, type=Path, help="folder for the merged tables")
+    m.set_defaults(func=report)
 
     s = sub.add_parser("stats", help="Shapiro-Wilk/range/eps-band tests pre vs post Hadamard")
     s.add_argument("checkpoint", type=Path, metavar="CKPT")
@@ -236,6 +248,15 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[CompressionRow] = []
     taken: set[str] = set()
+    rows_file = args.out / ROWS_FILE
+    rows_file.write_text("")
+
+    def on_row(row: CompressionRow) -> None:
+        # One JSON line per finished row: a long run that dies keeps what it measured.
+        _print_row(row)
+        with rows_file.open("a") as fh:
+            fh.write(json.dumps(asdict(row), default=str) + "\n")
+
     for path, model, meta in loaded:
         rows += run_compression(
             model,
@@ -243,16 +264,10 @@ def run(args: argparse.Namespace) -> int:
             evaluator,
             device=device,
             out_dir=args.out,
-            on_row=_print_row,
+            on_row=on_row,
             label=_label(path, meta, taken),
         )
-    tables = {
-        "quality.md": quality_table(rows, bench_names),
-        "psnr_drop.md": drop_table(rows, bench_names),
-        "complexity.md": complexity_table(rows, str(device)),
-    }
-    for name, text in tables.items():
-        (args.out / name).write_text(text)
+    tables = _write_tables(rows, bench_names, str(device), args.out)
     payload = {
         "command": "irformer compress run",
         "models": {str(p): meta for p, _, meta in loaded},
@@ -263,6 +278,61 @@ def run(args: argparse.Namespace) -> int:
     }
     (args.out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
     print()
+    for text in tables.values():
+        print(text)
+    return 0
+
+
+def _write_tables(
+    rows: list[CompressionRow], benchmarks: list[str], device: str, out: Path
+) -> dict[str, str]:
+    tables = {
+        "quality.md": quality_table(rows, benchmarks),
+        "psnr_drop.md": drop_table(rows, benchmarks),
+        "complexity.md": complexity_table(rows, device),
+    }
+    for name, text in tables.items():
+        (out / name).write_text(text)
+    return tables
+
+
+def read_rows(run_dir: Path) -> list[CompressionRow]:
+    """The rows one ``compress run`` wrote to ``RUN_DIR/rows.jsonl``."""
+    path = run_dir / ROWS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: expected a `compress run` output folder")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            data["scores"] = {b: tuple(v) for b, v in data["scores"].items()}
+            rows.append(CompressionRow(**data))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{path}:{n}: not a compression row ({err})") from err
+    return rows
+
+
+def report(args: argparse.Namespace) -> int:
+    rows: list[CompressionRow] = []
+    seen: dict[tuple[str, str, int, int, float], Path] = {}
+    for run_dir in args.runs:
+        for row in read_rows(run_dir):
+            key = (row.model, row.method, row.wbits, row.abits, row.prune)
+            if key in seen:
+                raise ValueError(
+                    f"{run_dir}: row {key} is also in {seen[key]}; merge runs that measured "
+                    "different models or settings"
+                )
+            seen[key] = run_dir
+            rows.append(row)
+    benchmarks = list(dict.fromkeys(b for r in rows for b in r.scores))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tables = _write_tables(rows, benchmarks, "see each run", args.out)
+    (args.out / ROWS_FILE).write_text(
+        "".join(json.dumps(asdict(r), default=str) + "\n" for r in rows)
+    )
     for text in tables.values():
         print(text)
     return 0
