@@ -14,8 +14,11 @@ from irformer.compress.quantizers import (
     UniformQuantizer,
     WeightQuantizer,
     candidate_errors,
+    dequantize_indices,
     dobi_search,
     fake_quantize,
+    fake_quantize_scaled,
+    quantize_indices,
     quantize_weight_tensor,
     quantize_weights_,
     round_ste,
@@ -268,3 +271,33 @@ def test_histogram_errors_match_exact(bits: int) -> None:
     assert x.numel() * 8 <= 1 << 22 < x.numel() * 100  # really two code paths
     assert int(binned.argmin()) == int(exact.argmin())
     torch.testing.assert_close(binned, exact, rtol=5e-3, atol=0)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fused_fake_quant_matches_composed_autograd(grouped: bool) -> None:
+    """The memory-lean autograd node gives the same values and gradients (to x,
+    scale, zero) as the plain composition of round-STE, clamp and dequantise."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 8) * 2
+    shape = (4, 1, 1) if grouped else ()
+    scale = torch.rand(shape) * 0.3 + 0.1
+    zero = torch.randn(shape) * 0.5 - 1.5
+    # Some values land exactly on the clamp edges (r == 0 and r == levels).
+    x[0, 0, :2] = zero.flatten()[0] + torch.tensor([0.0, 15.0]) * scale.flatten()[0]
+    grad_out = torch.randn_like(x)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (x, scale, zero)]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        return out.detach(), [t.grad for t in leaves]
+
+    def composed(xx, s, z):
+        return dequantize_indices(quantize_indices(xx, s, z, 4), s, z)
+
+    out_a, g_a = grads(composed)
+    out_b, g_b = grads(lambda xx, s, z: fake_quantize_scaled(xx, s, z, 4))
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert g_b[2].abs().sum() > 0 and g_b[1].abs().sum() > 0  # both ends clip somewhere

@@ -313,3 +313,15 @@ def test_benchmark_size_mismatch_is_reported(tmp_path: Path) -> None:
     write_image(tmp_path / "Set5" / "LR_bicubic" / "X4" / "babyx4.png", _rand(15, 16))
     with pytest.raises(ValueError, match=re.escape("babyx4.png is 15x16")):
         load_benchmark("Set5", tmp_path, task="sr", scale=4)
+
+
+def test_benchmark_subset_is_labelled(shared_data: Path) -> None:
+    full = load_benchmark("B100", shared_data, task="sr", scale=2)
+    sub = load_benchmark("B100[:3]", shared_data, task="sr", scale=2)
+    assert sub.name == "B100[:3]" and len(sub) == 3
+    assert sub.names == full.names[:3] and full.name == "B100"
+    np.testing.assert_array_equal(sub[2].gt, full[2].gt)
+    # Asking for more images than exist is the full benchmark, named as such.
+    assert load_benchmark("Set5[:99]", shared_data, task="sr", scale=2).name == "Set5"
+    with pytest.raises(ValueError, match="subset size"):
+        full.first(0)

@@ -46,6 +46,7 @@ __all__ = [
     "candidate_errors",
     "dobi_search",
     "fake_quantize",
+    "fake_quantize_scaled",
     "minmax_bounds",
     "quantize_weight_tensor",
     "quantize_weights_",
@@ -121,6 +122,65 @@ def dequantize_indices(idx: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return idx * scale + zero
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """Quantise-dequantise in one autograd node that saves only its inputs.
+
+    Composed from elementwise ops, a fake quantiser keeps four full-size
+    tensors alive for backward; on the attention maps of a Swin block at DQC
+    batch 16 that alone is tens of GB. The forward is the same op sequence as
+    :func:`quantize_indices` + :func:`dequantize_indices` (bit-identical); the
+    backward recomputes ``t = (x - z)/s`` and applies the STE derivatives:
+    ``dx = [inside]``, ``ds = clamp(round(t)) - t*[inside]``, ``dz = [outside]``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        scale: Tensor,
+        zero: Tensor,
+        levels: int,
+    ) -> Tensor:
+        ctx.save_for_backward(x, scale, zero)
+        ctx.levels = levels  # type: ignore[attr-defined]
+        return _fake_quantize_inplace(x, scale, zero, levels)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, scale, zero = ctx.saved_tensors  # type: ignore[attr-defined]
+        levels = ctx.levels  # type: ignore[attr-defined]
+        t = (x - zero).div_(scale)
+        r = torch.round(t)
+        inside = (r >= 0).logical_and_(r <= levels)
+        gx = gs = gz = None
+        if ctx.needs_input_grad[1]:
+            # clamp(r) - t*[inside]: inside it is r - t, outside the clamped end level.
+            t.mul_(inside).neg_().add_(r.clamp_(0, levels))
+            gs = t.mul_(grad).sum_to_size(scale.shape)
+        if ctx.needs_input_grad[0]:
+            gx = grad * inside
+        if ctx.needs_input_grad[2]:
+            gz = (grad * inside.logical_not_()).sum_to_size(zero.shape)
+        return gx, gs, gz, None
+
+
+def fake_quantize_scaled(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """``dequantize(quantize(x))`` for a given step and offset, with STE gradients
+    to ``x``, ``scale`` and ``zero`` (one memory-lean autograd node)."""
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero.requires_grad):
+        return _FakeQuantSTE.apply(x, scale, zero, 2**bits - 1)
+    return _fake_quantize_inplace(x, scale, zero, 2**bits - 1)
+
+
+def _fake_quantize_inplace(x: Tensor, scale: Tensor, zero: Tensor, levels: int) -> Tensor:
+    """The op sequence of ``dequantize_indices(quantize_indices(...))`` on one buffer:
+    the same values bit for bit, one allocation instead of six (these tensors are
+    the size of every attention map)."""
+    return (x - zero).div_(scale).round_().clamp_(0, levels).mul_(scale).add_(zero)
+
+
 def fake_quantize(
     x: Tensor,
     lower: Tensor,
@@ -135,7 +195,7 @@ def fake_quantize(
     levels; gradients flow to ``x`` inside the range (STE) and to the bounds.
     """
     scale, zero = quant_scale_zero(lower, upper, bits, alpha, beta)
-    return dequantize_indices(quantize_indices(x, scale, zero, bits), scale, zero)
+    return fake_quantize_scaled(x, scale, zero, bits)
 
 
 def minmax_bounds(x: Tensor) -> tuple[float, float]:
@@ -309,7 +369,8 @@ class UniformQuantizer(nn.Module):
         return dequantize_indices(ig, scale, zero).reshape(idx.shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dequantize(self.indices(x))
+        xg, scale, zero = self._grouped(x)
+        return fake_quantize_scaled(xg, scale, zero, self.bits).reshape(x.shape)
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.lower, self.upper, self.alpha, self.beta) if p is not None]

@@ -24,6 +24,8 @@ Inputs follow the field's conventions:
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,7 @@ CLEAN_SUBDIRS: tuple[str, ...] = ("HR", "GT", "gt", "original")
 """Sub-folders that hold the clean images of a benchmark folder, in search order."""
 
 URBAN_PATCH = 256
+_SUBSET = re.compile(r"(?P<name>.+)\[:(?P<n>\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -193,10 +196,22 @@ class Benchmark(Sequence[BenchmarkImage]):
         self._degradation = degradation
         self._seed = seed
         self._settings = settings
+        self._limit: int | None = None
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        """The spec's name; ``NAME[:N]`` when only the first N images are used."""
+        return self.spec.name if self._limit is None else f"{self.spec.name}[:{self._limit}]"
+
+    def first(self, n: int) -> Benchmark:
+        """The first ``n`` images (in file-name order), named ``NAME[:n]`` everywhere
+        results are reported, so a subset can never pass for the full benchmark."""
+        if n < 1:
+            raise ValueError(f"benchmark {self.spec.name}: subset size must be >= 1, got {n}")
+        sub = copy.copy(self)
+        sub._recipes = self._recipes[:n]
+        sub._limit = n if n < len(self._recipes) else self._limit
+        return sub
 
     @property
     def names(self) -> list[str]:
@@ -250,8 +265,21 @@ def load_benchmark(
     """Resolve benchmark ``name`` for ``task`` under ``data_root`` (see the module docstring).
 
     Validates the folder (missing/empty folders, unmatched pairs, GT/LQ size
-    mismatches) eagerly, reading only image headers.
+    mismatches) eagerly, reading only image headers. ``NAME[:N]`` selects the
+    first N images (a quick, clearly labelled subset for slow models).
     """
+    subset = _SUBSET.fullmatch(name.strip())
+    if subset is not None:
+        full = load_benchmark(
+            subset["name"],
+            data_root,
+            task=task,
+            scale=scale,
+            sigma=sigma,
+            quality=quality,
+            seed=seed,
+        )
+        return full.first(int(subset["n"]))
     spec = get_benchmark(name)
     bench_dir = find_benchmark_dir(spec.name, data_root, task)
     channels: ChannelMode = "grey" if spec.grey and task == "car" else "rgb"
