@@ -197,11 +197,12 @@ def window_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale
 class WindowAttention(nn.Module):
     """Multi-head self-attention within windows, with relative position bias.
 
-    Fused path: ``scaled_dot_product_attention`` with bias and mask folded into
-    one additive mask, heads and windows merged so the CPU flash kernel applies
-    (exact to float rounding). When any of ``quant_q``/``quant_k``/``quant_attn``
-    /``quant_v`` is set (compression), the explicit matmul path runs so that both
-    operands of both matmuls can be quantised.
+    Fused path (inference): ``scaled_dot_product_attention`` with bias and mask
+    folded into one additive mask, heads and windows merged so the CPU flash
+    kernel applies (exact to float rounding). Under autograd, and when any of
+    ``quant_q``/``quant_k``/``quant_attn``/``quant_v`` is set (compression), the
+    explicit matmul path runs (faster to train through; and there both
+    operands of both matmuls can be quantised).
     """
 
     chunk_windows: int | None = None
@@ -266,7 +267,9 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).reshape(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = self.position_bias()
-        if self.quantized:
+        if self.quantized or (torch.is_grad_enabled() and q.requires_grad):
+            # Training: CPU SDPA's backward for 64-token windows is ~25% slower
+            # than autograd through the explicit matmuls (the reference's path).
             out = self._explicit_attention(q, k, v, bias, mask)
         else:
             out = self._fused_attention(q, k, v, bias, mask)
