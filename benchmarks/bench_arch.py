@@ -255,8 +255,27 @@ def _row_markdown(row: dict[str, Any], rate: float) -> str:
     )
 
 
+def add_malloc_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="glibc thresholds as the irformer CLI sets them (irformer.engine.runtime), or "
+        "glibc's defaults; applies to both implementations and to child processes",
+    )
+
+
+def apply_malloc_flag(args: argparse.Namespace) -> str:
+    """Set the allocator for this process and its children; returns what was applied."""
+    from irformer.engine.runtime import tune_cpu_allocator
+
+    os.environ["IRFORMER_MALLOC_TUNE"] = "1" if args.malloc == "tuned" else "0"
+    return "tuned" if tune_cpu_allocator() else "glibc default"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_malloc_flag(parser)
     parser.add_argument("--models", default="swinir_light_x4,hat_1_x4")
     parser.add_argument("--sizes", default="64,128,256")
     parser.add_argument("--repeats", type=int, default=3)
@@ -272,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", nargs=3, metavar=("P", "S", "I"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    malloc = apply_malloc_flag(args)
     if args.time:
         print(json.dumps(time_case(args.time[0], int(args.time[1]), args.repeats, args.clock)))
         return 0
@@ -281,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     presets = args.models.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"threads={args.threads} repeats={args.repeats} clock={args.clock} ", end="")
+    print(f"malloc={malloc} ", end="")
     print(f"load={os.getloadavg()}")
     print(HEADER, flush=True)
     result = run(presets, sizes, args.repeats, args.threads, args.clock)

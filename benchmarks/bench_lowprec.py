@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_arch import add_malloc_flag, apply_malloc_flag  # noqa: E402
+
 WEIGHTS = REPO / "src" / "irformer" / "weights"
 PRESETS = {"swinir_light": "swinir_light_x{s}", "hat_1": "hat_1_x{s}"}
 
@@ -115,12 +119,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    add_malloc_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = apply_malloc_flag(args)
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"1-min load average {load_avg:.1f}"
+        f"1-min load average {load_avg:.1f}, malloc {malloc}"
     )
     for kind in args.models.split(","):
         bench_model(kind.strip(), args)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_arch import add_malloc_flag, apply_malloc_flag  # noqa: E402
 
 PRESET = "swinir_light_x4"
 SCALE, LR_SIZE, BATCH = 4, 48, 4
@@ -111,11 +112,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_malloc_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = apply_malloc_flag(args)
     print(
         f"{PRESET}, batch {BATCH}, LR {LR_SIZE}x{LR_SIZE}, {args.threads} thread(s), "
-        f"{args.rounds} alternating rounds of {args.iters} iterations"
+        f"malloc {malloc}, {args.rounds} alternating rounds of {args.iters} iterations"
     )
     plain, ours = [], []
     for r in range(args.rounds):

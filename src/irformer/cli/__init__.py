@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from irformer.engine.runtime import tune_cpu_allocator
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # keep freed tensor memory mapped (see irformer.engine.runtime)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
