@@ -324,4 +324,10 @@ def test_real_checkpoint_through_registry_and_cli(
     assert row[:2] == ["tiny", "x2"]
     assert row[2] == f"{direct['Set5'].psnr:.2f}"
     assert main([*argv, "--scale", "4", "--data-root", str(flat_root), "--no-progress"]) == 2
-    assert "upscales by 2" in capsys.readouterr().err
+    assert "is an x2 model" in capsys.readouterr().err
+    # Task and scale default to the checkpoint's metadata.
+    short = ["eval", "--model", str(ckpt), "--bench", "Set5", "--data-root", str(flat_root)]
+    assert main([*short, "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[:3] == row[:3]
+    assert main([*short, "--task", "dn", "--sigma", "15"]) == 2
+    assert "is a sr model" in capsys.readouterr().err

@@ -34,8 +34,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
     )
     p.add_argument("--model", required=True, help="checkpoint path, preset name, or 'bicubic'")
-    p.add_argument("--task", choices=("sr", "dn", "car", "dr"), default="sr")
-    p.add_argument("--scale", type=int, default=None, help="SR scale (2, 3, 4); required for sr")
+    p.add_argument(
+        "--task",
+        choices=("sr", "dn", "car", "dr"),
+        default=None,
+        help="default: the checkpoint's task (irformer metadata), else sr",
+    )
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help="SR scale (2, 3, 4); default: the checkpoint's, required otherwise for sr",
+    )
     p.add_argument(
         "--bench",
         default=None,
@@ -110,7 +120,31 @@ def format_table(result: EvaluationResult) -> str:
     return "\n".join(line.rstrip() for line in (head1, head2, row))
 
 
+def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
+    """Fill ``--task``/``--scale`` from an irformer checkpoint's metadata; an explicit
+    value that contradicts it is an error (it would score the wrong protocol)."""
+    path = Path(args.model)
+    meta: dict[str, object] = {}
+    if path.is_file():
+        from irformer.archs.registry import read_state_dict
+        from irformer.engine.evaluate import eval_task_of
+
+        meta = read_state_dict(path)[1]
+        if meta:
+            task, scale = eval_task_of(meta), int(meta.get("scale") or 1)  # type: ignore[call-overload]
+            if args.task is not None and args.task != task:
+                raise ValueError(f"--task {args.task}: {path} is a {task} model (metadata)")
+            if task == "sr" and args.scale is not None and args.scale != scale:
+                raise ValueError(f"--scale {args.scale}: {path} is an x{scale} model (metadata)")
+            args.task = task
+            if task == "sr":
+                args.scale = scale
+    if args.task is None:
+        args.task = "sr"
+
+
 def run(args: argparse.Namespace) -> int:
+    _defaults_from_checkpoint(args)
     if args.task == "sr" and args.scale is None:
         raise ValueError("--task sr needs --scale (2, 3 or 4)")
     if args.task == "dn" and args.sigma is None:

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ __all__ = [
     "BicubicModel",
     "EvaluationResult",
     "ImageResult",
+    "eval_task_of",
     "evaluate",
     "evaluate_benchmark",
     "load_model_for_eval",
@@ -54,6 +55,14 @@ logger = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16", "fp16"]
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CHANNEL_ATTRS = ("in_chans", "in_channels", "num_in_ch")
+_EVAL_TASKS = {"sr": "sr", "denoise": "dn", "jpeg_car": "car", "derain": "dr", "real_sr": "sr"}
+
+
+def eval_task_of(meta: Mapping[str, object]) -> str:
+    """The benchmark task (``sr``/``dn``/``car``/``dr``) of a checkpoint's metadata
+    (whose ``task`` uses the architecture names: ``denoise``, ``jpeg_car``...)."""
+    task = str(meta.get("task", "sr"))
+    return _EVAL_TASKS.get(task, task)
 
 
 class BicubicModel(nn.Module):

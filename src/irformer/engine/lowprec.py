@@ -265,14 +265,6 @@ class LowPrecReport:
         raise KeyError(f"no row for model={model!r} setting={setting!r} benchmark={benchmark!r}")
 
 
-_EVAL_TASKS = {"sr": "sr", "denoise": "dn", "jpeg_car": "car", "derain": "dr", "real_sr": "sr"}
-
-
-def _eval_task(meta: Mapping[str, object]) -> str:
-    task = str(meta.get("task", "sr"))
-    return _EVAL_TASKS.get(task, task)
-
-
 def _setting_model(
     base: nn.Module, setting: str, *, granularity: str, symmetric: bool, linear_only: bool
 ) -> tuple[nn.Module, str]:
@@ -319,7 +311,7 @@ def lowprec_report(
     fp16 LN rows are. ``options`` sets tiling / exact path / ensemble.
     """
     from irformer.data.benchmarks import load_benchmark
-    from irformer.engine.evaluate import evaluate_benchmark, resolve_device
+    from irformer.engine.evaluate import eval_task_of, evaluate_benchmark, resolve_device
 
     unknown = [s for s in settings if s not in LOWPREC_SETTINGS]
     if unknown:
@@ -329,7 +321,7 @@ def lowprec_report(
         model, meta = _load(ckpt)
         models.append((label, str(ckpt) if not isinstance(ckpt, nn.Module) else label, model, meta))
     meta0 = models[0][3]
-    task = task or _eval_task(meta0)
+    task = task or eval_task_of(meta0)
     scale = int(scale if scale is not None else meta0.get("scale", 1))  # type: ignore[arg-type]
     for label, source, _, meta in models:
         if "scale" in meta and int(meta["scale"]) != scale:  # type: ignore[arg-type]
