@@ -247,3 +247,28 @@ def test_instance_norm_normalises_each_channel_over_tokens() -> None:
     y = build_norm("in", 6)(x)
     torch.testing.assert_close(y.mean(1), torch.zeros(2, 6), rtol=0, atol=1e-5)
     torch.testing.assert_close(y.var(1, unbiased=False), torch.ones(2, 6), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_iln_bf16_inference_path_matches_fp64(batch: int) -> None:
+    """bf16 inference normalises with one fused kernel (per-sample mean/std as
+    batch_norm running stats); the result equals the fp64 formula to bf16 rounding,
+    also for a mean far from zero, and each sample uses its own statistics."""
+    torch.manual_seed(0)
+    norm = build_norm("iln", 24)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(batch, 50, 24) * torch.tensor([1.0, 3.0, 0.2])[:batch, None, None] + 20.0
+    xb = x.bfloat16()
+    with torch.no_grad():
+        stats = norm.statistics(xb)
+        fast = norm.normalize(xb, stats)
+        x64, s64 = xb.double(), stats.double()
+        exact = (x64 - s64[:, 0:1]) / s64[:, 1:2] * norm.weight.double() + norm.bias.double()
+    assert fast.dtype == torch.bfloat16 and fast.shape == x.shape
+    ulp = exact.abs().clamp_min(1e-3) * 2.0**-8
+    assert ((fast.double() - exact).abs() <= ulp).all()
+    # Under autograd the fp32 chain runs (and gives the same values).
+    slow = norm.normalize(xb, stats)
+    assert slow.requires_grad and (slow.double() - exact).abs().le(ulp).all()

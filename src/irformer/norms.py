@@ -138,6 +138,8 @@ class HolisticLayerNorm(_ChannelAffine):
         if stats is None:
             stats = self.statistics(x)
         mean, std = stats[:, 0:1], stats[:, 1:2]
+        if _fused_low_precision(x, self.weight):
+            return _normalize_per_sample(x, mean, std, self.weight, self.bias)
         # (x - mean) * (weight / std) + bias: two passes over x, the affine folded
         # into a (B, 1, C) factor. The mean is subtracted first on purpose: folding
         # it into the bias loses precision when |mean| >> std.
@@ -166,6 +168,35 @@ class HolisticLayerNorm(_ChannelAffine):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, rescale={self.rescale}"
+
+
+def _fused_low_precision(x: Tensor, weight: Tensor) -> bool:
+    """bf16 (any device) or fp16 (CUDA) inference, where one fused kernel pays."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return x.dtype == torch.bfloat16 or (x.dtype == torch.float16 and x.is_cuda)
+
+
+def _normalize_per_sample(
+    x: Tensor, mean: Tensor, std: Tensor, weight: Tensor, bias: Tensor | None
+) -> Tensor:
+    """``(x - mean) / std * weight + bias`` per sample via eval-mode ``batch_norm``.
+
+    Its CPU/CUDA kernels read low-precision ``x`` once, compute in fp32 with
+    fp32 statistics and affine (the per-sample mean/std given as every
+    channel's running mean/variance, eps 0) and write once: 4 bytes of traffic
+    per element instead of ~28 for the upcast/centre/affine/downcast chain,
+    with the same result (checked in the tests).
+    """
+    c = x.shape[-1]
+    w = weight.float()
+    b = None if bias is None else bias.float()
+    rows = []
+    for i in range(x.shape[0]):
+        m = mean[i].reshape(1).float().expand(c).contiguous()
+        v = std[i].reshape(1).float().square().expand(c).contiguous()
+        rows.append(F.batch_norm(x[i].reshape(-1, c), m, v, w, b, False, 0.0, 0.0))
+    return (rows[0] if len(rows) == 1 else torch.stack(rows)).reshape(x.shape)
 
 
 def holistic_stats(x: Tensor, eps: float) -> Tensor:
