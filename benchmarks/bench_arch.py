@@ -9,8 +9,8 @@ one least disturbed by other processes). That is done in ``--processes`` fresh
 processes and the median reported with the range of the per-process ratios:
 on a 2-vCPU VM the spread between processes is larger than within one. Peak
 memory is measured in a fresh process per case: the peak RSS (``VmHWM``, reset
-through ``/proc/self/clear_refs``) during one forward, minus the RSS before it. Achieved GFLOP/s uses the
-reference's matmul/conv FLOPs (counted once at the smallest size, scaled by the
+through ``/proc/self/clear_refs``) during one forward, minus the RSS before it.
+Achieved GFLOP/s uses the reference's matmul/conv FLOPs (counted once at the smallest size, scaled by the
 pixel count: every op is per pixel or per fixed-size window) against the
 measured fp32 matmul rate.
 
