@@ -10,9 +10,9 @@ processes and the median reported with the range of the per-process ratios:
 on a 2-vCPU VM the spread between processes is larger than within one. Peak
 memory is measured in a fresh process per case: the peak RSS (``VmHWM``, reset
 through ``/proc/self/clear_refs``) during one forward, minus the RSS before it.
-Achieved GFLOP/s uses the reference's matmul/conv FLOPs (counted once at the smallest size, scaled by the
-pixel count: every op is per pixel or per fixed-size window) against the
-measured fp32 matmul rate.
+Achieved GFLOP/s uses the reference's matmul/conv FLOPs (counted once at the
+smallest size, scaled by the pixel count: every op is per pixel or per
+fixed-size window) against the measured fp32 matmul rate.
 
     .venv/bin/python benchmarks/bench_arch.py                      # full run
     .venv/bin/python benchmarks/bench_arch.py --sizes 64 --repeats 1 --processes 1  # smoke
