@@ -61,6 +61,8 @@ class CompressionSettings:
     """None = each method's default (4000 for 2DQuant/CompSRT)."""
     dqc_batch: int = 16
     dqc_lr: float | None = None
+    dqc_recompute: bool = True
+    """Checkpoint residual groups during DQC (memory; see ``distill_bounds``)."""
     val_batch: int = 16
     val_every: int = 200
     rotation: str | None = None
@@ -216,6 +218,7 @@ def run_compression(
                 val_batch=held_out,
                 val_every=settings.val_every,
                 on_step=_progress_logger(method, wbits, abits, cfg.dqc_iters),
+                recompute=settings.dqc_recompute,
             )
             elapsed = time.perf_counter() - start
             qmodel = result.model.eval()

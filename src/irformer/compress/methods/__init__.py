@@ -93,10 +93,13 @@ def quantize_model(
     on_step: Callable[[int, float], None] | None = None,
     val_batch: Tensor | None = None,
     val_every: int = 100,
+    recompute: bool = True,
 ) -> QuantResult:
     """Quantise a copy of ``model``: attach, calibrate on ``calib`` (B, C, h, w),
     then (if ``cfg.dqc_iters``) distil the bounds on ``train_batches``, keeping
-    the bounds with the lowest L1 on ``val_batch`` when one is given.
+    the bounds with the lowest L1 on ``val_batch`` when one is given;
+    ``recompute`` trades one extra forward per DQC step for a fraction of the
+    memory (:func:`distill_bounds`).
 
     ``model`` itself is left untouched and serves as the FP teacher.
     """
@@ -124,6 +127,7 @@ def quantize_model(
             on_step=on_step,
             val_batch=val_batch,
             val_every=val_every,
+            recompute=recompute,
         )
         if log.loss:
             logger.info(

@@ -20,6 +20,7 @@ kernel would run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from irformer.archs.common import WindowAttention
 from irformer.compress.hadamard import RotationMode, hadamard_size
@@ -376,6 +378,33 @@ class _FeatureTap:
             h.remove()
 
 
+@contextlib.contextmanager
+def _recomputed(modules: list[nn.Module]) -> Iterator[None]:
+    """Run each module under activation checkpointing while the context is open.
+
+    Fake quantisers keep several attention-map-sized tensors per block for
+    backward: 2DQuant's DQC batch of 16 64x64 patches needs ~30 GB on
+    SwinIR-light. Recomputing each residual group in backward keeps one group's
+    activations at a time (~1/4 of that) for one extra forward. The wrapper
+    replaces ``forward`` (not ``__call__``), so forward hooks such as the
+    feature taps still fire once per forward and not again in the recompute.
+    """
+    originals = []
+    for m in modules:
+        orig = m.forward
+        originals.append((m, orig))
+
+        def forward(*args: Any, _orig: Callable[..., Any] = orig, **kwargs: Any) -> Any:
+            return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+
+        m.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m, orig in originals:
+            m.forward = orig  # type: ignore[method-assign]
+
+
 def distill_bounds(
     qmodel: nn.Module,
     fp_model: nn.Module,
@@ -386,6 +415,7 @@ def distill_bounds(
     on_step: Callable[[int, float], None] | None = None,
     val_batch: Tensor | None = None,
     val_every: int = 100,
+    recompute: bool = True,
 ) -> DistillLog:
     """DQC: train only the quantisers' bounds (and alpha/beta) against the FP model.
 
@@ -401,6 +431,9 @@ def distill_bounds(
     with the lowest held-out L1 are kept, checked before training, every
     ``val_every`` iterations and at the end. The papers select their iteration
     on Set5, a test set; this keeps selection off the benchmarks.
+
+    ``recompute`` checkpoints the student's residual groups (same result, a
+    fraction of the memory, ~one extra forward per step; see :func:`_recomputed`).
     """
     params = learnable_quantizer_parameters(qmodel)
     for p in qmodel.parameters():
@@ -444,7 +477,8 @@ def distill_bounds(
             with torch.no_grad():
                 out_f = fp_model(lq)
             feats_f = tap_f.pop()
-            out_q = qmodel(lq)
+            with _recomputed(q_groups if recompute else []):
+                out_q = qmodel(lq)
             feats_q = tap_q.pop()
             pixel = F.l1_loss(out_q, out_f)
             feature = sum(
