@@ -268,12 +268,40 @@ def test_window_sdpa_bf16_cpu_path(shape: tuple[int, int, int, int]) -> None:
         assert err < 2 * (kernel.float() - ref).pow(2).mean().sqrt() + 1e-3
         kernel_max = float((kernel.float() - ref).abs().max())
         assert float((out.float() - ref).abs().max()) < 2 * kernel_max + 0.02
-    # fp32 goes to SDPA unchanged
-    with torch.no_grad():
-        assert torch.equal(
-            window_sdpa(q, k, v, mask, 0.3),
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3),
-        )
+    # fp32 with one thread goes to SDPA unchanged
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            assert torch.equal(
+                window_sdpa(q, k, v, mask, 0.3),
+                torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=0.3
+                ),
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(300, 6, 64, 10), (1, 6 * 40, 64, 10), (3, 2, 49, 8)])
+def test_window_sdpa_fp32_blocked_path(shape: tuple[int, int, int, int]) -> None:
+    """With several threads fp32 windows run as blocked baddbmm/softmax/bmm: equal
+    to SDPA to float rounding for a broadcast mask, per-window masks and no mask."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(shape) * 2 for _ in range(3))
+    b, h, n, _ = shape
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for mask in (torch.randn(1, h, n, n), torch.randn(b, h, n, n) * 10, None):
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=0.3
+            )
+            with torch.no_grad():
+                out = window_sdpa(q, k, v, mask, 0.3)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -161,12 +161,14 @@ def window_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale
     as close to it as the bf16 kernel). Everything else goes to SDPA.
     """
     b, h, n = q.shape[:3]
-    if (
-        q.dtype != torch.bfloat16
-        or q.device.type != "cpu"
-        or n * k.shape[2] > SMALL_WINDOW_SCORES
-        or torch.is_grad_enabled()
-    ):
+    small_cpu = (
+        q.device.type == "cpu"
+        and n * k.shape[2] <= SMALL_WINDOW_SCORES
+        and not torch.is_grad_enabled()
+    )
+    if small_cpu and q.dtype == torch.float32 and torch.get_num_threads() > 1:
+        return _blocked_fp32_attention(q, k, v, attn_mask, scale)
+    if not small_cpu or q.dtype != torch.bfloat16:
         mask = None if attn_mask is None else attn_mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     dim = 0 if b > 1 else 1
@@ -192,6 +194,42 @@ def window_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale
         )
         torch.matmul(torch.softmax(scores, -1).to(v.dtype), v[part], out=out[part])
     return out
+
+
+def _blocked_fp32_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float
+) -> Tensor:
+    """fp32 window attention as ``baddbmm`` (mask fused) + softmax + ``bmm`` over
+    cache-sized steps of (window, head) matrices.
+
+    With several threads this beats PyTorch's CPU flash kernel for 64-token
+    windows with head dim 10 (12.8 vs 14.9 ms for 256 windows x 6 heads at 2
+    threads: the kernel scales 1.3x from 1 to 2 threads, these batched GEMMs
+    ~1.75x); with one thread the kernel is faster and is kept.
+    """
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    q = torch.mul(q, scale, out=q.new_empty(q.shape)).view(b * h, n, d)
+    k_t = k.contiguous().view(b * h, m, d).transpose(1, 2)
+    v = v.contiguous().view(b * h, m, v.shape[-1])
+    out = q.new_empty(b * h, n, v.shape[-1])
+    step = max(h, (SCORE_ELEMENTS_PER_STEP // (n * m)) // h * h)  # whole windows per step
+    if attn_mask is None:
+        mask = None
+    elif attn_mask.shape[0] == 1:
+        # Steps start on window boundaries, so one step-sized tiling serves them all.
+        mask = attn_mask.to(q.dtype).expand(step // h, h, n, m).reshape(step, n, m)
+    else:
+        mask = attn_mask.to(q.dtype).expand(b, h, n, m).reshape(b * h, n, m)
+    for s in range(0, b * h, step):
+        e = min(s + step, b * h)
+        if mask is None:
+            scores = torch.bmm(q[s:e], k_t[s:e])
+        else:
+            part = mask[: e - s] if mask.shape[0] == step else mask[s:e]
+            scores = torch.baddbmm(part, q[s:e], k_t[s:e])
+        torch.bmm(torch.softmax(scores, -1), v[s:e], out=out[s:e])
+    return out.view(b, h, n, -1)
 
 
 class WindowAttention(nn.Module):
