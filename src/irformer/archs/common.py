@@ -158,7 +158,9 @@ def window_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale
     kernel is slower than in fp32 for small windows (N = 64, d = 10): there
     the attention runs in cache-sized steps of bf16 matmuls with the mask added
     and the softmax taken in fp32 (about 1.6x faster than fp32 attention, and
-    as close to it as the bf16 kernel). Everything else goes to SDPA.
+    as close to it as the bf16 kernel). In fp32 with several CPU threads the
+    windows run as blocked GEMMs (:func:`_blocked_fp32_attention`). Everything
+    else, and anything under autograd, goes to SDPA.
     """
     b, h, n = q.shape[:3]
     small_cpu = (
