@@ -172,9 +172,16 @@ def test_report_merges_parallel_runs(
     ln_drop = rows[1]["scores"]["Set5"][0] - rows[0]["scores"]["Set5"][0]
     assert f"{ln_drop:+.2f}" in drop.splitlines()[2]
     assert "| minmax | 4/4 | 0 |" in capsys.readouterr().out
-    # The same run twice is a mistake, not a silently doubled table.
+    # The same run twice is a mistake, not a silently doubled table; a second run of
+    # other methods on the same model shares its (identical) FP row.
     assert main(["compress", "report", str(runs[0]), str(runs[0]), "--out", str(merged)]) != 0
     assert "also in" in capsys.readouterr().err
+    other = setup["root"] / "part_dquant"
+    args = [*base, "--model", str(setup["ckpt"]), "--out", str(other), "--method", "dquant2d"]
+    assert main([*args, "--dqc-iters", "0"]) == 0
+    assert main(["compress", "report", str(runs[0]), str(other), "--out", str(merged)]) == 0
+    rows = [json.loads(line) for line in (merged / "rows.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["fp32", "minmax", "dquant2d"]
     assert main(["compress", "report", str(setup["root"]), "--out", str(merged)]) != 0
     assert "rows.jsonl does not exist" in capsys.readouterr().err
 

@@ -324,15 +324,20 @@ def read_rows(run_dir: Path) -> list[CompressionRow]:
 def report(args: argparse.Namespace) -> int:
     rows: list[CompressionRow] = []
     seen: dict[tuple[str, str, int, int, float], Path] = {}
+    fp_scores: dict[str, dict[str, tuple[float, float]]] = {}
     for run_dir in args.runs:
         for row in read_rows(run_dir):
             key = (row.model, row.method, row.wbits, row.abits, row.prune)
+            if row.method == "fp32" and fp_scores.get(row.model) == row.scores:
+                continue  # every run re-measures its FP model; identical rows merge
             if key in seen:
                 raise ValueError(
                     f"{run_dir}: row {key} is also in {seen[key]}; merge runs that measured "
                     "different models or settings"
                 )
             seen[key] = run_dir
+            if row.method == "fp32":
+                fp_scores[row.model] = row.scores
             rows.append(row)
     benchmarks = list(dict.fromkeys(b for r in rows for b in r.scores))
     args.out.mkdir(parents=True, exist_ok=True)
