@@ -85,8 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--dqc-keep-activations",
         action="store_true",
-        help="keep every activation for DQC's backward (faster; ~4x the memory: batch 16 "
-        "of 64x64 patches needs ~30 GB for SwinIR-light) instead of recomputing per group",
+        help="keep every activation for DQC's backward (faster; several times the memory: "
+        "SwinIR-light at batch 16 exceeds 24 GB) instead of recomputing per group",
     )
     r.add_argument("--val-every", type=int, default=200, help="held-out check interval")
     r.add_argument("--rotation", choices=("pow2", "exact"), default=None, help="CompSRT sizing")

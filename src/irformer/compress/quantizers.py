@@ -125,9 +125,12 @@ def dequantize_indices(idx: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 class _FakeQuantSTE(torch.autograd.Function):
     """Quantise-dequantise in one autograd node that saves only its inputs.
 
-    Composed from elementwise ops, a fake quantiser keeps four full-size
-    tensors alive for backward; on the attention maps of a Swin block at DQC
-    batch 16 that alone is tens of GB. The forward is the same op sequence as
+    Composed from elementwise ops, a fake quantiser keeps several full-size
+    tensors alive for backward (on attention maps, each the size of the map);
+    this node keeps its input only. (Measured on SwinIR-light DQC, the peak
+    barely moved: the saved tensors of the matmuls and rotations dominate, which
+    is what :func:`irformer.compress.methods.base.distill_bounds`' recompute
+    addresses.) The forward is the same op sequence as
     :func:`quantize_indices` + :func:`dequantize_indices` (bit-identical); the
     backward recomputes ``t = (x - z)/s`` and applies the STE derivatives:
     ``dx = [inside]``, ``ds = clamp(round(t)) - t*[inside]``, ``dz = [outside]``.

@@ -383,9 +383,10 @@ def _recomputed(modules: list[nn.Module]) -> Iterator[None]:
     """Run each module under activation checkpointing while the context is open.
 
     Fake quantisers keep several attention-map-sized tensors per block for
-    backward: 2DQuant's DQC batch of 16 64x64 patches needs ~30 GB on
-    SwinIR-light. Recomputing each residual group in backward keeps one group's
-    activations at a time (~1/4 of that) for one extra forward. The wrapper
+    backward: on SwinIR-light a DQC batch of 4 64x64 patches peaked at 9.1 GB
+    and 2DQuant's batch of 16 was OOM-killed on a 24 GB machine. Recomputing
+    each residual group in backward keeps one group's activations at a time
+    (batch 8: 5.4 GB) for one extra forward. The wrapper
     replaces ``forward`` (not ``__call__``), so forward hooks such as the
     feature taps still fire once per forward and not again in the recompute.
     """
