@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from irformer.archs.fused_attention import fused_window_attention, use_fused_attention
 from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, build_norm, merge_residual
 
 ActivationQuantizer = Callable[[Tensor], Tensor]
@@ -140,6 +141,11 @@ def masked_windows(mask: Tensor) -> Tensor:
         idx = mask.reshape(mask.shape[0], -1).ne(0).any(dim=1).nonzero().flatten()
         entry = _MASKED_WINDOWS[key] = (mask, idx)
     return entry[1]
+
+
+def window_mask_flags(mask: Tensor) -> Tensor:
+    """uint8 (nW,): 1 for the windows whose additive mask is not all zero."""
+    return torch.zeros(mask.shape[0], dtype=torch.uint8).index_fill_(0, masked_windows(mask), 1)
 
 
 SCORE_ELEMENTS_PER_STEP = 48 * 64 * 64
@@ -294,8 +300,15 @@ class WindowAttention(nn.Module):
             q is not None for q in (self.quant_q, self.quant_k, self.quant_attn, self.quant_v)
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: (B*nW, N, C); mask: (nW, N, N) additive or None."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, shift: int = 0) -> Tensor:
+        """x: (B*nW, N, C) windows; mask: (nW, N, N) additive or None.
+
+        Where :meth:`uses_cpu_kernel` holds, x may instead be the (B, H, W, C) map: the
+        kernel then takes the windows of the map cyclically shifted by
+        ``shift`` and returns the map (no roll or partition copies).
+        """
+        if x.dim() == 4 or self.uses_cpu_kernel(x):
+            return self._attend_cpu_kernel(x, mask, shift)
         chunk = self.chunk_windows
         if chunk is not None and x.shape[0] > chunk:
             return self._attend_chunked(x, mask, chunk)
@@ -314,6 +327,28 @@ class WindowAttention(nn.Module):
         else:
             out = self._fused_attention(q, k, v, bias, mask)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+    def uses_cpu_kernel(self, x: Tensor) -> bool:
+        """Whether the fused CPU kernel serves input ``x`` (see :meth:`forward`)."""
+        n = self.window_size * self.window_size
+        return not self.quantized and use_fused_attention(x, n, self.dim // self.num_heads)
+
+    def _attend_cpu_kernel(self, x: Tensor, mask: Tensor | None, shift: int) -> Tensor:
+        """The fused kernel; it needs no score or mask tensors, so it ignores
+        ``chunk_windows``."""
+        flags = None if mask is None else window_mask_flags(mask)
+        window = self.window_size if x.dim() == 4 else 0
+        merged = fused_window_attention(
+            self.qkv(x),
+            self.position_bias(),
+            mask,
+            flags,
+            self.num_heads,
+            self.scale,
+            window=window,
+            shift=shift,
+        )
+        return self.proj(merged)
 
     def _attend_chunked(self, x: Tensor, mask: Tensor | None, chunk: int) -> Tensor:
         """:meth:`forward` over at most ``chunk`` windows at a time (same result).
@@ -465,6 +500,9 @@ class SwinTransformerBlock(nn.Module):
         """y: (B, H, W, C) normalised tokens -> (B, H*W, C) attention branch."""
         b, _, _, c = y.shape
         ws, shift = self.window_size, self.shift_size
+        if self.attn.uses_cpu_kernel(y):
+            mask = shifted_window_mask(h, w, ws, shift, y.device) if shift else None
+            return self.attn(y, mask, shift).view(b, h * w, c)
         mask = None
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))

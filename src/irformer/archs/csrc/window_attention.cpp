@@ -1,0 +1,343 @@
+// Fused window self-attention for CPU inference (irformer.archs.fused_attention).
+//
+// One call does what the eager path needs eight tensor passes for: split the
+// qkv projection into heads, scale q, q k^T + relative-position bias (+ the
+// shifted-window mask on the windows that have one), softmax, times v, and
+// merge the heads back. Given the feature map instead of windows, it also
+// does the cyclic shift and window partition on the way in and their inverses
+// on the way out by address arithmetic. Each (window, head)
+// pair is copied to fp32 buffers that stay in L1/L2, so only the qkv input and
+// the output travel through memory; scores, softmax and sums are fp32 whatever
+// the storage type. With AVX-512 and 64- or 256-token windows the scores of
+// several query rows live in registers (a register-blocked micro-kernel);
+// other shapes and CPUs take a portable loop.
+#include <torch/extension.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxTokens = 256;
+constexpr int64_t kMaxHeadDim = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct Job {
+  const void* qkv;        // (windows, n, 3C) or (images, H, W, 3C), T
+  const float* bias;      // (heads, n, n)
+  const float* mask;      // (mask_windows, n, n) or nullptr
+  const uint8_t* masked;  // (mask_windows,): 1 where that window's mask is not all zero
+  void* out;              // qkv's layout with C channels, T
+  int64_t n, channels, heads, mask_windows;
+  float scale;
+  // Map layout when window > 0: windows of window x window tokens, row-major
+  // per image, of the map cyclically shifted up/left by `shift`.
+  int64_t height = 0, width = 0, window = 0, shift = 0;
+
+  // Token index (into qkv / out rows) of token t of window w.
+  int64_t token(int64_t w, int64_t t) const {
+    if (window == 0) return w * n + t;
+    const int64_t cols = width / window, per_image = (height / window) * cols;
+    const int64_t image = w / per_image, wi = w % per_image;
+    const int64_t r = ((wi / cols) * window + t / window + shift) % height;
+    const int64_t c = ((wi % cols) * window + t % window + shift) % width;
+    return (image * height + r) * width + c;
+  }
+
+  const float* window_mask(int64_t w) const {
+    if (mask == nullptr) return nullptr;
+    const int64_t mw = w % mask_windows;
+    return masked[mw] ? mask + mw * n * n : nullptr;
+  }
+};
+
+// fp32 copies of one (window, head): q scaled (n x d), k transposed (d x n),
+// v padded to dp columns (n x dp).
+struct Tile {
+  std::vector<float> q, k_t, v, p;
+  int64_t dp;
+  explicit Tile(int64_t d)
+      : q(kMaxTokens * kMaxHeadDim),
+        k_t(kMaxHeadDim * kMaxTokens),
+        v(kMaxTokens * kMaxHeadDim),
+        p(4 * kMaxTokens),
+        dp((d + 15) / 16 * 16) {}
+
+  // tokens: the n token indices of the window; base: qkv + head offset.
+  template <typename T>
+  void load(const T* base, const int64_t* tokens, const Job& job, int64_t d) {
+    const int64_t row = 3 * job.channels, n = job.n;
+    for (int64_t j = 0; j < n; ++j) {
+      const T* tok = base + tokens[j] * row;
+      for (int64_t c = 0; c < d; ++c) {
+        q[j * d + c] = static_cast<float>(tok[c]) * job.scale;
+        k_t[c * n + j] = static_cast<float>(tok[job.channels + c]);
+        v[j * dp + c] = static_cast<float>(tok[2 * job.channels + c]);
+      }
+      for (int64_t c = d; c < dp; ++c) v[j * dp + c] = 0.f;
+    }
+  }
+};
+
+#if defined(__AVX512F__)
+// exp(x) for x <= 0 (softmax arguments): 2^t = 2^floor(t) * P(frac(t)), P the
+// degree-7 Taylor polynomial of 2^f (relative error < 2e-6); scalef applies
+// the power of two.
+inline __m512 exp_nonpositive(__m512 x) {
+  __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _mm512_set1_ps(-126.f));
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, whole);
+  __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(1.5252734e-5f), _mm512_set1_ps(1.5403530e-4f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, whole);
+}
+
+// R query rows [i0, i0 + R) of one (window, head), NB * 16 tokens, head dim
+// padded to DV * 16: writes R rows of DV * 16 outputs (already divided by the
+// softmax sums) to o.
+template <int NB, int R, int DV>
+void rows_avx512(const Tile& tile, const float* bias, const float* mask, int64_t i0, int64_t d,
+                 float* p, float* o) {
+  constexpr int n = NB * 16;
+  __m512 s[R][NB];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      s[r][b] = _mm512_loadu_ps(bias + (i0 + r) * n + 16 * b);
+      if (mask != nullptr)
+        s[r][b] = _mm512_add_ps(s[r][b], _mm512_loadu_ps(mask + (i0 + r) * n + 16 * b));
+    }
+  const float* q = tile.q.data();
+  const float* k_t = tile.k_t.data();
+  for (int64_t c = 0; c < d; ++c) {
+    __m512 qb[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) qb[r] = _mm512_set1_ps(q[(i0 + r) * d + c]);
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      const __m512 kv = _mm512_loadu_ps(k_t + c * n + 16 * b);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) s[r][b] = _mm512_fmadd_ps(qb[r], kv, s[r][b]);
+    }
+  }
+  float inv[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    __m512 top = s[r][0];
+#pragma GCC unroll 16
+    for (int b = 1; b < NB; ++b) top = _mm512_max_ps(top, s[r][b]);
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(s[r][b], shift));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_storeu_ps(p + r * n + 16 * b, e);
+    }
+    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[R][DV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x) acc[r][x] = _mm512_setzero_ps();
+  const float* v = tile.v.data();
+  for (int j = 0; j < n; ++j) {
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x) {
+      const __m512 vv = _mm512_loadu_ps(v + j * DV * 16 + 16 * x);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        acc[r][x] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * n + j]), vv, acc[r][x]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x)
+      _mm512_storeu_ps(o + r * DV * 16 + 16 * x,
+                       _mm512_mul_ps(acc[r][x], _mm512_set1_ps(inv[r])));
+}
+
+using RowsFn = void (*)(const Tile&, const float*, const float*, int64_t, int64_t, float*, float*);
+
+// The micro-kernel for this shape and its row block, or nullptr.
+std::pair<RowsFn, int> pick_rows(int64_t n, int64_t d) {
+  const int64_t dv = (d + 15) / 16;
+  if (n == 64) {
+    switch (dv) {
+      case 1: return {rows_avx512<4, 4, 1>, 4};
+      case 2: return {rows_avx512<4, 4, 2>, 4};
+      case 3: return {rows_avx512<4, 4, 3>, 4};
+      case 4: return {rows_avx512<4, 4, 4>, 4};
+    }
+  } else if (n == 256) {
+    switch (dv) {
+      case 1: return {rows_avx512<16, 1, 1>, 1};
+      case 2: return {rows_avx512<16, 1, 2>, 1};
+      case 3: return {rows_avx512<16, 1, 3>, 1};
+      case 4: return {rows_avx512<16, 1, 4>, 1};
+    }
+  }
+  return {nullptr, 0};
+}
+#endif
+
+// One query row on any CPU and window size: writes d outputs to o.
+void row_portable(const Tile& tile, const float* bias, const float* mask, int64_t i, int64_t n,
+                  int64_t d, float* s, float* o) {
+  for (int64_t j = 0; j < n; ++j) s[j] = bias[i * n + j] + (mask ? mask[i * n + j] : 0.f);
+  for (int64_t c = 0; c < d; ++c) {
+    const float qc = tile.q[i * d + c];
+    const float* kc = tile.k_t.data() + c * n;
+    for (int64_t j = 0; j < n; ++j) s[j] += qc * kc[j];
+  }
+  const float top = *std::max_element(s, s + n);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - top);
+    sum += s[j];
+  }
+  for (int64_t c = 0; c < d; ++c) o[c] = 0.f;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) o[c] += s[j] * tile.v[j * tile.dp + c];
+  for (int64_t c = 0; c < d; ++c) o[c] /= sum;
+}
+
+// (window, head) pairs [begin, end).
+template <typename T>
+void run_pairs(const Job& job, int64_t begin, int64_t end) {
+  const int64_t n = job.n, d = job.channels / job.heads, row = 3 * job.channels;
+  Tile tile(d);
+  alignas(64) float o[4 * kMaxHeadDim];
+  int64_t tokens[kMaxTokens];
+  int64_t tokens_of = -1;
+#if defined(__AVX512F__)
+  const auto [rows_fn, rows_block] = pick_rows(n, d);
+  const int64_t block = rows_fn != nullptr ? rows_block : 1;
+#else
+  const void* rows_fn = nullptr;
+  const int64_t block = 1;
+#endif
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t w = pair / job.heads, h = pair % job.heads;
+    if (tokens_of != w) {
+      for (int64_t t = 0; t < n; ++t) tokens[t] = job.token(w, t);
+      tokens_of = w;
+    }
+    tile.load(static_cast<const T*>(job.qkv) + h * d, tokens, job, d);
+    const float* bias = job.bias + h * n * n;
+    const float* mask = job.window_mask(w);
+    T* out = static_cast<T*>(job.out) + h * d;
+    for (int64_t i0 = 0; i0 < n; i0 += block) {
+      int64_t stride = tile.dp;
+#if defined(__AVX512F__)
+      if (rows_fn != nullptr) {
+        rows_fn(tile, bias, mask, i0, d, tile.p.data(), o);
+      } else
+#endif
+      {
+        row_portable(tile, bias, mask, i0, n, d, tile.p.data(), o);
+        stride = d;
+      }
+      for (int64_t r = 0; r < block; ++r)
+        for (int64_t c = 0; c < d; ++c)
+          out[tokens[i0 + r] * job.channels + c] = static_cast<T>(o[r * stride + c]);
+    }
+  }
+}
+
+// (window, head) pairs over torch's intra-op thread pool (built with
+// -fopenmp, the extension shares the OpenMP runtime torch already loaded).
+template <typename T>
+void launch(const Job& job, int64_t pairs) {
+  at::parallel_for(0, pairs, 1, [&job](int64_t begin, int64_t end) {
+    run_pairs<T>(job, begin, end);
+  });
+}
+
+torch::Tensor window_attention(const torch::Tensor& qkv, const torch::Tensor& bias,
+                               const c10::optional<torch::Tensor>& mask,
+                               const c10::optional<torch::Tensor>& masked, int64_t heads,
+                               double scale, int64_t window, int64_t shift) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.is_contiguous() &&
+                  (window > 0 ? qkv.dim() == 4 : qkv.dim() == 3),
+              "qkv must be a contiguous CPU tensor: (windows, tokens, 3 * channels), or "
+              "(images, H, W, 3 * channels) with window > 0");
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 || qkv.scalar_type() == at::kFloat,
+              "qkv must be bfloat16 or float32, got ", qkv.scalar_type());
+  TORCH_CHECK(heads > 0, "heads must be positive");
+  const int64_t width3 = qkv.size(-1), channels = width3 / 3;
+  int64_t windows = qkv.size(0), n = window > 0 ? window * window : qkv.size(1);
+  if (window > 0) {
+    TORCH_CHECK(qkv.size(1) % window == 0 && qkv.size(2) % window == 0 && shift >= 0 &&
+                    shift < window,
+                "map ", qkv.size(1), "x", qkv.size(2), " is not a multiple of window ", window,
+                " or shift ", shift, " is outside [0, window)");
+    windows *= (qkv.size(1) / window) * (qkv.size(2) / window);
+  }
+  TORCH_CHECK(width3 == 3 * channels && channels % heads == 0, "qkv width ", width3,
+              " is not 3 * channels with channels divisible by heads ", heads);
+  TORCH_CHECK(n <= kMaxTokens && channels / heads <= kMaxHeadDim, "window of ", n,
+              " tokens / head dim ", channels / heads, " exceeds the kernel's ", kMaxTokens, " / ",
+              kMaxHeadDim);
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                  bias.sizes() == at::IntArrayRef({heads, n, n}),
+              "bias must be contiguous float32 (heads, tokens, tokens)");
+  Job job{qkv.data_ptr(), bias.data_ptr<float>(), nullptr, nullptr, nullptr,
+          n, channels, heads, 1, static_cast<float>(scale)};
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(masked.has_value(), "mask given without the per-window masked flags");
+    TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 3 &&
+                    m.size(1) == n && m.size(2) == n && m.size(0) > 0 &&
+                    windows % m.size(0) == 0,
+                "mask must be contiguous float32 (mask_windows, tokens, tokens) dividing the "
+                "windows");
+    TORCH_CHECK(masked->scalar_type() == at::kByte && masked->is_contiguous() &&
+                    masked->numel() == m.size(0),
+                "masked flags must be contiguous uint8 of length mask_windows");
+    job.mask = m.data_ptr<float>();
+    job.masked = masked->data_ptr<uint8_t>();
+    job.mask_windows = m.size(0);
+  }
+  if (window > 0) {
+    job.height = qkv.size(1);
+    job.width = qkv.size(2);
+    job.window = window;
+    job.shift = shift;
+  }
+  std::vector<int64_t> out_shape = qkv.sizes().vec();
+  out_shape.back() = channels;
+  auto out = torch::empty(out_shape, qkv.options());
+  job.out = out.data_ptr();
+  if (qkv.scalar_type() == at::kBFloat16) {
+    launch<c10::BFloat16>(job, windows * heads);
+  } else {
+    launch<float>(job, windows * heads);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("window_attention", &window_attention, "fused window attention (CPU inference)",
+        py::arg("qkv"), py::arg("bias"), py::arg("mask"), py::arg("masked"), py::arg("heads"),
+        py::arg("scale"), py::arg("window") = 0, py::arg("shift") = 0,
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,204 @@
+"""The fused CPU window-attention kernel (irformer.archs.fused_attention).
+
+Checked against an fp64 reference of ``softmax(scale q k^T + bias + mask) v``
+for the AVX-512 micro-kernel shapes (64 / 256 tokens, head dims 10-64) and the
+portable loop (49 tokens), in window and in feature-map layout; as part of
+whole models against the eager path; and its dispatch policy and build-failure
+fallback.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from irformer.archs import build_model
+from irformer.archs import fused_attention as fa
+from irformer.archs.common import shifted_window_mask, window_mask_flags, window_partition
+from irformer.engine.infer import prepare_model_for_precision
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler on PATH: the fused kernel cannot be built here",
+)
+
+
+@pytest.fixture(scope="module")
+def kernel_built() -> None:
+    if fa.load_kernel() is None:
+        pytest.fail(f"the fused kernel did not build on a machine with a compiler: {fa._failure}")
+
+
+def reference(
+    qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, heads: int, scale: float
+) -> torch.Tensor:
+    """fp64 attention of (windows, N, 3C) qkv -> (windows, N, C)."""
+    bw, n, c3 = qkv.shape
+    c = c3 // 3
+    q, k, v = qkv.double().view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    scores = scale * q @ k.transpose(-2, -1) + bias.double()
+    if mask is not None:
+        nw = mask.shape[0]
+        scores = scores.view(bw // nw, nw, heads, n, n) + mask.double()[None, :, None]
+        scores = scores.view(bw, heads, n, n)
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(bw, n, c)
+
+
+def some_masked(windows: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(windows, n, n) masks, every third all zero, the rest -100 on random pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.where(torch.rand(windows, n, n, generator=gen) < 0.3, -100.0, 0.0)
+    mask[::3] = 0.0
+    return mask, window_mask_flags(mask)
+
+
+SHAPES = [  # (windows, tokens, heads, head_dim)
+    (12, 64, 6, 10),  # SwinIR-light
+    (6, 64, 3, 30),  # SwinIR / HAT head dim
+    (4, 64, 2, 64),
+    (3, 256, 2, 16),  # HAT 16x16 windows
+    (6, 49, 2, 8),  # 7x7 windows: the portable loop
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_kernel_matches_fp64_reference(
+    kernel_built: None, shape: tuple[int, int, int, int], with_mask: bool
+) -> None:
+    windows, n, heads, d = shape
+    torch.manual_seed(1)
+    qkv = torch.randn(windows, n, 3 * heads * d) * 1.5
+    bias = torch.randn(heads, n, n)
+    mask_windows = 3 if windows % 3 == 0 else 2
+    mask, flags = some_masked(mask_windows, n, seed=2) if with_mask else (None, None)
+    scale = d**-0.5
+    ref = reference(qkv, bias, mask, heads, scale)
+    out = fa.fused_window_attention(qkv, bias, mask, flags, heads, scale)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+    # bf16 storage: inputs rounded to bf16, arithmetic in fp32, output rounded once
+    out16 = fa.fused_window_attention(qkv.bfloat16(), bias, mask, flags, heads, scale)
+    ref16 = reference(qkv.bfloat16().float(), bias, mask, heads, scale)
+    assert out16.dtype == torch.bfloat16
+    err = (out16.double() - ref16).abs()
+    assert float(err.max()) <= 2**-8 * float(ref16.abs().max()) + 1e-6
+
+
+@pytest.mark.parametrize(("h", "w", "shift"), [(16, 24, 4), (8, 8, 0), (24, 16, 2)])
+def test_kernel_map_layout_equals_roll_and_partition(
+    kernel_built: None, h: int, w: int, shift: int
+) -> None:
+    """Given the (B, H, W, 3C) map the kernel does the cyclic shift, the window
+    partition and their inverses itself."""
+    ws, heads, d, b = 8, 2, 10, 2
+    torch.manual_seed(3)
+    qkv_map = torch.randn(b, h, w, 3 * heads * d)
+    bias = torch.randn(heads, ws * ws, ws * ws)
+    mask = shifted_window_mask(h, w, ws, shift, torch.device("cpu")) if shift else None
+    flags = None if mask is None else window_mask_flags(mask)
+    out = fa.fused_window_attention(qkv_map, bias, mask, flags, heads, 0.3, window=ws, shift=shift)
+    rolled = torch.roll(qkv_map, shifts=(-shift, -shift), dims=(1, 2))
+    windows = window_partition(rolled, ws).view(-1, ws * ws, 3 * heads * d)
+    ref = reference(windows, bias, mask, heads, 0.3).view(-1, ws, ws, heads * d)
+    ref = ref.view(b, h // ws, w // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+    ref = torch.roll(ref, shifts=(shift, shift), dims=(1, 2))
+    assert out.shape == (b, h, w, heads * d)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_kernel_rejects_bad_input(kernel_built: None) -> None:
+    qkv = torch.randn(2, 64, 30)
+    bias = torch.randn(2, 64, 64)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        fa.fused_window_attention(qkv, bias[:1], None, None, 2, 0.3)
+    with pytest.raises(RuntimeError, match="not a multiple of window"):
+        fa.fused_window_attention(torch.randn(1, 12, 16, 30), bias, None, None, 2, 0.3, window=8)
+    with pytest.raises(RuntimeError, match="masked flags"):
+        mask = torch.zeros(2, 64, 64)
+        fa.fused_window_attention(qkv, bias, mask, torch.zeros(3, dtype=torch.uint8), 2, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "size"),
+    [
+        ("swinir_light_x2", {"embed_dim": 24, "depths": (2, 2), "num_heads": (2, 2)}, (24, 40)),
+        ("hat_s_x2", {"embed_dim": 24, "depths": (2,), "num_heads": (2,)}, (20, 16)),
+    ],
+)
+@pytest.mark.parametrize("norm", ["ln", "iln"])
+def test_models_fused_equal_eager(
+    kernel_built: None,
+    monkeypatch: pytest.MonkeyPatch,
+    preset: str,
+    overrides: dict[str, object],
+    size: tuple[int, int],
+    norm: str,
+) -> None:
+    """Whole models (shifted windows, padding to the window multiple): the
+    kernel in fp32 equals the eager path to float rounding, and bf16 with the
+    kernel is no further from fp32 than bf16 without it."""
+    torch.manual_seed(4)
+    model = build_model(preset, norm=norm, **overrides).eval()
+    x = torch.rand(1, 3, *size)
+    with torch.inference_mode():
+        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "off")
+        eager = model(x)
+        model16 = prepare_model_for_precision(copy.deepcopy(model), "bf16")
+        eager16 = model16(x.bfloat16()).float()
+        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
+        fused = model(x)
+        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "bf16")
+        fused16 = model16(x.bfloat16()).float()
+        assert torch.equal(model(x), eager)  # policy bf16: fp32 stays eager
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    err_fused = float((fused16 - eager).abs().mean())
+    err_eager = float((eager16 - eager).abs().mean())
+    assert err_fused <= 1.2 * err_eager + 1e-4
+
+
+def test_dispatch_policy(kernel_built: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    x16 = torch.zeros(2, 64, 60, dtype=torch.bfloat16)
+    x32 = torch.zeros(2, 64, 60)
+    with torch.no_grad():
+        monkeypatch.delenv("IRFORMER_FUSED_ATTENTION", raising=False)
+        assert fa.use_fused_attention(x16, 64, 10)
+        assert not fa.use_fused_attention(x32, 64, 10)  # default policy: bf16 only
+        assert not fa.use_fused_attention(x16, 400, 10)  # window too large
+        assert not fa.use_fused_attention(x16, 64, 80)  # head dim too large
+        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
+        assert fa.use_fused_attention(x32, 64, 10)
+        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "off")
+        assert not fa.use_fused_attention(x16, 64, 10)
+        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "fast")
+        with pytest.raises(ValueError, match="IRFORMER_FUSED_ATTENTION='fast'.*bf16, all, off"):
+            fa.use_fused_attention(x16, 64, 10)
+    monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
+    assert not fa.use_fused_attention(x32, 64, 10)  # autograd on: training keeps eager
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> None:
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(fa, "_kernel", None)
+    monkeypatch.setattr(fa, "_failure", None)
+    monkeypatch.setattr(fa, "_build", broken)
+    monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
+    torch.manual_seed(0)
+    model = build_model("swinir_light_x2", embed_dim=12, depths=(2,), num_heads=(2,)).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
+        with torch.inference_mode():
+            out = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            assert torch.equal(model(x), out)  # no second warning; eager path
+    monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "off")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
