@@ -167,15 +167,17 @@ def test_dispatch_policy(kernel_built: None, monkeypatch: pytest.MonkeyPatch) ->
     with torch.no_grad():
         monkeypatch.delenv("IRFORMER_FUSED_ATTENTION", raising=False)
         assert fa.use_fused_attention(x16, 64, 10)
-        assert not fa.use_fused_attention(x32, 64, 10)  # default policy: bf16 only
+        assert fa.use_fused_attention(x32, 64, 10)  # default policy: all
         assert not fa.use_fused_attention(x16, 400, 10)  # window too large
         assert not fa.use_fused_attention(x16, 64, 80)  # head dim too large
-        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
-        assert fa.use_fused_attention(x32, 64, 10)
+        assert not fa.use_fused_attention(x16.half(), 64, 10)  # fp16: eager
+        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "bf16")
+        assert fa.use_fused_attention(x16, 64, 10)
+        assert not fa.use_fused_attention(x32, 64, 10)
         monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "off")
         assert not fa.use_fused_attention(x16, 64, 10)
         monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "fast")
-        with pytest.raises(ValueError, match="IRFORMER_FUSED_ATTENTION='fast'.*bf16, all, off"):
+        with pytest.raises(ValueError, match=r"IRFORMER_FUSED_ATTENTION='fast'.*all, bf16, off"):
             fa.use_fused_attention(x16, 64, 10)
     monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
     assert not fa.use_fused_attention(x32, 64, 10)  # autograd on: training keeps eager
@@ -192,9 +194,11 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch
     torch.manual_seed(0)
     model = build_model("swinir_light_x2", embed_dim=12, depths=(2,), num_heads=(2,)).eval()
     x = torch.rand(1, 3, 16, 16)
-    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
-        with torch.inference_mode():
-            out = model(x)
+    with (
+        pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"),
+        torch.inference_mode(),
+    ):
+        out = model(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.inference_mode():

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -197,6 +198,204 @@ std::pair<RowsFn, int> pick_rows(int64_t n, int64_t d) {
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// bf16 words of one (window, head) for the AVX512-BF16 dot-product
+// micro-kernel, which multiplies bf16 pairs exactly and sums in fp32 (twice
+// the fp32 FMA rate): q rows (n x dq, dq = d rounded up to even), k as
+// channel pairs (dq / 2 x n words), v as token pairs (n / 2 x dp words),
+// probabilities rounded to bf16 for P V (as the eager bf16 path does).
+struct PairTile {
+  std::vector<uint16_t> q, p;
+  std::vector<uint32_t> k, v;
+  int64_t dq, dp;
+  explicit PairTile(int64_t d)
+      : q(kMaxTokens * kMaxHeadDim),
+        p(4 * kMaxTokens),
+        k(kMaxHeadDim / 2 * kMaxTokens),
+        v(kMaxTokens / 2 * kMaxHeadDim),
+        dq((d + 1) / 2 * 2),
+        dp((d + 15) / 16 * 16) {}
+
+  // n must be even (64 or 256 here). 16 channels at a time with masked loads.
+  void load(const c10::BFloat16* base, const int64_t* tokens, const Job& job, int64_t d) {
+    const int64_t row = 3 * job.channels, n = job.n, ch = job.channels;
+    for (int64_t j = 0; j < n; j += 2) {
+      const auto* t0 = reinterpret_cast<const uint16_t*>(base + tokens[j] * row);
+      const auto* t1 = reinterpret_cast<const uint16_t*>(base + tokens[j + 1] * row);
+      for (int64_t c0 = 0; c0 < dp; c0 += 16) {
+        const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, d - c0));
+        const __mmask16 live = static_cast<__mmask16>((1u << left) - 1);
+        // q rows (zero beyond d, up to dq)
+        const __m256i q0 = _mm256_maskz_loadu_epi16(live, t0 + c0);
+        const __m256i q1 = _mm256_maskz_loadu_epi16(live, t1 + c0);
+        if (c0 < dq) {
+          const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, dq - c0)) - 1);
+          _mm256_mask_storeu_epi16(q.data() + j * dq + c0, keep, q0);
+          _mm256_mask_storeu_epi16(q.data() + (j + 1) * dq + c0, keep, q1);
+        }
+        // k channel pairs: word c/2 of token j is (k[c], k[c + 1])
+        alignas(32) uint32_t k0[8], k1[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(k0), _mm256_maskz_loadu_epi16(live, t0 + ch + c0));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(k1), _mm256_maskz_loadu_epi16(live, t1 + ch + c0));
+        for (int64_t w = 0; w < 8 && c0 + 2 * w < dq; ++w) {
+          k[(c0 / 2 + w) * n + j] = k0[w];
+          k[(c0 / 2 + w) * n + j + 1] = k1[w];
+        }
+        // v token pairs: word c of pair j / 2 is (v_j[c], v_{j+1}[c])
+        const __m512i v0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, t0 + 2 * ch + c0));
+        const __m512i v1 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, t1 + 2 * ch + c0));
+        _mm512_storeu_si512(v.data() + (j / 2) * dp + c0, _mm512_or_si512(v0, _mm512_slli_epi32(v1, 16)));
+      }
+    }
+  }
+};
+
+inline uint32_t word_at(const uint16_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+
+// rows_avx512 with bf16 dot products for q k^T and P V.
+template <int NB, int R, int DV>
+void rows_bf16(const PairTile& tile, const float* bias, const float* mask, int64_t i0,
+               float scale, float* o) {
+  constexpr int n = NB * 16;
+  __m512 s[R][NB];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) s[r][b] = _mm512_setzero_ps();
+  const int64_t dq = tile.dq;
+  for (int64_t cp = 0; cp < dq / 2; ++cp) {
+    __m512i qb[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      qb[r] = _mm512_set1_epi32(static_cast<int>(word_at(tile.q.data() + (i0 + r) * dq + 2 * cp)));
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      const __m512i kv = _mm512_loadu_si512(tile.k.data() + cp * n + 16 * b);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) s[r][b] = _mm512_dpbf16_ps(s[r][b], (__m512bh)qb[r], (__m512bh)kv);
+    }
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  float inv[R];
+  uint16_t* p = const_cast<uint16_t*>(tile.p.data());
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      __m512 add = _mm512_loadu_ps(bias + (i0 + r) * n + 16 * b);
+      if (mask != nullptr) add = _mm512_add_ps(add, _mm512_loadu_ps(mask + (i0 + r) * n + 16 * b));
+      s[r][b] = _mm512_fmadd_ps(s[r][b], vscale, add);
+    }
+    __m512 top = s[r][0];
+#pragma GCC unroll 16
+    for (int b = 1; b < NB; ++b) top = _mm512_max_ps(top, s[r][b]);
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      s[r][b] = exp_nonpositive(_mm512_sub_ps(s[r][b], shift));
+      sum = _mm512_add_ps(sum, s[r][b]);
+    }
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; b += 2)
+      _mm512_storeu_si512(p + r * n + 16 * b, (__m512i)_mm512_cvtne2ps_pbh(s[r][b + 1], s[r][b]));
+    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[R][DV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x) acc[r][x] = _mm512_setzero_ps();
+  __m512 acc2[R][DV];  // a second set of sums: twice the independent dependency chains
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x) acc2[r][x] = _mm512_setzero_ps();
+  const int64_t dp = tile.dp;
+  for (int jp = 0; jp < n / 2; jp += 2) {
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x) {
+      const __m512i v0 = _mm512_loadu_si512(tile.v.data() + jp * dp + 16 * x);
+      const __m512i v1 = _mm512_loadu_si512(tile.v.data() + (jp + 1) * dp + 16 * x);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512i p0 = _mm512_set1_epi32(static_cast<int>(word_at(p + r * n + 2 * jp)));
+        const __m512i p1 = _mm512_set1_epi32(static_cast<int>(word_at(p + r * n + 2 * jp + 2)));
+        acc[r][x] = _mm512_dpbf16_ps(acc[r][x], (__m512bh)p0, (__m512bh)v0);
+        acc2[r][x] = _mm512_dpbf16_ps(acc2[r][x], (__m512bh)p1, (__m512bh)v1);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x)
+      _mm512_storeu_ps(o + r * DV * 16 + 16 * x,
+                       _mm512_mul_ps(_mm512_add_ps(acc[r][x], acc2[r][x]),
+                                     _mm512_set1_ps(inv[r])));
+}
+
+using PairRowsFn = void (*)(const PairTile&, const float*, const float*, int64_t, float, float*);
+
+std::pair<PairRowsFn, int> pick_pair_rows(int64_t n, int64_t d) {
+  const int64_t dv = (d + 15) / 16;
+  if (n == 64) {
+    switch (dv) {
+      case 1: return {rows_bf16<4, 4, 1>, 4};
+      case 2: return {rows_bf16<4, 4, 2>, 4};
+      case 3: return {rows_bf16<4, 4, 3>, 4};
+      case 4: return {rows_bf16<4, 4, 4>, 4};
+    }
+  } else if (n == 256) {
+    switch (dv) {
+      case 1: return {rows_bf16<16, 1, 1>, 1};
+      case 2: return {rows_bf16<16, 1, 2>, 1};
+      case 3: return {rows_bf16<16, 1, 3>, 1};
+      case 4: return {rows_bf16<16, 1, 4>, 1};
+    }
+  }
+  return {nullptr, 0};
+}
+
+// run_pairs for bf16 storage through the bf16 dot-product micro-kernel; false
+// (nothing done) for shapes it does not cover.
+bool run_pairs_bf16(const Job& job, int64_t begin, int64_t end) {
+  const int64_t n = job.n, d = job.channels / job.heads, row = 3 * job.channels;
+  const auto [rows_fn, block] = pick_pair_rows(n, d);
+  if (rows_fn == nullptr) return false;
+  (void)row;
+  PairTile tile(d);
+  alignas(64) float o[4 * kMaxHeadDim];
+  int64_t tokens[kMaxTokens];
+  int64_t tokens_of = -1;
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t w = pair / job.heads, h = pair % job.heads;
+    if (tokens_of != w) {
+      for (int64_t t = 0; t < n; ++t) tokens[t] = job.token(w, t);
+      tokens_of = w;
+    }
+    tile.load(static_cast<const c10::BFloat16*>(job.qkv) + h * d, tokens, job, d);
+    const float* bias = job.bias + h * n * n;
+    const float* mask = job.window_mask(w);
+    auto* out = static_cast<c10::BFloat16*>(job.out) + h * d;
+    for (int64_t i0 = 0; i0 < n; i0 += block) {
+      rows_fn(tile, bias, mask, i0, job.scale, o);
+      for (int64_t r = 0; r < block; ++r)
+        for (int64_t c0 = 0; c0 < d; c0 += 16) {
+          const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, d - c0)) - 1);
+          const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(o + r * tile.dp + c0));
+          _mm256_mask_storeu_epi16(out + tokens[i0 + r] * job.channels + c0, live, (__m256i)packed);
+        }
+    }
+  }
+  return true;
+}
+#endif
+
 // One query row on any CPU and window size: writes d outputs to o.
 void row_portable(const Tile& tile, const float* bias, const float* mask, int64_t i, int64_t n,
                   int64_t d, float* s, float* o) {
@@ -221,6 +420,11 @@ void row_portable(const Tile& tile, const float* bias, const float* mask, int64_
 // (window, head) pairs [begin, end).
 template <typename T>
 void run_pairs(const Job& job, int64_t begin, int64_t end) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (run_pairs_bf16(job, begin, end)) return;
+  }
+#endif
   const int64_t n = job.n, d = job.channels / job.heads, row = 3 * job.channels;
   Tile tile(d);
   alignas(64) float o[4 * kMaxHeadDim];
