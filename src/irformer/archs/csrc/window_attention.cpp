@@ -174,27 +174,28 @@ void rows_avx512(const Tile& tile, const float* bias, const float* mask, int64_t
                        _mm512_mul_ps(acc[r][x], _mm512_set1_ps(inv[r])));
 }
 
-using RowsFn = void (*)(const Tile&, const float*, const float*, int64_t, int64_t, float*, float*);
+template <int NB, int R, int DV>
+struct Fp32Rows {
+  static constexpr auto run = &rows_avx512<NB, R, DV>;
+};
 
-// The micro-kernel for this shape and its row block, or nullptr.
-std::pair<RowsFn, int> pick_rows(int64_t n, int64_t d) {
-  const int64_t dv = (d + 15) / 16;
-  if (n == 64) {
-    switch (dv) {
-      case 1: return {rows_avx512<4, 4, 1>, 4};
-      case 2: return {rows_avx512<4, 4, 2>, 4};
-      case 3: return {rows_avx512<4, 4, 3>, 4};
-      case 4: return {rows_avx512<4, 4, 4>, 4};
-    }
-  } else if (n == 256) {
-    switch (dv) {
-      case 1: return {rows_avx512<16, 1, 1>, 1};
-      case 2: return {rows_avx512<16, 1, 2>, 1};
-      case 3: return {rows_avx512<16, 1, 3>, 1};
-      case 4: return {rows_avx512<16, 1, 4>, 1};
-    }
+// The micro-kernel instance Rows<NB, R, DV>::run for n tokens and head dim d
+// (64 tokens: 4 query rows per call; 256 tokens: 1) and its row count, or
+// {nullptr, 0} for shapes without one.
+template <template <int, int, int> class Rows>
+auto pick_rows(int64_t n, int64_t d)
+    -> std::pair<std::remove_const_t<decltype(Rows<4, 4, 1>::run)>, int> {
+  switch ((n == 64 ? 0 : n == 256 ? 10 : 100) + (d + 15) / 16) {
+    case 1: return {Rows<4, 4, 1>::run, 4};
+    case 2: return {Rows<4, 4, 2>::run, 4};
+    case 3: return {Rows<4, 4, 3>::run, 4};
+    case 4: return {Rows<4, 4, 4>::run, 4};
+    case 11: return {Rows<16, 1, 1>::run, 1};
+    case 12: return {Rows<16, 1, 2>::run, 1};
+    case 13: return {Rows<16, 1, 3>::run, 1};
+    case 14: return {Rows<16, 1, 4>::run, 1};
+    default: return {nullptr, 0};
   }
-  return {nullptr, 0};
 }
 #endif
 
@@ -339,35 +340,17 @@ void rows_bf16(const PairTile& tile, const float* bias, const float* mask, int64
                                      _mm512_set1_ps(inv[r])));
 }
 
-using PairRowsFn = void (*)(const PairTile&, const float*, const float*, int64_t, float, float*);
-
-std::pair<PairRowsFn, int> pick_pair_rows(int64_t n, int64_t d) {
-  const int64_t dv = (d + 15) / 16;
-  if (n == 64) {
-    switch (dv) {
-      case 1: return {rows_bf16<4, 4, 1>, 4};
-      case 2: return {rows_bf16<4, 4, 2>, 4};
-      case 3: return {rows_bf16<4, 4, 3>, 4};
-      case 4: return {rows_bf16<4, 4, 4>, 4};
-    }
-  } else if (n == 256) {
-    switch (dv) {
-      case 1: return {rows_bf16<16, 1, 1>, 1};
-      case 2: return {rows_bf16<16, 1, 2>, 1};
-      case 3: return {rows_bf16<16, 1, 3>, 1};
-      case 4: return {rows_bf16<16, 1, 4>, 1};
-    }
-  }
-  return {nullptr, 0};
-}
+template <int NB, int R, int DV>
+struct Bf16Rows {
+  static constexpr auto run = &rows_bf16<NB, R, DV>;
+};
 
 // run_pairs for bf16 storage through the bf16 dot-product micro-kernel; false
 // (nothing done) for shapes it does not cover.
 bool run_pairs_bf16(const Job& job, int64_t begin, int64_t end) {
-  const int64_t n = job.n, d = job.channels / job.heads, row = 3 * job.channels;
-  const auto [rows_fn, block] = pick_pair_rows(n, d);
+  const int64_t n = job.n, d = job.channels / job.heads;
+  const auto [rows_fn, block] = pick_rows<Bf16Rows>(n, d);
   if (rows_fn == nullptr) return false;
-  (void)row;
   PairTile tile(d);
   alignas(64) float o[4 * kMaxHeadDim];
   int64_t tokens[kMaxTokens];
@@ -431,7 +414,7 @@ void run_pairs(const Job& job, int64_t begin, int64_t end) {
   int64_t tokens[kMaxTokens];
   int64_t tokens_of = -1;
 #if defined(__AVX512F__)
-  const auto [rows_fn, rows_block] = pick_rows(n, d);
+  const auto [rows_fn, rows_block] = pick_rows<Fp32Rows>(n, d);
   const int64_t block = rows_fn != nullptr ? rows_block : 1;
 #else
   const void* rows_fn = nullptr;
