@@ -7,7 +7,7 @@ paper's protocol) and compared. bf16 uses
 :func:`irformer.engine.infer.prepare_model_for_precision` (weights and features
 in bf16, channels-last convolutions, i-LN statistics in fp32). Each precision
 runs with window attention in the fused CPU kernel
-(:mod:`irformer.archs.fused_attention`, ``+kernel``) and in PyTorch ops
+(:mod:`irformer.cpu_kernels`, ``+kernel``) and in PyTorch ops
 (``eager``), whatever the default policy, so every ratio is in the table.
 Target: bf16 >= 2x faster than fp32 at <= 0.05 dB loss with the reference
 checkpoints.
@@ -80,12 +80,12 @@ def bench_model(kind: str, args: argparse.Namespace) -> None:
             outs: dict[str, torch.Tensor] = {}
             best = {k: float("inf") for k in runs}
             for name, m in runs.items():  # warm-up (and compile) outside the timing
-                os.environ["IRFORMER_FUSED_ATTENTION"] = policy[name]
+                os.environ["IRFORMER_CPU_KERNELS"] = policy[name]
                 dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
                 outs[name] = m(lq.to(dtype)).float()
             for _ in range(args.repeats):
                 for name, m in runs.items():
-                    os.environ["IRFORMER_FUSED_ATTENTION"] = policy[name]
+                    os.environ["IRFORMER_CPU_KERNELS"] = policy[name]
                     dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
                     x = lq.to(dtype)
                     t0 = time.perf_counter()

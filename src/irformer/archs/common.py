@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from irformer.archs.fused_attention import fused_window_attention, use_fused_attention
+from irformer.cpu_kernels import fused_window_attention, use_fused_attention
 from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, build_norm, merge_residual
 
 ActivationQuantizer = Callable[[Tensor], Tensor]

@@ -1,4 +1,4 @@
-"""The fused CPU window-attention kernel (irformer.archs.fused_attention).
+"""The fused CPU window-attention kernel (irformer.cpu_kernels).
 
 Checked against an fp64 reference of ``softmax(scale q k^T + bias + mask) v``
 for the AVX-512 micro-kernel shapes (64 / 256 tokens, head dims 10-64) and the
@@ -10,14 +10,17 @@ fallback.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from irformer import cpu_kernels as ck
 from irformer.archs import build_model
-from irformer.archs import fused_attention as fa
 from irformer.archs.common import shifted_window_mask, window_mask_flags, window_partition
 from irformer.engine.infer import prepare_model_for_precision
 
@@ -29,8 +32,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def kernel_built() -> None:
-    if fa.load_kernel() is None:
-        pytest.fail(f"the fused kernel did not build on a machine with a compiler: {fa._failure}")
+    if ck.load_kernel() is None:
+        pytest.fail(f"the fused kernel did not build on a machine with a compiler: {ck._failure}")
 
 
 def reference(
@@ -78,11 +81,11 @@ def test_kernel_matches_fp64_reference(
     mask, flags = some_masked(mask_windows, n, seed=2) if with_mask else (None, None)
     scale = d**-0.5
     ref = reference(qkv, bias, mask, heads, scale)
-    out = fa.fused_window_attention(qkv, bias, mask, flags, heads, scale)
+    out = ck.fused_window_attention(qkv, bias, mask, flags, heads, scale)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
     # bf16 storage: inputs rounded to bf16, arithmetic in fp32, output rounded once
-    out16 = fa.fused_window_attention(qkv.bfloat16(), bias, mask, flags, heads, scale)
+    out16 = ck.fused_window_attention(qkv.bfloat16(), bias, mask, flags, heads, scale)
     ref16 = reference(qkv.bfloat16().float(), bias, mask, heads, scale)
     assert out16.dtype == torch.bfloat16
     err = (out16.double() - ref16).abs()
@@ -101,7 +104,7 @@ def test_kernel_map_layout_equals_roll_and_partition(
     bias = torch.randn(heads, ws * ws, ws * ws)
     mask = shifted_window_mask(h, w, ws, shift, torch.device("cpu")) if shift else None
     flags = None if mask is None else window_mask_flags(mask)
-    out = fa.fused_window_attention(qkv_map, bias, mask, flags, heads, 0.3, window=ws, shift=shift)
+    out = ck.fused_window_attention(qkv_map, bias, mask, flags, heads, 0.3, window=ws, shift=shift)
     rolled = torch.roll(qkv_map, shifts=(-shift, -shift), dims=(1, 2))
     windows = window_partition(rolled, ws).view(-1, ws * ws, 3 * heads * d)
     ref = reference(windows, bias, mask, heads, 0.3).view(-1, ws, ws, heads * d)
@@ -115,12 +118,12 @@ def test_kernel_rejects_bad_input(kernel_built: None) -> None:
     qkv = torch.randn(2, 64, 30)
     bias = torch.randn(2, 64, 64)
     with pytest.raises(RuntimeError, match="bias must be"):
-        fa.fused_window_attention(qkv, bias[:1], None, None, 2, 0.3)
+        ck.fused_window_attention(qkv, bias[:1], None, None, 2, 0.3)
     with pytest.raises(RuntimeError, match="not a multiple of window"):
-        fa.fused_window_attention(torch.randn(1, 12, 16, 30), bias, None, None, 2, 0.3, window=8)
+        ck.fused_window_attention(torch.randn(1, 12, 16, 30), bias, None, None, 2, 0.3, window=8)
     with pytest.raises(RuntimeError, match="masked flags"):
         mask = torch.zeros(2, 64, 64)
-        fa.fused_window_attention(qkv, bias, mask, torch.zeros(3, dtype=torch.uint8), 2, 0.3)
+        ck.fused_window_attention(qkv, bias, mask, torch.zeros(3, dtype=torch.uint8), 2, 0.3)
 
 
 @pytest.mark.parametrize(
@@ -146,13 +149,13 @@ def test_models_fused_equal_eager(
     model = build_model(preset, norm=norm, **overrides).eval()
     x = torch.rand(1, 3, *size)
     with torch.inference_mode():
-        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "off")
+        monkeypatch.setenv("IRFORMER_CPU_KERNELS", "off")
         eager = model(x)
         model16 = prepare_model_for_precision(copy.deepcopy(model), "bf16")
         eager16 = model16(x.bfloat16()).float()
-        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
+        monkeypatch.setenv("IRFORMER_CPU_KERNELS", "all")
         fused = model(x)
-        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "bf16")
+        monkeypatch.setenv("IRFORMER_CPU_KERNELS", "bf16")
         fused16 = model16(x.bfloat16()).float()
         assert torch.equal(model(x), eager)  # policy bf16: fp32 stays eager
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
@@ -165,32 +168,32 @@ def test_dispatch_policy(kernel_built: None, monkeypatch: pytest.MonkeyPatch) ->
     x16 = torch.zeros(2, 64, 60, dtype=torch.bfloat16)
     x32 = torch.zeros(2, 64, 60)
     with torch.no_grad():
-        monkeypatch.delenv("IRFORMER_FUSED_ATTENTION", raising=False)
-        assert fa.use_fused_attention(x16, 64, 10)
-        assert fa.use_fused_attention(x32, 64, 10)  # default policy: all
-        assert not fa.use_fused_attention(x16, 400, 10)  # window too large
-        assert not fa.use_fused_attention(x16, 64, 80)  # head dim too large
-        assert not fa.use_fused_attention(x16.half(), 64, 10)  # fp16: eager
-        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "bf16")
-        assert fa.use_fused_attention(x16, 64, 10)
-        assert not fa.use_fused_attention(x32, 64, 10)
-        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "off")
-        assert not fa.use_fused_attention(x16, 64, 10)
-        monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "fast")
-        with pytest.raises(ValueError, match=r"IRFORMER_FUSED_ATTENTION='fast'.*all, bf16, off"):
-            fa.use_fused_attention(x16, 64, 10)
-    monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
-    assert not fa.use_fused_attention(x32, 64, 10)  # autograd on: training keeps eager
+        monkeypatch.delenv("IRFORMER_CPU_KERNELS", raising=False)
+        assert ck.use_fused_attention(x16, 64, 10)
+        assert ck.use_fused_attention(x32, 64, 10)  # default policy: all
+        assert not ck.use_fused_attention(x16, 400, 10)  # window too large
+        assert not ck.use_fused_attention(x16, 64, 80)  # head dim too large
+        assert not ck.use_fused_attention(x16.half(), 64, 10)  # fp16: eager
+        monkeypatch.setenv("IRFORMER_CPU_KERNELS", "bf16")
+        assert ck.use_fused_attention(x16, 64, 10)
+        assert not ck.use_fused_attention(x32, 64, 10)
+        monkeypatch.setenv("IRFORMER_CPU_KERNELS", "off")
+        assert not ck.use_fused_attention(x16, 64, 10)
+        monkeypatch.setenv("IRFORMER_CPU_KERNELS", "fast")
+        with pytest.raises(ValueError, match=r"IRFORMER_CPU_KERNELS='fast'.*all, bf16, off"):
+            ck.use_fused_attention(x16, 64, 10)
+    monkeypatch.setenv("IRFORMER_CPU_KERNELS", "all")
+    assert not ck.use_fused_attention(x32, 64, 10)  # autograd on: training keeps eager
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken() -> None:
         raise OSError("no compiler here")
 
-    monkeypatch.setattr(fa, "_kernel", None)
-    monkeypatch.setattr(fa, "_failure", None)
-    monkeypatch.setattr(fa, "_build", broken)
-    monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "all")
+    monkeypatch.setattr(ck, "_kernel", None)
+    monkeypatch.setattr(ck, "_failure", None)
+    monkeypatch.setattr(ck, "_build", broken)
+    monkeypatch.setenv("IRFORMER_CPU_KERNELS", "all")
     torch.manual_seed(0)
     model = build_model("swinir_light_x2", embed_dim=12, depths=(2,), num_heads=(2,)).eval()
     x = torch.rand(1, 3, 16, 16)
@@ -203,6 +206,88 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch
         warnings.simplefilter("error")
         with torch.inference_mode():
             assert torch.equal(model(x), out)  # no second warning; eager path
-    monkeypatch.setenv("IRFORMER_FUSED_ATTENTION", "off")
+    monkeypatch.setenv("IRFORMER_CPU_KERNELS", "off")
     with torch.inference_mode():
         torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+
+
+def test_build_uses_tagged_directory_and_clears_a_stale_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build folder is named after CPU flags + torch + Python; a lock left by
+    a killed build (older than STALE_LOCK_SECONDS) is removed, a fresh one kept."""
+    from torch.utils import cpp_extension
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "module")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = tmp_path / f"irformer_cpu_kernels_{ck._build_tag()}"
+    build_dir.mkdir()
+    lock = build_dir / "lock"
+    lock.touch()
+    assert ck._build() == "module"  # fresh lock: left alone (another process is building)
+    assert lock.exists()
+    old = time.time() - ck.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        ck._build()
+    assert not lock.exists()
+    assert calls[-1]["build_directory"] == str(build_dir)
+    assert calls[-1]["name"] == build_dir.name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 300, 60), (1, 4097, 12), (3, 7, 5)])
+def test_holistic_norm_kernels_match_fp64(
+    kernel_built: None, dtype: torch.dtype, shape: tuple[int, int, int]
+) -> None:
+    """LN*/i-LN statistics (per sample, over tokens and channels, biased) and the
+    normalisation with affine, against the fp64 formula; |mean| >> std included."""
+    torch.manual_seed(7)
+    offset = torch.tensor([0.5, 400.0, -2.0])[: shape[0], None, None]
+    x = (torch.randn(shape) * 3 + offset).to(dtype)
+    w, b = torch.randn(shape[2]), torch.randn(shape[2])
+    xd = x.double()
+    mean = xd.mean(dim=(1, 2))
+    std = (xd.var(dim=(1, 2), unbiased=False) + 1e-4).sqrt()
+    stats = ck.holistic_stats(x, 1e-4)
+    assert stats.shape == (shape[0], 2, 1) and stats.dtype == torch.float32
+    torch.testing.assert_close(stats[:, 0, 0].double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats[:, 1, 0].double(), std, rtol=1e-5, atol=1e-6)
+    # the normalisation given the (fp32) statistics: exact up to fp32 rounding
+    m, sd = stats[:, 0:1].double(), stats[:, 1:2].double()
+    ref = (xd - m) / sd * w.double() + b.double()
+    out = ck.holistic_normalize(x, stats, w, b)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        ck.holistic_normalize(x, stats, w, None).double(), ref - b.double(), rtol=tol, atol=tol
+    )
+
+
+def test_iln_norm_uses_kernels_only_for_inference(
+    kernel_built: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """i-LN under autograd keeps PyTorch ops (gradients through the std); in
+    inference the kernels give the same statistics and output."""
+    from irformer.norms import build_norm
+
+    norm = build_norm("iln", 12)
+    torch.manual_seed(8)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 50, 12) * 5 + 3
+    calls: list[str] = []
+    real = ck.holistic_stats
+    monkeypatch.setattr(ck, "holistic_stats", lambda *a: calls.append("k") or real(*a))
+    stats = norm.statistics(x.requires_grad_())
+    y = norm.normalize(x, stats)
+    assert calls == [] and y.requires_grad
+    with torch.inference_mode():
+        stats_k = norm.statistics(x.detach())
+        y_k = norm.normalize(x.detach(), stats_k)
+    assert calls == ["k"]
+    torch.testing.assert_close(stats_k, stats.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_k, y.detach(), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
-// Fused window self-attention for CPU inference (irformer.archs.fused_attention).
+// irformer's fused CPU inference kernels (irformer.cpu_kernels).
 //
-// One call does what the eager path needs eight tensor passes for: split the
+// Window self-attention: // One call does what the eager path needs eight tensor passes for: split the
 // qkv projection into heads, scale q, q k^T + relative-position bias (+ the
 // shifted-window mask on the windows that have one), softmax, times v, and
 // merge the heads back. Given the feature map instead of windows, it also
@@ -520,11 +520,120 @@ torch::Tensor window_attention(const torch::Tensor& qkv, const torch::Tensor& bi
   return out;
 }
 
+// ---------------------------------------------------------------- LN* / i-LN
+
+constexpr int64_t kStatChunk = 4096;
+
+// Sum over [0, count) of f(x[i]) in fp32 chunks of kStatChunk (vectorised),
+// chunk totals in fp64, chunks spread over torch's threads.
+template <typename T, typename F>
+double chunked_sum(const T* x, int64_t count, F f) {
+  const int64_t chunks = (count + kStatChunk - 1) / kStatChunk;
+  std::vector<double> part(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t lo = c * kStatChunk, hi = std::min(count, lo + kStatChunk);
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = lo; i < hi; ++i) s += f(static_cast<float>(x[i]));
+      part[c] = s;
+    }
+  });
+  double total = 0.0;
+  for (double v : part) total += v;
+  return total;
+}
+
+// Per sample of x (B, ...): mean and sqrt(var + eps) over all other dims
+// (biased variance, two passes), as (B, 2) fp32.
+torch::Tensor holistic_stats(const torch::Tensor& x, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 2 && x.numel() > 0,
+              "x must be a non-empty contiguous CPU tensor (batch, ...)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t batch = x.size(0), count = x.numel() / batch;
+  auto out = torch::empty({batch, 2}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  auto run = [&](auto* data) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const auto* xb = data + b * count;
+      const double mean = chunked_sum(xb, count, [](float v) { return v; }) / count;
+      const float m = static_cast<float>(mean);
+      const double var =
+          chunked_sum(xb, count, [m](float v) { return (v - m) * (v - m); }) / count;
+      o[2 * b] = m;
+      o[2 * b + 1] = static_cast<float>(std::sqrt(var + eps));
+    }
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(x.data_ptr<float>());
+  } else {
+    run(x.data_ptr<c10::BFloat16>());
+  }
+  return out;
+}
+
+// (x - mean) / std * weight + bias per sample of x (B, L, C), stats (B, 2)
+// from holistic_stats; fp32 arithmetic, x's dtype out. One pass.
+torch::Tensor holistic_normalize(const torch::Tensor& x, const torch::Tensor& stats,
+                                 const torch::Tensor& weight,
+                                 const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 3,
+              "x must be a contiguous CPU tensor (batch, tokens, channels)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t batch = x.size(0), rows = x.size(1), ch = x.size(2);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+                  stats.numel() == 2 * batch,
+              "stats must be contiguous float32 (batch, 2)");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == ch,
+              "weight must be contiguous float32 (channels,)");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                                    bias->numel() == ch),
+              "bias must be contiguous float32 (channels,)");
+  auto out = torch::empty_like(x);
+  const float* st = stats.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* bi = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  auto run = [&](auto* in, auto* res) {
+    using T = std::remove_pointer_t<decltype(res)>;
+    for (int64_t b = 0; b < batch; ++b) {
+      std::vector<float> scale(ch), shift(ch);
+      const float mean = st[2 * b], inv = 1.f / st[2 * b + 1];
+      for (int64_t c = 0; c < ch; ++c) {
+        scale[c] = w[c] * inv;
+        shift[c] = bi ? bi[c] : 0.f;
+      }
+      const auto* xb = in + b * rows * ch;
+      T* yb = res + b * rows * ch;
+      at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+#pragma omp simd
+          for (int64_t c = 0; c < ch; ++c)
+            yb[r * ch + c] =
+                static_cast<T>((static_cast<float>(xb[r * ch + c]) - mean) * scale[c] + shift[c]);
+        }
+      });
+    }
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(x.data_ptr<float>(), out.data_ptr<float>());
+  } else {
+    run(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_attention", &window_attention, "fused window attention (CPU inference)",
         py::arg("qkv"), py::arg("bias"), py::arg("mask"), py::arg("masked"), py::arg("heads"),
         py::arg("scale"), py::arg("window") = 0, py::arg("shift") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("holistic_stats", &holistic_stats, "per-sample mean and sqrt(var + eps)", py::arg("x"),
+        py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+  m.def("holistic_normalize", &holistic_normalize, "per-sample normalisation + affine",
+        py::arg("x"), py::arg("stats"), py::arg("weight"), py::arg("bias"),
         py::call_guard<py::gil_scoped_release>());
 }
