@@ -524,18 +524,34 @@ torch::Tensor window_attention(const torch::Tensor& qkv, const torch::Tensor& bi
 
 constexpr int64_t kStatChunk = 4096;
 
-// Sum over [0, count) of f(x[i]) in fp32 chunks of kStatChunk (vectorised),
-// chunk totals in fp64, chunks spread over torch's threads.
-template <typename T, typename F>
-double chunked_sum(const T* x, int64_t count, F f) {
+inline float as_float(float v) { return v; }
+inline float as_float(c10::BFloat16 v) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16);
+}
+
+// Sum of x[i] (center = nullptr) or of (x[i] - *center)^2 over [0, count):
+// fp32 sums over chunks of kStatChunk (vectorised), chunk totals in fp64,
+// chunks spread over torch's threads.
+template <typename T>
+double chunked_sum(const T* x, int64_t count, const float* center) {
   const int64_t chunks = (count + kStatChunk - 1) / kStatChunk;
   std::vector<double> part(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
-      const int64_t lo = c * kStatChunk, hi = std::min(count, lo + kStatChunk);
+      const T* p = x + c * kStatChunk;
+      const int len = static_cast<int>(std::min(kStatChunk, count - c * kStatChunk));
       float s = 0.f;
+      if (center == nullptr) {
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = lo; i < hi; ++i) s += f(static_cast<float>(x[i]));
+        for (int i = 0; i < len; ++i) s += as_float(p[i]);
+      } else {
+        const float m = *center;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < len; ++i) {
+          const float v = as_float(p[i]) - m;
+          s += v * v;
+        }
+      }
       part[c] = s;
     }
   });
@@ -557,10 +573,8 @@ torch::Tensor holistic_stats(const torch::Tensor& x, double eps) {
   auto run = [&](auto* data) {
     for (int64_t b = 0; b < batch; ++b) {
       const auto* xb = data + b * count;
-      const double mean = chunked_sum(xb, count, [](float v) { return v; }) / count;
-      const float m = static_cast<float>(mean);
-      const double var =
-          chunked_sum(xb, count, [m](float v) { return (v - m) * (v - m); }) / count;
+      const float m = static_cast<float>(chunked_sum(xb, count, nullptr) / count);
+      const double var = chunked_sum(xb, count, &m) / count;
       o[2 * b] = m;
       o[2 * b + 1] = static_cast<float>(std::sqrt(var + eps));
     }
@@ -611,7 +625,7 @@ torch::Tensor holistic_normalize(const torch::Tensor& x, const torch::Tensor& st
 #pragma omp simd
           for (int64_t c = 0; c < ch; ++c)
             yb[r * ch + c] =
-                static_cast<T>((static_cast<float>(xb[r * ch + c]) - mean) * scale[c] + shift[c]);
+                static_cast<T>((as_float(xb[r * ch + c]) - mean) * scale[c] + shift[c]);
         }
       });
     }
