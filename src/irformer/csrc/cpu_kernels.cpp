@@ -106,6 +106,23 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, whole);
 }
 
+// One row of scores held in NB registers -> exp(score - max) in place; returns
+// 1 / their sum (the softmax normaliser, applied to the outputs at the end).
+template <int NB>
+inline float softmax_numerators(__m512 (&row)[NB]) {
+  __m512 top = row[0];
+#pragma GCC unroll 16
+  for (int b = 1; b < NB; ++b) top = _mm512_max_ps(top, row[b]);
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int b = 0; b < NB; ++b) {
+    row[b] = exp_nonpositive(_mm512_sub_ps(row[b], shift));
+    sum = _mm512_add_ps(sum, row[b]);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
 // R query rows [i0, i0 + R) of one (window, head), NB * 16 tokens, head dim
 // padded to DV * 16: writes R rows of DV * 16 outputs (already divided by the
 // softmax sums) to o.
@@ -138,18 +155,9 @@ void rows_avx512(const Tile& tile, const float* bias, const float* mask, int64_t
   float inv[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    __m512 top = s[r][0];
+    inv[r] = softmax_numerators<NB>(s[r]);
 #pragma GCC unroll 16
-    for (int b = 1; b < NB; ++b) top = _mm512_max_ps(top, s[r][b]);
-    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 sum = _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int b = 0; b < NB; ++b) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(s[r][b], shift));
-      sum = _mm512_add_ps(sum, e);
-      _mm512_storeu_ps(p + r * n + 16 * b, e);
-    }
-    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(p + r * n + 16 * b, s[r][b]);
   }
   __m512 acc[R][DV];
 #pragma GCC unroll 16
@@ -291,20 +299,10 @@ void rows_bf16(const PairTile& tile, const float* bias, const float* mask, int64
       if (mask != nullptr) add = _mm512_add_ps(add, _mm512_loadu_ps(mask + (i0 + r) * n + 16 * b));
       s[r][b] = _mm512_fmadd_ps(s[r][b], vscale, add);
     }
-    __m512 top = s[r][0];
-#pragma GCC unroll 16
-    for (int b = 1; b < NB; ++b) top = _mm512_max_ps(top, s[r][b]);
-    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 sum = _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int b = 0; b < NB; ++b) {
-      s[r][b] = exp_nonpositive(_mm512_sub_ps(s[r][b], shift));
-      sum = _mm512_add_ps(sum, s[r][b]);
-    }
+    inv[r] = softmax_numerators<NB>(s[r]);
 #pragma GCC unroll 16
     for (int b = 0; b < NB; b += 2)
       _mm512_storeu_si512(p + r * n + 16 * b, (__m512i)_mm512_cvtne2ps_pbh(s[r][b + 1], s[r][b]));
-    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
   }
   __m512 acc[R][DV];
 #pragma GCC unroll 16
