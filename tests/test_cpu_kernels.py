@@ -291,3 +291,32 @@ def test_iln_norm_uses_kernels_only_for_inference(
     assert calls == ["k"]
     torch.testing.assert_close(stats_k, stats.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y_k, y.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("h", "w", "ws", "ows", "d"), [(32, 48, 16, 24, 16), (16, 16, 8, 12, 10)])
+def test_kernel_cross_attention_equals_unfold(
+    kernel_built: None, h: int, w: int, ws: int, ows: int, d: int
+) -> None:
+    """HAT's OCAB: queries of ws-windows attend to the co-centred ows-windows of
+    keys/values, zero-padded outside the map (576 keys: the AVX-512 kernel; 144:
+    the portable loop) — against unfold + fp64 attention."""
+    heads, b = 2, 2
+    c = heads * d
+    torch.manual_seed(9)
+    qkv = torch.randn(b, h, w, 3 * c)
+    bias = torch.randn(heads, ws * ws, ows * ows)
+    out = ck.fused_window_attention(qkv, bias, None, None, heads, 0.25, window=ws, kv_window=ows)
+    pad = (ows - ws) // 2
+    q = window_partition(qkv[..., :c].contiguous(), ws).view(-1, ws * ws, heads, d)
+    kv = torch.nn.functional.pad(qkv[..., c:], (0, 0, pad, pad, pad, pad))
+    kv = kv.unfold(1, ows, ws).unfold(2, ows, ws)  # (B, nH, nW, 2C, ows, ows)
+    kv = kv.permute(0, 1, 2, 4, 5, 3).reshape(-1, ows * ows, 2, heads, d)
+    k, v = kv[:, :, 0].double(), kv[:, :, 1].double()
+    scores = torch.einsum("wqhd,wkhd->whqk", q.double(), k) * 0.25 + bias.double()
+    ref = torch.einsum("whqk,wkhd->wqhd", scores.softmax(-1), v).reshape(-1, ws, ws, c)
+    ref = ref.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+    out16 = ck.fused_window_attention(
+        qkv.bfloat16(), bias, None, None, heads, 0.25, window=ws, kv_window=ows
+    )
+    assert float((out16.double() - ref).abs().max()) < 0.05

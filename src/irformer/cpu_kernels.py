@@ -49,6 +49,7 @@ from torch import Tensor
 
 POLICIES = ("all", "bf16", "off")
 MAX_TOKENS = 256
+MAX_KV_TOKENS = 1024
 MAX_HEAD_DIM = 64
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 
@@ -147,11 +148,13 @@ def _serves(x: Tensor) -> bool:
     return x.dtype == torch.bfloat16 or policy == "all"
 
 
-def use_fused_attention(x: Tensor, tokens: int, head_dim: int) -> bool:
+def use_fused_attention(x: Tensor, tokens: int, head_dim: int, kv_tokens: int = 0) -> bool:
     """Whether :func:`fused_window_attention` serves attention on ``x`` (the
-    tokens fed to the qkv projection): :func:`_serves`, a window and head size
-    the kernel supports, and an extension that builds."""
+    tokens fed to the qkv projection): :func:`_serves`, window, key window and
+    head sizes the kernel supports, and an extension that builds."""
     if not _serves(x) or tokens > MAX_TOKENS or head_dim > MAX_HEAD_DIM:
+        return False
+    if kv_tokens > MAX_KV_TOKENS or kv_tokens % 2:
         return False
     return load_kernel() is not None
 
@@ -194,12 +197,17 @@ def fused_window_attention(
     *,
     window: int = 0,
     shift: int = 0,
+    kv_window: int = 0,
 ) -> Tensor:
     """Window attention from the qkv projection to merged heads, in fp32.
 
     qkv: (windows, N, 3C), or with ``window`` > 0 the (B, H, W, 3C) map whose
     windows are taken after a cyclic shift up/left by ``shift`` (the output is
-    shifted back: no roll or partition copies). bias: (heads, N, N); mask: None
+    shifted back: no roll or partition copies). With ``kv_window`` > 0 (map
+    layout, no shift, no mask) each window attends to the co-centred
+    ``kv_window``-sized window of keys/values, zeros outside the map (HAT's
+    OCAB, whose unfold pads the projections with zeros); bias is then (heads,
+    N, kv_window**2). bias: (heads, N, N); mask: None
     or (mask_windows, N, N) additive, window ``w`` taking ``mask[w %
     mask_windows]``; masked: uint8 (mask_windows,), 1 where that mask is not all
     zero (the others are skipped). Returns qkv's layout with C channels and
@@ -216,4 +224,5 @@ def fused_window_attention(
         float(scale),
         window,
         shift,
+        kv_window,
     )

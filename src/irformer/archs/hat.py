@@ -73,6 +73,7 @@ from irformer.archs.common import (
 )
 from irformer.archs.common import input_stats as shared_input_stats
 from irformer.archs.common import residual_conv as shared_residual_conv
+from irformer.cpu_kernels import fused_window_attention, use_fused_attention
 from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, build_norm, merge_residual
 
 ARCH_NAME = "hat"
@@ -224,7 +225,20 @@ class OCAB(nn.Module):
         rows_per_chunk = n_rows
         if self.chunk_windows is not None:
             rows_per_chunk = max(1, self.chunk_windows // max(1, b * (w // ws)))
-        if rows_per_chunk >= n_rows:
+        if self.chunk_windows is None and self._uses_cpu_kernel(y):
+            # Whole map in one kernel call (no unfold copies, no score tensors).
+            attended = fused_window_attention(
+                self.qkv(y),
+                self.position_bias(),
+                None,
+                None,
+                self.num_heads,
+                self.scale,
+                window=ws,
+                kv_window=self.overlap_win_size,
+            )
+            x = merge_residual(x, self.proj(attended).view(b, h * w, c), self.norm1, stats)
+        elif rows_per_chunk >= n_rows:
             branch = self.proj(self._attend_rows(y, 0, n_rows)).view(b, h * w, c)
             x = merge_residual(x, branch, self.norm1, stats)
         else:
@@ -240,6 +254,13 @@ class OCAB(nn.Module):
             x = out
         del y
         return self._mlp_residual(x)
+
+    def _uses_cpu_kernel(self, y: Tensor) -> bool:
+        """Whether the fused CPU kernel (:mod:`irformer.cpu_kernels`) serves ``y``."""
+        d = self.dim // self.num_heads
+        return not self.quantized and use_fused_attention(
+            y, self.window_size**2, d, self.overlap_win_size**2
+        )
 
     def _attend_rows(self, y: Tensor, r0: int, r1: int) -> Tensor:
         """Cross-attention of query window rows ``r0:r1``: y (B, H, W, C) -> (B, n, W, C).

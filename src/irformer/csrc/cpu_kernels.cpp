@@ -22,18 +22,20 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kMaxTokens = 256;
+constexpr int64_t kMaxTokens = 256;    // query tokens per window
+constexpr int64_t kMaxKvTokens = 1024;  // key/value tokens per window (HAT's OCAB: 576)
 constexpr int64_t kMaxHeadDim = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Job {
   const void* qkv;        // (windows, n, 3C) or (images, H, W, 3C), T
-  const float* bias;      // (heads, n, n)
+  const float* bias;      // (heads, n, n_kv)
   const float* mask;      // (mask_windows, n, n) or nullptr
   const uint8_t* masked;  // (mask_windows,): 1 where that window's mask is not all zero
   void* out;              // qkv's layout with C channels, T
@@ -42,6 +44,9 @@ struct Job {
   // Map layout when window > 0: windows of window x window tokens, row-major
   // per image, of the map cyclically shifted up/left by `shift`.
   int64_t height = 0, width = 0, window = 0, shift = 0;
+  // Cross-attention (HAT's OCAB) when kv_window > 0: keys/values from the
+  // co-centred kv_window x kv_window window, zeros outside the map.
+  int64_t kv_window = 0, n_kv = 0;
 
   // Token index (into qkv / out rows) of token t of window w.
   int64_t token(int64_t w, int64_t t) const {
@@ -53,6 +58,17 @@ struct Job {
     return (image * height + r) * width + c;
   }
 
+  // Token index of key/value t of window w; -1 outside the map (zero k and v).
+  int64_t kv_token(int64_t w, int64_t t) const {
+    if (kv_window == 0) return token(w, t);
+    const int64_t cols = width / window, per_image = (height / window) * cols;
+    const int64_t image = w / per_image, wi = w % per_image, pad = (kv_window - window) / 2;
+    const int64_t r = (wi / cols) * window - pad + t / kv_window;
+    const int64_t c = (wi % cols) * window - pad + t % kv_window;
+    if (r < 0 || r >= height || c < 0 || c >= width) return -1;
+    return (image * height + r) * width + c;
+  }
+
   const float* window_mask(int64_t w) const {
     if (mask == nullptr) return nullptr;
     const int64_t mw = w % mask_windows;
@@ -60,28 +76,33 @@ struct Job {
   }
 };
 
-// fp32 copies of one (window, head): q scaled (n x d), k transposed (d x n),
-// v padded to dp columns (n x dp).
+// fp32 copies of one (window, head): q scaled (n x d), k transposed (d x n_kv),
+// v padded to dp columns (n_kv x dp).
 struct Tile {
   std::vector<float> q, k_t, v, p;
   int64_t dp;
   explicit Tile(int64_t d)
       : q(kMaxTokens * kMaxHeadDim),
-        k_t(kMaxHeadDim * kMaxTokens),
-        v(kMaxTokens * kMaxHeadDim),
-        p(4 * kMaxTokens),
+        k_t(kMaxHeadDim * kMaxKvTokens),
+        v(kMaxKvTokens * kMaxHeadDim),
+        p(4 * kMaxKvTokens),
         dp((d + 15) / 16 * 16) {}
 
-  // tokens: the n token indices of the window; base: qkv + head offset.
+  // tokens / kv_tokens: token indices of the window's queries / keys (-1:
+  // zero key and value); base: qkv + head offset.
   template <typename T>
-  void load(const T* base, const int64_t* tokens, const Job& job, int64_t d) {
-    const int64_t row = 3 * job.channels, n = job.n;
+  void load(const T* base, const int64_t* tokens, const int64_t* kv_tokens, const Job& job,
+            int64_t d) {
+    const int64_t row = 3 * job.channels, n = job.n, n_kv = job.n_kv;
     for (int64_t j = 0; j < n; ++j) {
       const T* tok = base + tokens[j] * row;
+      for (int64_t c = 0; c < d; ++c) q[j * d + c] = static_cast<float>(tok[c]) * job.scale;
+    }
+    for (int64_t j = 0; j < n_kv; ++j) {
+      const T* tok = kv_tokens[j] < 0 ? nullptr : base + kv_tokens[j] * row;
       for (int64_t c = 0; c < d; ++c) {
-        q[j * d + c] = static_cast<float>(tok[c]) * job.scale;
-        k_t[c * n + j] = static_cast<float>(tok[job.channels + c]);
-        v[j * dp + c] = static_cast<float>(tok[2 * job.channels + c]);
+        k_t[c * n_kv + j] = tok ? static_cast<float>(tok[job.channels + c]) : 0.f;
+        v[j * dp + c] = tok ? static_cast<float>(tok[2 * job.channels + c]) : 0.f;
       }
       for (int64_t c = d; c < dp; ++c) v[j * dp + c] = 0.f;
     }
@@ -187,13 +208,14 @@ struct Fp32Rows {
   static constexpr auto run = &rows_avx512<NB, R, DV>;
 };
 
-// The micro-kernel instance Rows<NB, R, DV>::run for n tokens and head dim d
-// (64 tokens: 4 query rows per call; 256 tokens: 1) and its row count, or
-// {nullptr, 0} for shapes without one.
+// The micro-kernel instance Rows<NB, R, DV>::run for n queries, n_kv keys and
+// head dim d (64 keys: 4 query rows per call; 256 or 576 keys: 1) and its row
+// count, or {nullptr, 0} for shapes without one.
 template <template <int, int, int> class Rows>
-auto pick_rows(int64_t n, int64_t d)
+auto pick_rows(int64_t n, int64_t n_kv, int64_t d)
     -> std::pair<std::remove_const_t<decltype(Rows<4, 4, 1>::run)>, int> {
-  switch ((n == 64 ? 0 : n == 256 ? 10 : 100) + (d + 15) / 16) {
+  const int64_t keys = n_kv == 64 && n % 4 == 0 ? 0 : n_kv == 256 ? 10 : n_kv == 576 ? 20 : 100;
+  switch (keys + (d + 15) / 16) {
     case 1: return {Rows<4, 4, 1>::run, 4};
     case 2: return {Rows<4, 4, 2>::run, 4};
     case 3: return {Rows<4, 4, 3>::run, 4};
@@ -202,16 +224,34 @@ auto pick_rows(int64_t n, int64_t d)
     case 12: return {Rows<16, 1, 2>::run, 1};
     case 13: return {Rows<16, 1, 3>::run, 1};
     case 14: return {Rows<16, 1, 4>::run, 1};
+    case 21: return {Rows<36, 1, 1>::run, 1};
+    case 22: return {Rows<36, 1, 2>::run, 1};
+    case 23: return {Rows<36, 1, 3>::run, 1};
+    case 24: return {Rows<36, 1, 4>::run, 1};
     default: return {nullptr, 0};
   }
 }
 #endif
 
+// Query and key/value token indices of the current window, recomputed only
+// when the window changes (consecutive pairs are the heads of one window).
+struct WindowTokens {
+  int64_t q[kMaxTokens];
+  int64_t kv[kMaxKvTokens];
+  int64_t of = -1;
+  void update(const Job& job, int64_t w) {
+    if (of == w) return;
+    for (int64_t t = 0; t < job.n; ++t) q[t] = job.token(w, t);
+    for (int64_t t = 0; t < job.n_kv; ++t) kv[t] = job.kv_token(w, t);
+    of = w;
+  }
+};
+
 #if defined(__AVX512BF16__)
 // bf16 words of one (window, head) for the AVX512-BF16 dot-product
 // micro-kernel, which multiplies bf16 pairs exactly and sums in fp32 (twice
 // the fp32 FMA rate): q rows (n x dq, dq = d rounded up to even), k as
-// channel pairs (dq / 2 x n words), v as token pairs (n / 2 x dp words),
+// channel pairs (dq / 2 x n_kv words), v as token pairs (n_kv / 2 x dp words),
 // probabilities rounded to bf16 for P V (as the eager bf16 path does).
 struct PairTile {
   std::vector<uint16_t> q, p;
@@ -219,40 +259,46 @@ struct PairTile {
   int64_t dq, dp;
   explicit PairTile(int64_t d)
       : q(kMaxTokens * kMaxHeadDim),
-        p(4 * kMaxTokens),
-        k(kMaxHeadDim / 2 * kMaxTokens),
-        v(kMaxTokens / 2 * kMaxHeadDim),
+        p(4 * kMaxKvTokens),
+        k(kMaxHeadDim / 2 * kMaxKvTokens),
+        v(kMaxKvTokens / 2 * kMaxHeadDim),
         dq((d + 1) / 2 * 2),
         dp((d + 15) / 16 * 16) {}
 
-  // n must be even (64 or 256 here). 16 channels at a time with masked loads.
-  void load(const c10::BFloat16* base, const int64_t* tokens, const Job& job, int64_t d) {
-    const int64_t row = 3 * job.channels, n = job.n, ch = job.channels;
-    for (int64_t j = 0; j < n; j += 2) {
-      const auto* t0 = reinterpret_cast<const uint16_t*>(base + tokens[j] * row);
-      const auto* t1 = reinterpret_cast<const uint16_t*>(base + tokens[j + 1] * row);
+  // n and n_kv must be even. 16 channels at a time with masked loads; a key
+  // token -1 loads nothing (zero key and value).
+  void load(const c10::BFloat16* base, const int64_t* tokens, const int64_t* kv_tokens,
+            const Job& job, int64_t d) {
+    const int64_t row = 3 * job.channels, n = job.n, n_kv = job.n_kv, ch = job.channels;
+    const auto* raw = reinterpret_cast<const uint16_t*>(base);
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* t = raw + tokens[j] * row;
+      for (int64_t c0 = 0; c0 < dq; c0 += 16) {
+        const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, d - c0));
+        const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, dq - c0)) - 1);
+        const __m256i qv = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << left) - 1), t + c0);
+        _mm256_mask_storeu_epi16(q.data() + j * dq + c0, keep, qv);  // zero beyond d
+      }
+    }
+    for (int64_t j = 0; j < n_kv; j += 2) {
+      const uint16_t* t0 = raw + std::max<int64_t>(kv_tokens[j], 0) * row;
+      const uint16_t* t1 = raw + std::max<int64_t>(kv_tokens[j + 1], 0) * row;
       for (int64_t c0 = 0; c0 < dp; c0 += 16) {
         const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, d - c0));
         const __mmask16 live = static_cast<__mmask16>((1u << left) - 1);
-        // q rows (zero beyond d, up to dq)
-        const __m256i q0 = _mm256_maskz_loadu_epi16(live, t0 + c0);
-        const __m256i q1 = _mm256_maskz_loadu_epi16(live, t1 + c0);
-        if (c0 < dq) {
-          const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, dq - c0)) - 1);
-          _mm256_mask_storeu_epi16(q.data() + j * dq + c0, keep, q0);
-          _mm256_mask_storeu_epi16(q.data() + (j + 1) * dq + c0, keep, q1);
-        }
+        const __mmask16 live0 = kv_tokens[j] < 0 ? 0 : live;
+        const __mmask16 live1 = kv_tokens[j + 1] < 0 ? 0 : live;
         // k channel pairs: word c/2 of token j is (k[c], k[c + 1])
         alignas(32) uint32_t k0[8], k1[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(k0), _mm256_maskz_loadu_epi16(live, t0 + ch + c0));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(k1), _mm256_maskz_loadu_epi16(live, t1 + ch + c0));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(k0), _mm256_maskz_loadu_epi16(live0, t0 + ch + c0));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(k1), _mm256_maskz_loadu_epi16(live1, t1 + ch + c0));
         for (int64_t w = 0; w < 8 && c0 + 2 * w < dq; ++w) {
-          k[(c0 / 2 + w) * n + j] = k0[w];
-          k[(c0 / 2 + w) * n + j + 1] = k1[w];
+          k[(c0 / 2 + w) * n_kv + j] = k0[w];
+          k[(c0 / 2 + w) * n_kv + j + 1] = k1[w];
         }
         // v token pairs: word c of pair j / 2 is (v_j[c], v_{j+1}[c])
-        const __m512i v0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, t0 + 2 * ch + c0));
-        const __m512i v1 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, t1 + 2 * ch + c0));
+        const __m512i v0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live0, t0 + 2 * ch + c0));
+        const __m512i v1 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live1, t1 + 2 * ch + c0));
         _mm512_storeu_si512(v.data() + (j / 2) * dp + c0, _mm512_or_si512(v0, _mm512_slli_epi32(v1, 16)));
       }
     }
@@ -347,20 +393,17 @@ struct Bf16Rows {
 // (nothing done) for shapes it does not cover.
 bool run_pairs_bf16(const Job& job, int64_t begin, int64_t end) {
   const int64_t n = job.n, d = job.channels / job.heads;
-  const auto [rows_fn, block] = pick_rows<Bf16Rows>(n, d);
+  const auto [rows_fn, block] = pick_rows<Bf16Rows>(n, job.n_kv, d);
   if (rows_fn == nullptr) return false;
   PairTile tile(d);
   alignas(64) float o[4 * kMaxHeadDim];
-  int64_t tokens[kMaxTokens];
-  int64_t tokens_of = -1;
+  auto win = std::make_unique<WindowTokens>();
+  const int64_t* tokens = win->q;
   for (int64_t pair = begin; pair < end; ++pair) {
     const int64_t w = pair / job.heads, h = pair % job.heads;
-    if (tokens_of != w) {
-      for (int64_t t = 0; t < n; ++t) tokens[t] = job.token(w, t);
-      tokens_of = w;
-    }
-    tile.load(static_cast<const c10::BFloat16*>(job.qkv) + h * d, tokens, job, d);
-    const float* bias = job.bias + h * n * n;
+    win->update(job, w);
+    tile.load(static_cast<const c10::BFloat16*>(job.qkv) + h * d, win->q, win->kv, job, d);
+    const float* bias = job.bias + h * n * job.n_kv;
     const float* mask = job.window_mask(w);
     auto* out = static_cast<c10::BFloat16*>(job.out) + h * d;
     for (int64_t i0 = 0; i0 < n; i0 += block) {
@@ -377,7 +420,7 @@ bool run_pairs_bf16(const Job& job, int64_t begin, int64_t end) {
 }
 #endif
 
-// One query row on any CPU and window size: writes d outputs to o.
+// One query row on any CPU and window size (n = keys): writes d outputs to o.
 void row_portable(const Tile& tile, const float* bias, const float* mask, int64_t i, int64_t n,
                   int64_t d, float* s, float* o) {
   for (int64_t j = 0; j < n; ++j) s[j] = bias[i * n + j] + (mask ? mask[i * n + j] : 0.f);
@@ -406,13 +449,13 @@ void run_pairs(const Job& job, int64_t begin, int64_t end) {
     if (run_pairs_bf16(job, begin, end)) return;
   }
 #endif
-  const int64_t n = job.n, d = job.channels / job.heads, row = 3 * job.channels;
+  const int64_t n = job.n, n_kv = job.n_kv, d = job.channels / job.heads;
   Tile tile(d);
   alignas(64) float o[4 * kMaxHeadDim];
-  int64_t tokens[kMaxTokens];
-  int64_t tokens_of = -1;
+  auto win = std::make_unique<WindowTokens>();
+  const int64_t* tokens = win->q;
 #if defined(__AVX512F__)
-  const auto [rows_fn, rows_block] = pick_rows<Fp32Rows>(n, d);
+  const auto [rows_fn, rows_block] = pick_rows<Fp32Rows>(n, n_kv, d);
   const int64_t block = rows_fn != nullptr ? rows_block : 1;
 #else
   const void* rows_fn = nullptr;
@@ -420,12 +463,9 @@ void run_pairs(const Job& job, int64_t begin, int64_t end) {
 #endif
   for (int64_t pair = begin; pair < end; ++pair) {
     const int64_t w = pair / job.heads, h = pair % job.heads;
-    if (tokens_of != w) {
-      for (int64_t t = 0; t < n; ++t) tokens[t] = job.token(w, t);
-      tokens_of = w;
-    }
-    tile.load(static_cast<const T*>(job.qkv) + h * d, tokens, job, d);
-    const float* bias = job.bias + h * n * n;
+    win->update(job, w);
+    tile.load(static_cast<const T*>(job.qkv) + h * d, win->q, win->kv, job, d);
+    const float* bias = job.bias + h * n * n_kv;
     const float* mask = job.window_mask(w);
     T* out = static_cast<T*>(job.out) + h * d;
     for (int64_t i0 = 0; i0 < n; i0 += block) {
@@ -436,7 +476,7 @@ void run_pairs(const Job& job, int64_t begin, int64_t end) {
       } else
 #endif
       {
-        row_portable(tile, bias, mask, i0, n, d, tile.p.data(), o);
+        row_portable(tile, bias, mask, i0, n_kv, d, tile.p.data(), o);
         stride = d;
       }
       for (int64_t r = 0; r < block; ++r)
@@ -458,7 +498,8 @@ void launch(const Job& job, int64_t pairs) {
 torch::Tensor window_attention(const torch::Tensor& qkv, const torch::Tensor& bias,
                                const c10::optional<torch::Tensor>& mask,
                                const c10::optional<torch::Tensor>& masked, int64_t heads,
-                               double scale, int64_t window, int64_t shift) {
+                               double scale, int64_t window, int64_t shift,
+                               int64_t kv_window) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.is_contiguous() &&
                   (window > 0 ? qkv.dim() == 4 : qkv.dim() == 3),
               "qkv must be a contiguous CPU tensor: (windows, tokens, 3 * channels), or "
@@ -480,11 +521,23 @@ torch::Tensor window_attention(const torch::Tensor& qkv, const torch::Tensor& bi
   TORCH_CHECK(n <= kMaxTokens && channels / heads <= kMaxHeadDim, "window of ", n,
               " tokens / head dim ", channels / heads, " exceeds the kernel's ", kMaxTokens, " / ",
               kMaxHeadDim);
+  int64_t n_kv = n;
+  if (kv_window > 0) {
+    TORCH_CHECK(window > 0 && shift == 0 && !mask.has_value() && kv_window >= window &&
+                    (kv_window - window) % 2 == 0 && kv_window * kv_window <= kMaxKvTokens &&
+                    (kv_window * kv_window) % 2 == 0,
+                "cross-attention needs the map layout, no shift or mask, and an even-sized "
+                "kv_window >= window of at most ", kMaxKvTokens, " tokens; got window ", window,
+                ", kv_window ", kv_window);
+    n_kv = kv_window * kv_window;
+  }
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
-                  bias.sizes() == at::IntArrayRef({heads, n, n}),
-              "bias must be contiguous float32 (heads, tokens, tokens)");
+                  bias.sizes() == at::IntArrayRef({heads, n, n_kv}),
+              "bias must be contiguous float32 (heads, tokens, key tokens)");
   Job job{qkv.data_ptr(), bias.data_ptr<float>(), nullptr, nullptr, nullptr,
           n, channels, heads, 1, static_cast<float>(scale)};
+  job.kv_window = kv_window;
+  job.n_kv = n_kv;
   if (mask.has_value()) {
     const auto& m = *mask;
     TORCH_CHECK(masked.has_value(), "mask given without the per-window masked flags");
@@ -642,7 +695,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_attention", &window_attention, "fused window attention (CPU inference)",
         py::arg("qkv"), py::arg("bias"), py::arg("mask"), py::arg("masked"), py::arg("heads"),
         py::arg("scale"), py::arg("window") = 0, py::arg("shift") = 0,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("kv_window") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("holistic_stats", &holistic_stats, "per-sample mean and sqrt(var + eps)", py::arg("x"),
         py::arg("eps"), py::call_guard<py::gil_scoped_release>());
   m.def("holistic_normalize", &holistic_normalize, "per-sample normalisation + affine",
