@@ -320,3 +320,16 @@ def test_kernel_cross_attention_equals_unfold(
         qkv.bfloat16(), bias, None, None, heads, 0.25, window=ws, kv_window=ows
     )
     assert float((out16.double() - ref).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_holistic_normalize_keeps_non_finite_values(kernel_built: None, dtype: torch.dtype) -> None:
+    """NaN and Inf in the input stay NaN/Inf after the normalisation (the fp16/bf16
+    non-finite reports rely on it); finite statistics given."""
+    x = torch.ones(1, 4, 20, dtype=dtype)
+    x[0, 1, 3] = float("nan")
+    x[0, 2, 17] = float("inf")
+    stats = torch.tensor([[[0.5], [2.0]]])
+    out = ck.holistic_normalize(x, stats, torch.ones(20), torch.zeros(20)).float()
+    assert torch.isnan(out[0, 1, 3]) and torch.isinf(out[0, 2, 17])
+    assert torch.isfinite(out).sum() == out.numel() - 2
