@@ -333,3 +333,16 @@ def test_holistic_normalize_keeps_non_finite_values(kernel_built: None, dtype: t
     out = ck.holistic_normalize(x, stats, torch.ones(20), torch.zeros(20)).float()
     assert torch.isnan(out[0, 1, 3]) and torch.isinf(out[0, 2, 17])
     assert torch.isfinite(out).sum() == out.numel() - 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_attention_propagates_nan(kernel_built: None, dtype: torch.dtype) -> None:
+    """A NaN in one window's queries makes that window's (head's) output NaN, as
+    PyTorch's softmax does; the other windows stay finite."""
+    torch.manual_seed(10)
+    qkv = torch.randn(4, 64, 3 * 2 * 10)
+    qkv[1, 5, 3] = float("nan")  # window 1, token 5, head 0's q
+    out = ck.fused_window_attention(qkv.to(dtype), torch.randn(2, 64, 64), None, None, 2, 0.3)
+    ref = reference(qkv, torch.zeros(2, 64, 64), None, 2, 0.3)
+    assert torch.isnan(out[1, 5, :10].float()).all() and torch.isnan(ref[1, 5, :10]).all()
+    assert torch.isfinite(out[[0, 2, 3]].float()).all()

@@ -114,7 +114,9 @@ struct Tile {
 // degree-7 Taylor polynomial of 2^f (relative error < 2e-6); scalef applies
 // the power of two.
 inline __m512 exp_nonpositive(__m512 x) {
-  __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _mm512_set1_ps(-126.f));
+  // max(-126, t) with t second: vmaxps returns its second operand when either is
+  // NaN, so NaN scores stay NaN (as in PyTorch's softmax) instead of becoming 2^-126.
+  __m512 t = _mm512_max_ps(_mm512_set1_ps(-126.f), _mm512_mul_ps(x, _mm512_set1_ps(kLog2e)));
   const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, whole);
   __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(1.5252734e-5f), _mm512_set1_ps(1.5403530e-4f));
