@@ -36,6 +36,7 @@ path runs.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -46,6 +47,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("all", "bf16", "off")
 MAX_TOKENS = 256
@@ -125,6 +128,7 @@ def load_kernel() -> ModuleType | None:
         return _kernel
     with _lock:
         if _kernel is None and _failure is None:
+            log.info("loading irformer's CPU kernels (compiled on first use: ~30 s once)")
             try:
                 _kernel = _build()
             except Exception as exc:  # any build failure means "use the eager path"
