@@ -6,9 +6,9 @@ other processes hits both alike); the outputs are scored (PSNR-Y / SSIM, the
 paper's protocol) and compared. bf16 uses
 :func:`irformer.engine.infer.prepare_model_for_precision` (weights and features
 in bf16, channels-last convolutions, i-LN statistics in fp32). Each precision
-runs with window attention in the fused CPU kernel
-(:mod:`irformer.cpu_kernels`, ``+kernel``) and in PyTorch ops
-(``eager``), whatever the default policy, so every ratio is in the table.
+runs with window attention and i-LN in the fused CPU kernels
+(:mod:`irformer.cpu_kernels`, ``+kernel``) and in PyTorch ops (no suffix),
+whatever the default policy, so every ratio is in the table.
 Target: bf16 >= 2x faster than fp32 at <= 0.05 dB loss with the reference
 checkpoints.
 

@@ -9,11 +9,12 @@ small PyTorch ops per norm where LayerNorm is one. ``csrc/cpu_kernels.cpp``:
 
 - :func:`fused_window_attention` reads the qkv projection once (of the feature
   map, doing the cyclic shift and window partition by address), works on each
-  (window, head) in fp32 in cache (an AVX-512 micro-kernel for 64- and
-  256-token windows, a portable loop otherwise; in bf16 AVX512-BF16 dot
-  products: exact bf16 products, fp32 sums, twice the fp32 rate) and writes the
-  merged heads once. Whole SwinIR-light / HAT models in fp32 stay within ~1e-6
-  of the eager path (the checkpoint-parity tests pass either way).
+  (window, head) in fp32 in cache (an AVX-512 micro-kernel for 64, 256 and 576
+  keys, a portable loop otherwise; in bf16 AVX512-BF16 dot products: exact bf16
+  products, fp32 sums, twice the fp32 rate) and writes the merged heads once;
+  ``kv_window`` turns it into HAT's overlapping cross-attention (OCAB). Whole
+  SwinIR-light / HAT models in fp32 stay within ~1e-6 of the eager path (the
+  checkpoint-parity tests pass either way).
 - :func:`holistic_stats` / :func:`holistic_normalize`: LN*/i-LN per-sample
   mean and ``sqrt(var + eps)`` (two passes, fp64 totals) and the normalisation
   with the per-channel affine, one call each.

@@ -1,16 +1,20 @@
 // irformer's fused CPU inference kernels (irformer.cpu_kernels).
 //
-// Window self-attention: // One call does what the eager path needs eight tensor passes for: split the
-// qkv projection into heads, scale q, q k^T + relative-position bias (+ the
-// shifted-window mask on the windows that have one), softmax, times v, and
-// merge the heads back. Given the feature map instead of windows, it also
-// does the cyclic shift and window partition on the way in and their inverses
-// on the way out by address arithmetic. Each (window, head)
-// pair is copied to fp32 buffers that stay in L1/L2, so only the qkv input and
-// the output travel through memory; scores, softmax and sums are fp32 whatever
-// the storage type. With AVX-512 and 64- or 256-token windows the scores of
-// several query rows live in registers (a register-blocked micro-kernel);
-// other shapes and CPUs take a portable loop.
+// Window self-attention: one call does what the eager path needs eight tensor
+// passes for: split the qkv projection into heads, scale q, q k^T +
+// relative-position bias (+ the shifted-window mask on the windows that have
+// one), softmax, times v, and merge the heads back. Given the feature map
+// instead of windows, it also does the cyclic shift and window partition on the
+// way in and their inverses on the way out by address arithmetic; with
+// kv_window it is HAT's overlapping cross-attention (keys/values from the
+// co-centred larger window, zeros outside the map). Each (window, head) pair is
+// copied to fp32 (or bf16-pair) buffers that stay in L1/L2, so only the qkv
+// input and the output travel through memory; scores, softmax and sums are
+// fp32 whatever the storage type. With AVX-512 and 64, 256 or 576 keys the
+// scores of one or four query rows live in registers (a register-blocked
+// micro-kernel); other shapes and CPUs take a portable loop.
+//
+// LN* / i-LN: per-sample statistics and the normalisation, one call each.
 #include <torch/extension.h>
 
 #if defined(__AVX512F__)
