@@ -22,7 +22,9 @@ model:
   arch: swinir_light_x2
   norm: {norm}
   scale: 2
-  overrides: {{embed_dim: 12, depths: [2], num_heads: [2], window_size: 4, img_size: 8}}
+  # no stochastic depth: per-rank drop masks cannot equal one process's draws
+  overrides: {{embed_dim: 12, depths: [2], num_heads: [2], window_size: 4, img_size: 8,
+              drop_path_rate: 0.0}}
 data: {{train: [{data}], patch_size: 16, batch_size: {batch}, workers: 0}}
 train: {{iters: {iters}, lr: 1.0e-3, ema: 0.9}}
 val: {{every: 0}}

@@ -27,7 +27,9 @@ model:
   arch: swinir_light_x2
   norm: iln
   scale: 2
-  overrides: {{embed_dim: 12, depths: [2], num_heads: [2], window_size: 4, img_size: 8}}
+  # a high drop-path rate: the resumed run must also continue the models' random draws
+  overrides: {{embed_dim: 12, depths: [2], num_heads: [2], window_size: 4, img_size: 8,
+              drop_path_rate: 0.6}}
 data: {{train: [{data}], patch_size: 16, batch_size: 2, workers: {workers}}}
 train: {{iters: {iters}, lr: 1.0e-3, step_size: 25, ema: 0.99}}
 val: {{every: 0}}

@@ -353,14 +353,45 @@ def build_norm(
     return Identity()
 
 
-def merge_residual(x: Tensor, branch: Tensor, norm: TokenNorm, stats: Tensor | None) -> Tensor:
-    """The one residual-merge point: ``x + norm.rescale_branch(branch, stats)``.
+def merge_residual(
+    x: Tensor,
+    branch: Tensor,
+    norm: TokenNorm,
+    stats: Tensor | None,
+    *,
+    drop_prob: float = 0.0,
+    side: Tensor | None = None,
+) -> Tensor:
+    """The one residual-merge point: ``x + norm.rescale_branch(drop(branch) + side, stats)``.
 
     ``norm`` is the norm that fed ``branch`` and ``stats`` what its
     :meth:`TokenNorm.statistics` returned for ``x``; for i-LN this applies the
     input-adaptive rescale, for LayerScale/ReZero their learnable scales.
+    ``drop_prob`` is the block's stochastic-depth rate, applied only while
+    ``norm`` is in training mode (see :func:`drop_path`). ``side`` joins the
+    branch after the drop and before the rescale: HAT's scaled conv branch,
+    which the official and the i-LN authors' HAT never drop but do rescale.
     """
+    if drop_prob > 0.0 and norm.training:
+        branch = drop_path(branch, drop_prob)
+    if side is not None:
+        branch = branch + side
     return norm.merge(x, branch, stats)
+
+
+def drop_path(branch: Tensor, prob: float) -> Tensor:
+    """Stochastic depth: drop each sample's whole branch with probability ``prob``.
+
+    Survivors are scaled by ``1 / (1 - prob)`` so the expected branch is
+    unchanged and inference needs no correction (the originals' ``DropPath``).
+    One Bernoulli draw per sample from the global torch generator, which the
+    trainer's checkpoints save, so a resumed run draws the same masks.
+    """
+    if not 0.0 <= prob < 1.0:
+        raise ValueError(f"drop-path probability must be in [0, 1), got {prob}")
+    keep = 1.0 - prob
+    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep)
+    return branch * mask.div_(keep)
 
 
 def set_batchnorm_eval_mode(model: nn.Module, *, use_batch_stats: bool) -> int:

@@ -464,12 +464,15 @@ class SwinTransformerBlock(nn.Module):
         qk_scale: float | None = None,
         conv_branch: nn.Module | None = None,
         conv_scale: float = 0.0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0 <= shift_size < window_size:
             raise ValueError(f"shift_size {shift_size} must be in [0, window_size={window_size})")
         self.window_size = window_size
         self.shift_size = shift_size
+        self.drop_path = drop_path
+        """Stochastic-depth rate of both branches (training only; no parameters)."""
         self.norm1: TokenNorm = build_norm(norm, dim)
         self.attn = WindowAttention(
             dim, window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale
@@ -489,12 +492,14 @@ class SwinTransformerBlock(nn.Module):
         stats = self.norm1.statistics(x)
         y = self.norm1.normalize(x, stats)
         branch = self._window_attention(y.view(b, h, w, c), h, w)
+        side = None
         if hasattr(self, "conv_block"):
             conv = self.conv_block(y.view(b, h, w, c).permute(0, 3, 1, 2))
-            branch = branch + self.conv_scale * conv.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        x = merge_residual(x, branch, self.norm1, stats)
+            side = self.conv_scale * conv.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        x = merge_residual(x, branch, self.norm1, stats, drop_prob=self.drop_path, side=side)
         stats = self.norm2.statistics(x)
-        return merge_residual(x, self.mlp(self.norm2.normalize(x, stats)), self.norm2, stats)
+        branch = self.mlp(self.norm2.normalize(x, stats))
+        return merge_residual(x, branch, self.norm2, stats, drop_prob=self.drop_path)
 
     def _window_attention(self, y: Tensor, h: int, w: int) -> Tensor:
         """y: (B, H, W, C) normalised tokens -> (B, H*W, C) attention branch."""
@@ -519,6 +524,7 @@ class SwinTransformerBlock(nn.Module):
         The norm statistics (whole-image for i-LN) come from the full input; the
         shifted-window roll is applied per chunk of window rows by indexing rows
         modulo H, so neither the rolled map nor the full (nW, N, N) mask exists.
+        An inference path: stochastic depth (one draw per sample) is not applied.
         """
         h, w = x_size
         b, _, c = x.shape
@@ -727,6 +733,20 @@ def residual_conv(dim: int, resi_connection: str, valid: tuple[str, ...]) -> nn.
     if resi_connection == "identity":
         return nn.Identity()
     raise ValueError(f"unknown resi_connection {resi_connection!r}; valid: 1conv, 3conv, identity")
+
+
+def stochastic_depth_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Per-group, per-block drop-path rates: the originals' linear ramp from 0 to ``rate``.
+
+    SwinIR, HAT, DRCT and SRFormer all take ``torch.linspace(0, rate, sum(depths))``
+    and hand group ``i`` the slice of its ``depths[i]`` blocks; the float32 ramp is
+    kept so the rates equal theirs bit for bit.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    ramp = torch.linspace(0, rate, sum(depths), device="cpu").tolist()  # also under meta
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [ramp[start : start + depth] for start, depth in zip(starts, depths, strict=True)]
 
 
 def check_model_args(

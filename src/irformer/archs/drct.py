@@ -43,6 +43,7 @@ from irformer.archs.common import (
     input_stats,
     residual_conv,
     restore_forward,
+    stochastic_depth_rates,
 )
 from irformer.norms import build_norm
 
@@ -77,6 +78,7 @@ class RDG(nn.Module):
         qkv_bias: bool,
         qk_scale: float | None,
         norm: str,
+        drop_path: float,
     ) -> None:
         super().__init__()
         for k in range(BLOCKS_PER_GROUP):
@@ -97,6 +99,7 @@ class RDG(nn.Module):
                 norm=norm,
                 qkv_bias=qkv_bias,
                 qk_scale=qk_scale,
+                drop_path=drop_path,
             )
             self.add_module(f"swin{k + 1}", block)
             out = dim if k == BLOCKS_PER_GROUP - 1 else gc
@@ -123,7 +126,9 @@ class DRCT(nn.Module):
 
     ``img_size`` is the training patch size; as in the official code, a patch
     no larger than the window makes every block use one window of that size
-    and no shift. ``depths`` only counts the groups (official quirk).
+    and no shift. ``depths`` only counts the groups and sizes the drop-path ramp:
+    all five blocks of group ``i`` share the ramp's value at ``sum(depths[:i])``
+    (official quirks).
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class DRCT(nn.Module):
         num_feat: int = 64,
         norm: str = "ln",
         stdnorm: bool = False,
+        drop_path_rate: float = 0.1,
     ) -> None:
         super().__init__()
         check_model_args(
@@ -183,8 +189,11 @@ class DRCT(nn.Module):
                 qkv_bias=qkv_bias,
                 qk_scale=qk_scale,
                 norm=norm,
+                drop_path=rates[0],
             )
-            for heads in num_heads
+            for heads, rates in zip(
+                num_heads, stochastic_depth_rates(drop_path_rate, depths), strict=True
+            )
         )
         self.norm = build_norm(norm, embed_dim, role="final")
         self.conv_after_body = residual_conv(embed_dim, resi_connection, RESI_CONNECTIONS)

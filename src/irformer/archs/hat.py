@@ -34,11 +34,13 @@ by the DF2K RGB std after subtracting the mean (0.2842 for grey input, as in
 the authors' code). The authors' names: ``HAT-mini`` is the paper's HAT_1,
 ``HAT-dagger`` its HAT†.
 
-Not supported: absolute position embedding (``ape``, no official config uses
-it) and stochastic depth. The official constructor's default
-``drop_path_rate=0.1`` (which the official and the i-LN training configs keep)
-only acts in training; irformer's shared Swin block has no drop path yet, so
-training here runs without it (inference is unaffected).
+Stochastic depth: ``drop_path_rate`` (official default 0.1, which the official
+and the i-LN training configs keep) ramps linearly over the hybrid blocks; the
+OCABs have none and the CAB conv branch is added after the drop, as in the
+official code (whose old timm copy draws ``floor(keep + rand)`` where irformer
+uses ``bernoulli_``: the same masks' distribution, another random stream). Not
+supported: absolute position
+embedding (``ape``, no official config uses it).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from irformer.archs.common import (
     pad_to_multiple,
     relative_position_index,
     restore_forward,
+    stochastic_depth_rates,
     window_partition,
     window_reverse,
     window_sdpa,
@@ -346,9 +349,13 @@ class AttenBlocks(nn.Module):
         qkv_bias: bool,
         qk_scale: float | None,
         norm: str,
+        drop_path: Sequence[float],
     ) -> None:
         super().__init__()
-        # The hybrid attention block (HAB) is a Swin block with a CAB conv branch.
+        if len(drop_path) != depth:
+            raise ValueError(f"{depth} blocks need {depth} drop-path rates, got {len(drop_path)}")
+        # The hybrid attention block (HAB) is a Swin block with a CAB conv branch;
+        # the OCAB has no stochastic depth (as in the official code).
         self.blocks = nn.ModuleList(
             SwinTransformerBlock(
                 dim,
@@ -361,6 +368,7 @@ class AttenBlocks(nn.Module):
                 qk_scale=qk_scale,
                 conv_branch=CAB(dim, compress_ratio=compress_ratio, squeeze_factor=squeeze_factor),
                 conv_scale=conv_scale,
+                drop_path=drop_path[i],
             )
             for i in range(depth)
         )
@@ -400,6 +408,7 @@ class RHAG(nn.Module):
         qk_scale: float | None,
         norm: str,
         resi_connection: str,
+        drop_path: Sequence[float],
     ) -> None:
         super().__init__()
         self.residual_group = AttenBlocks(
@@ -415,6 +424,7 @@ class RHAG(nn.Module):
             qkv_bias=qkv_bias,
             qk_scale=qk_scale,
             norm=norm,
+            drop_path=drop_path,
         )
         self.conv = residual_conv(dim, resi_connection)
         self.patch_embed = PatchEmbed(dim, None)
@@ -467,6 +477,7 @@ class HAT(nn.Module):
         num_feat: int = 64,
         norm: str = "ln",
         stdnorm: bool = False,
+        drop_path_rate: float = 0.1,
     ) -> None:
         super().__init__()
         check_model_args(
@@ -525,8 +536,11 @@ class HAT(nn.Module):
                 qk_scale=qk_scale,
                 norm=norm,
                 resi_connection=resi_connection,
+                drop_path=rates,
             )
-            for depth, heads in zip(depths, num_heads, strict=True)
+            for depth, heads, rates in zip(
+                depths, num_heads, stochastic_depth_rates(drop_path_rate, depths), strict=True
+            )
         )
         self.norm = build_norm(norm, embed_dim, role="final")
         self.conv_after_body = residual_conv(embed_dim, resi_connection)

@@ -50,6 +50,7 @@ from irformer.archs.common import (
     relative_position_index,
     residual_conv,
     restore_forward,
+    stochastic_depth_rates,
     window_partition,
     window_reverse,
 )
@@ -292,12 +293,15 @@ class PSABlock(nn.Module):
         norm: str,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0 <= shift_size < window_size:
             raise ValueError(f"shift_size {shift_size} must be in [0, window_size={window_size})")
         self.window_size = window_size
         self.shift_size = shift_size
+        self.drop_path = drop_path
+        """Stochastic-depth rate of both branches (training only; no parameters)."""
         self.norm1: TokenNorm = build_norm(norm, dim)
         self.attn = PermutedWindowAttention(
             dim, window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale
@@ -311,10 +315,11 @@ class PSABlock(nn.Module):
         b, _, c = x.shape
         stats = self.norm1.statistics(x)
         y = self.norm1.normalize(x, stats)
-        x = merge_residual(x, self._window_attention(y.view(b, h, w, c)), self.norm1, stats)
+        branch = self._window_attention(y.view(b, h, w, c))
+        x = merge_residual(x, branch, self.norm1, stats, drop_prob=self.drop_path)
         stats = self.norm2.statistics(x)
         branch = self.mlp(self.norm2.normalize(x, stats), x_size)
-        return merge_residual(x, branch, self.norm2, stats)
+        return merge_residual(x, branch, self.norm2, stats, drop_prob=self.drop_path)
 
     def _window_attention(self, y: Tensor) -> Tensor:
         """y: (B, H, W, C) normalised tokens -> (B, H*W, C) attention branch."""
@@ -353,6 +358,7 @@ class PSAGroup(nn.Module):
         qk_scale: float | None,
         norm: str,
         resi_connection: str,
+        drop_path: Sequence[float],
     ) -> None:
         super().__init__()
         self.residual_group = BasicLayer(
@@ -365,6 +371,7 @@ class PSAGroup(nn.Module):
             qkv_bias=qkv_bias,
             qk_scale=qk_scale,
             norm=norm,
+            drop_path=drop_path,
         )
         self.conv = residual_conv(dim, resi_connection, RESI_CONNECTIONS)
         self.patch_embed = PatchEmbed(dim, None)
@@ -406,6 +413,7 @@ class SRFormer(nn.Module):
         num_feat: int = 64,
         norm: str = "ln",
         stdnorm: bool = False,
+        drop_path_rate: float = 0.1,
     ) -> None:
         super().__init__()
         check_model_args(
@@ -452,8 +460,11 @@ class SRFormer(nn.Module):
                 qk_scale=qk_scale,
                 norm=norm,
                 resi_connection=resi_connection,
+                drop_path=rates,
             )
-            for depth, heads in zip(depths, num_heads, strict=True)
+            for depth, heads, rates in zip(
+                depths, num_heads, stochastic_depth_rates(drop_path_rate, depths), strict=True
+            )
         )
         self.norm = build_norm(norm, embed_dim, role="final")
         self.conv_after_body = residual_conv(embed_dim, resi_connection, RESI_CONNECTIONS)

@@ -38,6 +38,7 @@ from irformer.archs.common import (
     init_linear_weights,
     input_stats,
     restore_forward,
+    stochastic_depth_rates,
 )
 from irformer.archs.common import residual_conv as shared_residual_conv
 from irformer.norms import build_norm
@@ -71,8 +72,11 @@ class BasicLayer(nn.Module):
         qkv_bias: bool,
         qk_scale: float | None,
         norm: str,
+        drop_path: Sequence[float],
     ) -> None:
         super().__init__()
+        if len(drop_path) != depth:
+            raise ValueError(f"{depth} blocks need {depth} drop-path rates, got {len(drop_path)}")
         self.blocks = nn.ModuleList(
             self.block_class(
                 dim,
@@ -83,6 +87,7 @@ class BasicLayer(nn.Module):
                 norm=norm,
                 qkv_bias=qkv_bias,
                 qk_scale=qk_scale,
+                drop_path=drop_path[i],
             )
             for i in range(depth)
         )
@@ -109,6 +114,7 @@ class RSTB(nn.Module):
         qk_scale: float | None,
         norm: str,
         resi_connection: str,
+        drop_path: Sequence[float],
     ) -> None:
         super().__init__()
         self.residual_group = BasicLayer(
@@ -121,6 +127,7 @@ class RSTB(nn.Module):
             qkv_bias=qkv_bias,
             qk_scale=qk_scale,
             norm=norm,
+            drop_path=drop_path,
         )
         self.conv = residual_conv(dim, resi_connection)
         self.patch_embed = PatchEmbed(dim, None)
@@ -164,6 +171,7 @@ class SwinIR(nn.Module):
         num_feat: int = 64,
         norm: str = "ln",
         stdnorm: bool = False,
+        drop_path_rate: float = 0.1,
     ) -> None:
         super().__init__()
         check_model_args(
@@ -206,8 +214,11 @@ class SwinIR(nn.Module):
                 qk_scale=qk_scale,
                 norm=norm,
                 resi_connection=resi_connection,
+                drop_path=rates,
             )
-            for depth, heads in zip(depths, num_heads, strict=True)
+            for depth, heads, rates in zip(
+                depths, num_heads, stochastic_depth_rates(drop_path_rate, depths), strict=True
+            )
         )
         self.norm = build_norm(norm, embed_dim, role="final")
         self.conv_after_body = residual_conv(embed_dim, resi_connection)
