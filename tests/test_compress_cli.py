@@ -217,3 +217,25 @@ def test_bad_arguments(setup: dict[str, Path], capsys: pytest.CaptureFixture[str
     assert "unknown method 'gptq'" in capsys.readouterr().err
     assert main([*base, "--wbits", "4,3", "--abits", "4,3,2"]) == 2
     assert "different numbers" in capsys.readouterr().err
+
+
+def test_sensitivity(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = setup["root"] / "sens"
+    args = ["compress", "sensitivity", "--model", str(setup["ckpt_iln"])]
+    args += ["--calib", str(setup["calib"]), "--calib-batch", "2", "--patch", "16"]
+    args += ["--data-root", str(setup["data"]), "--device", "cpu"]
+    assert main([*args, "--method", "minmax,dquant2d"]) == 2
+    assert "one method and one bit width" in capsys.readouterr().err
+    assert main([*args, "--method", "minmax", "--wbits", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "minmax W2A2, Set5 PSNR" in text and "| layers.0 |" in text
+    data = json.loads((out / "sensitivity.json").read_text())
+    assert data["config"]["method"] == "minmax" and data["config"]["wbits"] == 2
+    assert data["meta"]["norm"] == "iln"
+    groups = {g["group"]: g for g in data["groups"]}
+    assert {"W qkv", "A post-softmax", "layers.0"} <= set(groups)
+    # One residual group holds every quantiser: alone it reproduces the quantised score.
+    assert groups["layers.0"]["only_this_quantized"] == pytest.approx(data["quantized"])
+    assert groups["layers.0"]["only_this_fp"] == pytest.approx(data["fp"], abs=1e-3)
+    assert len(data["activations"]) == 16  # (4 Linear inputs + 4 attention operands) x 2 blocks
+    assert (out / "sensitivity.md").read_text() == text.rstrip("\n") + "\n"

@@ -28,13 +28,21 @@ from irformer.compress.experiment import (
     CompressionRow,
     CompressionSettings,
     Evaluator,
+    calibration_batches,
     complexity_table,
     drop_table,
     quality_table,
+    quantize_with_settings,
     rows_as_dicts,
     run_compression,
 )
 from irformer.compress.methods import METHOD_ALIASES, METHODS
+from irformer.compress.sensitivity import (
+    level_usage,
+    sensitivity,
+    sensitivity_table,
+    usage_table,
+)
 from irformer.compress.stats import (
     EPS_SWEEP,
     StatsReport,
@@ -65,37 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="FP checkpoint (irformer or official); several, comma-separated, share the tables "
         "(e.g. an LN and an i-LN model)",
     )
-    r.add_argument("--arch", default=None, help="preset for official files without metadata")
-    r.add_argument(
-        "--method",
-        default="compsrt",
-        help=f"comma-separated methods: {', '.join(METHODS)} (alias: 2dquant)",
-    )
-    r.add_argument("--wbits", default="4", help="comma-separated weight bits (2, 3, 4, 8)")
-    r.add_argument("--abits", default=None, help="comma-separated activation bits (default: wbits)")
-    r.add_argument("--prune", type=float, default=0.0, help="fraction of each weight to prune")
-    r.add_argument("--calib", required=True, type=Path, help="folder of clean training images")
-    r.add_argument("--calib-batch", type=int, default=32, help="calibration patches (2DQuant: 32)")
-    r.add_argument("--patch", type=int, default=64, help="LR patch side (2DQuant: 64)")
-    r.add_argument(
-        "--dqc-iters", type=int, default=None, help="distillation iterations (default: 4000)"
-    )
-    r.add_argument("--dqc-batch", type=int, default=16, help="distillation batch (default: 16)")
-    r.add_argument("--dqc-lr", type=float, default=None, help="bound learning rate (1e-2)")
-    r.add_argument(
-        "--dqc-keep-activations",
-        action="store_true",
-        help="keep every activation for DQC's backward (faster; several times the memory: "
-        "SwinIR-light at batch 16 exceeds 24 GB) instead of recomputing per group",
-    )
-    r.add_argument("--val-every", type=int, default=200, help="held-out check interval")
-    r.add_argument("--rotation", choices=("pow2", "exact"), default=None, help="CompSRT sizing")
-    r.add_argument(
-        "--rotation-skip",
-        default="",
-        help="comma-separated activation roles CompSRT leaves unrotated "
-        "(q, k, v, post_softmax, linear_input, post_gelu); default: none, as the paper",
-    )
+    _add_quantization_args(r)
     r.add_argument("--bench", default="Set5,Set14,B100", help="comma-separated benchmarks")
     r.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
     r.add_argument("--out", required=True, type=Path, help="output folder for tables and JSON")
@@ -106,9 +84,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add a row for PyTorch's real int8 CPU Linears (dynamic W8A8, CPU timing)",
     )
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--workers", type=int, default=0, help="data loader workers for DQC")
-    r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=run)
 
     m = sub.add_parser(
@@ -135,6 +110,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--out", type=Path, default=None, help="write stats.json and stats.md here")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=stats)
+
+    v = sub.add_parser(
+        "sensitivity",
+        help="which quantisers cost the quality: each group of quantisers back in FP / "
+        "quantised alone, and how many levels each activation quantiser uses",
+    )
+    v.add_argument("--model", required=True, type=Path, help="FP checkpoint")
+    _add_quantization_args(v)
+    v.add_argument("--bench", default="Set5", help="the benchmark that scores each variant")
+    v.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
+    v.add_argument("--out", type=Path, default=None, help="write sensitivity.md/.json here")
+    v.set_defaults(func=sensitivity_cmd)
+
+
+def _add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """What defines a quantised model and its calibration (``run`` and ``sensitivity``)."""
+    p.add_argument("--arch", default=None, help="preset for official files without metadata")
+    p.add_argument(
+        "--method",
+        default="compsrt",
+        help=f"comma-separated methods: {', '.join(METHODS)} (alias: 2dquant)",
+    )
+    p.add_argument("--wbits", default="4", help="comma-separated weight bits (2, 3, 4, 8)")
+    p.add_argument("--abits", default=None, help="comma-separated activation bits (default: wbits)")
+    p.add_argument("--prune", type=float, default=0.0, help="fraction of each weight to prune")
+    p.add_argument("--calib", required=True, type=Path, help="folder of clean training images")
+    p.add_argument("--calib-batch", type=int, default=32, help="calibration patches (2DQuant: 32)")
+    p.add_argument("--patch", type=int, default=64, help="LR patch side (2DQuant: 64)")
+    p.add_argument(
+        "--dqc-iters", type=int, default=None, help="distillation iterations (default: 4000)"
+    )
+    p.add_argument("--dqc-batch", type=int, default=16, help="distillation batch (default: 16)")
+    p.add_argument("--dqc-lr", type=float, default=None, help="bound learning rate (1e-2)")
+    p.add_argument(
+        "--dqc-keep-activations",
+        action="store_true",
+        help="keep every activation for DQC's backward (faster; several times the memory: "
+        "SwinIR-light at batch 16 exceeds 24 GB) instead of recomputing per group",
+    )
+    p.add_argument("--val-every", type=int, default=200, help="held-out check interval")
+    p.add_argument("--rotation", choices=("pow2", "exact"), default=None, help="CompSRT sizing")
+    p.add_argument(
+        "--rotation-skip",
+        default="",
+        help="comma-separated activation roles CompSRT leaves unrotated "
+        "(q, k, v, post_softmax, linear_input, post_gelu); default: none, as the paper",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers for DQC")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -216,20 +241,16 @@ def _label(path: Path, meta: dict[str, Any], taken: set[str]) -> str:
     return label
 
 
-def run(args: argparse.Namespace) -> int:
-    paths = [Path(p.strip()) for p in str(args.model).split(",") if p.strip()]
-    loaded = [(p, *_load(p, args.arch)) for p in paths]
-    scales = {int(meta.get("scale") or getattr(m, "upscale", 1)) for _, m, meta in loaded}
-    if len(scales) != 1:
-        raise ValueError(f"--model checkpoints have different scales {sorted(scales)}")
-    scale = scales.pop()
-    if scale < 2:
-        raise ValueError(f"compress run evaluates SR models; {paths[0]} has scale {scale}")
-    data_root = args.data_root or DEFAULT_DATA_ROOT
+def _data_root(args: argparse.Namespace) -> Path:
+    data_root: Path = args.data_root or DEFAULT_DATA_ROOT
     if not data_root.is_dir():
         raise FileNotFoundError(f"benchmark root {data_root} does not exist (--data-root)")
-    device = _resolve_device(args.device)
-    settings = CompressionSettings(
+    return data_root
+
+
+def _settings(args: argparse.Namespace, scale: int) -> CompressionSettings:
+    """The parsed :func:`_add_quantization_args` (plus ``run``'s output flags)."""
+    return CompressionSettings(
         methods=tuple(_methods(args.method)),
         bits=tuple(_bit_pairs(args.wbits, args.abits)),
         calib_dir=str(args.calib),
@@ -246,10 +267,24 @@ def run(args: argparse.Namespace) -> int:
         rotation_skip=tuple(r.strip() for r in args.rotation_skip.split(",") if r.strip()),
         seed=args.seed,
         workers=args.workers,
-        latency_size=args.latency_size,
-        save_packed=args.save_packed,
-        int8_kernel=args.int8_kernel,
+        latency_size=getattr(args, "latency_size", 128),
+        save_packed=getattr(args, "save_packed", False),
+        int8_kernel=getattr(args, "int8_kernel", False),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = [Path(p.strip()) for p in str(args.model).split(",") if p.strip()]
+    loaded = [(p, *_load(p, args.arch)) for p in paths]
+    scales = {int(meta.get("scale") or getattr(m, "upscale", 1)) for _, m, meta in loaded}
+    if len(scales) != 1:
+        raise ValueError(f"--model checkpoints have different scales {sorted(scales)}")
+    scale = scales.pop()
+    if scale < 2:
+        raise ValueError(f"compress run evaluates SR models; {paths[0]} has scale {scale}")
+    data_root = _data_root(args)
+    device = _resolve_device(args.device)
+    settings = _settings(args, scale)
     names = [n.strip() for n in args.bench.split(",") if n.strip()]
     evaluator, bench_names = _benchmark_evaluator(names, data_root, scale, device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -385,4 +420,61 @@ def stats(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "stats.md").write_text(text)
         (args.out / "stats.json").write_text(json.dumps(report.as_dict(), indent=1))
+    return 0
+
+
+def sensitivity_cmd(args: argparse.Namespace) -> int:
+    from irformer.data.benchmarks import load_benchmark
+    from irformer.engine.evaluate import evaluate_benchmark
+
+    model, meta = _load(args.model, args.arch)
+    scale = int(meta.get("scale") or getattr(model, "upscale", 1))
+    if scale < 2:
+        raise ValueError(f"compress sensitivity scores SR models; {args.model} has scale {scale}")
+    settings = _settings(args, scale)
+    if len(settings.methods) != 1 or len(settings.bits) != 1:
+        raise ValueError(
+            f"compress sensitivity takes one method and one bit width, got --method "
+            f"{args.method} --wbits {args.wbits} --abits {args.abits}"
+        )
+    device = _resolve_device(args.device)
+    bench = load_benchmark(args.bench, _data_root(args), task="sr", scale=scale)
+    model = model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    calib, held_out = calibration_batches(settings)
+    (wbits, abits), method = settings.bits[0], settings.methods[0]
+    result = quantize_with_settings(
+        model, settings, method, wbits, abits, calib, held_out, device=device
+    )
+    qmodel = result.model.eval()
+
+    def psnr(m: torch.nn.Module) -> float:
+        return evaluate_benchmark(m, bench, device=device).psnr
+
+    usage = level_usage(qmodel, psnr)
+    quantized, fp, rows = sensitivity(qmodel, psnr)
+    title = f"{args.model} ({meta.get('norm', '?')}), {method} W{wbits}A{abits}, {bench.name} PSNR"
+    text = (
+        f"# Quantisation sensitivity: {title}\n\n"
+        + sensitivity_table(quantized, fp, rows)
+        + "\nActivation quantisers, fewest used levels first (all quantised, "
+        + f"{bench.name}):\n\n"
+        + usage_table(usage)
+    )
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sensitivity.md").write_text(text)
+        payload = {
+            "model": str(args.model),
+            "meta": meta,
+            "config": result.config.to_dict(),
+            "benchmark": bench.name,
+            "quantized": quantized,
+            "fp": fp,
+            "groups": [asdict(r) for r in rows],
+            "activations": [asdict(u) for u in usage],
+        }
+        (args.out / "sensitivity.json").write_text(json.dumps(payload, indent=1, default=str))
     return 0

@@ -22,20 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from irformer.compress.calibration import calibration_batch, patch_stream
-from irformer.compress.methods import method_config, quantize_model
+from irformer.compress.methods import QuantResult, method_config, quantize_model
 from irformer.compress.pack import load_packed, save_packed, storage_report
 
 __all__ = [
     "CompressionRow",
     "CompressionSettings",
     "Evaluator",
+    "calibration_batches",
     "complexity_table",
     "drop_table",
     "measure_latency",
     "quality_table",
+    "quantize_with_settings",
     "run_compression",
 ]
 
@@ -141,6 +143,55 @@ def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
     return over
 
 
+def calibration_batches(settings: CompressionSettings) -> tuple[Tensor, Tensor]:
+    """The calibration batch and the held-out batch (DQC's bound selection), fixed
+    by the settings' seed so every method of a run sees the same patches."""
+    common = {"scale": settings.scale, "patch": settings.calib_patch}
+    calib = calibration_batch(
+        settings.calib_dir, batch=settings.calib_batch, seed=settings.seed, **common
+    )
+    held_out = calibration_batch(
+        settings.calib_dir, batch=settings.val_batch, seed=settings.seed + 10_000, **common
+    )
+    return calib, held_out
+
+
+def quantize_with_settings(
+    model: nn.Module,
+    settings: CompressionSettings,
+    method: str,
+    wbits: int,
+    abits: int,
+    calib: Tensor,
+    held_out: Tensor,
+    *,
+    device: torch.device,
+) -> QuantResult:
+    """One quantised copy of ``model``: the method's defaults with the settings'
+    overrides, calibrated on ``calib`` and (2DQuant/CompSRT) distilled on a patch
+    stream from the settings' folder."""
+    cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method))
+    stream = patch_stream(
+        settings.calib_dir,
+        scale=settings.scale,
+        batch=settings.dqc_batch,
+        patch=settings.calib_patch,
+        seed=settings.seed + 1,
+        workers=settings.workers,
+    )
+    return quantize_model(
+        model,
+        cfg,
+        calib,
+        stream if cfg.dqc_iters else None,
+        device=device,
+        val_batch=held_out,
+        val_every=settings.val_every,
+        on_step=_progress_logger(method, wbits, abits, cfg.dqc_iters),
+        recompute=settings.dqc_recompute,
+    )
+
+
 def run_compression(
     model: nn.Module,
     settings: CompressionSettings,
@@ -183,44 +234,15 @@ def run_compression(
         rows.append(_int8_row(model, evaluator, lat_shape, settings.latency_repeats, label))
         if on_row:
             on_row(rows[-1])
-    calib = calibration_batch(
-        settings.calib_dir,
-        scale=settings.scale,
-        batch=settings.calib_batch,
-        patch=settings.calib_patch,
-        seed=settings.seed,
-    )
-    held_out = calibration_batch(
-        settings.calib_dir,
-        scale=settings.scale,
-        batch=settings.val_batch,
-        patch=settings.calib_patch,
-        seed=settings.seed + 10_000,
-    )
+    calib, held_out = calibration_batches(settings)
     for method in settings.methods:
         for wbits, abits in settings.bits:
-            cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method))
-            stream = patch_stream(
-                settings.calib_dir,
-                scale=settings.scale,
-                batch=settings.dqc_batch,
-                patch=settings.calib_patch,
-                seed=settings.seed + 1,
-                workers=settings.workers,
-            )
             start = time.perf_counter()
-            result = quantize_model(
-                model,
-                cfg,
-                calib,
-                stream if cfg.dqc_iters else None,
-                device=device,
-                val_batch=held_out,
-                val_every=settings.val_every,
-                on_step=_progress_logger(method, wbits, abits, cfg.dqc_iters),
-                recompute=settings.dqc_recompute,
+            result = quantize_with_settings(
+                model, settings, method, wbits, abits, calib, held_out, device=device
             )
             elapsed = time.perf_counter() - start
+            cfg = result.config
             qmodel = result.model.eval()
             report = storage_report(qmodel)
             row = CompressionRow(
