@@ -22,7 +22,6 @@ official buffers, to check ours.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,13 +57,7 @@ TINY: dict[str, object] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: thread hand-offs cost more than they save on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_fixture(name: str) -> tuple[dict[str, object], dict[str, torch.Tensor], dict]:

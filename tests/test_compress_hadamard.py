@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import scipy.linalg
@@ -25,14 +23,7 @@ from irformer.compress.hadamard import (
     unrotate,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Many tiny ops: one thread avoids OpenMP barrier stalls on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ORDERS = [1, 2, 4, 8, 12, 16, 20, 24, 28, 36, 40, 44, 60, 64, 120, 128, 240]

@@ -24,14 +24,7 @@ from irformer.compress.methods.base import (
 from irformer.compress.methods.ptq4vit import TwinUniformQuantizer
 from irformer.compress.quantizers import ActQuantizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Many tiny ops: one thread avoids OpenMP barrier stalls on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_swinir(norm: str = "ln") -> nn.Module:
