@@ -112,6 +112,9 @@ def test_restore_errors(setup: tuple[Path, Path], tmp_path: Path, capsys, monkey
     monkeypatch.setattr(restore_cli.default_checkpoint, "__defaults__", (tmp_path / "no_weights",))
     assert restore(src, "-o", tmp_path / "o6") == 2
     assert "--model" in capsys.readouterr().err
+    # --scale must match the model's.
+    assert restore(src, "--model", ckpt, "--scale", 4, "-o", tmp_path / "o7") == 2
+    assert "--scale 4 but" in capsys.readouterr().err
 
 
 def test_default_checkpoint_choice(tmp_path: Path) -> None:
@@ -120,8 +123,13 @@ def test_default_checkpoint_choice(tmp_path: Path) -> None:
     assert restore_cli.default_checkpoint(tmp_path) == tmp_path / "a.safetensors"
     (tmp_path / "b.pth").write_bytes(b"")
     assert restore_cli.default_checkpoint(tmp_path) is None
-    preferred = tmp_path / f"{restore_cli.DEFAULT_WEIGHTS_STEM}.safetensors"
+    preferred = tmp_path / "swinir_light_x2_iln.safetensors"
     preferred.write_bytes(b"")
+    assert restore_cli.default_checkpoint(tmp_path) == preferred
+    assert restore_cli.default_checkpoint(tmp_path, scale=4) is None
+    x4 = tmp_path / "swinir_light_x4_iln.safetensors"
+    x4.write_bytes(b"")
+    assert restore_cli.default_checkpoint(tmp_path, scale=4) == x4
     assert restore_cli.default_checkpoint(tmp_path) == preferred
 
 

@@ -349,3 +349,25 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     for name in ("summary.md", "magnitude.png", "entropy.png", "loss.png", "restored.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| i-LN |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("norm", ["ln", "iln"])
+def test_x4_reference_configs_warm_start_from_the_shipped_x2_weights(norm: str) -> None:
+    """The x4 reference runs start from the committed x2 files: every tensor but the
+    scale-dependent pixel-shuffle conv is loaded; the config builds the same network."""
+    from irformer.archs import build_model
+    from irformer.engine.train import warm_start
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "reference" / f"swinir_light_x4_{norm}.yaml")
+    source = root / cfg.train.warm_start
+    x2, meta = read_state_dict(source)
+    assert meta["norm"] == norm and meta["scale"] == 2
+    torch.manual_seed(0)
+    model = build_model(cfg.model.arch, norm=cfg.model.norm, **cfg.model.overrides)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    warm_start(model, source)
+    kept = sorted(k for k, v in model.state_dict().items() if k not in x2 or v.shape != x2[k].shape)
+    assert kept == ["upsample.0.bias", "upsample.0.weight"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh[key] if key in kept else x2[key]), key

@@ -1,6 +1,6 @@
 """``irformer restore``: restore image files and folders with a model.
 
-irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET]
+irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET | --scale 2|4]
     [--tile N [--tile-overlap M] [--tile-blend mean|ramp] | --exact-chunk K]
     [--ensemble] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda] [--overwrite]
 
@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 """Reference checkpoints shipped with the package (``irformer/weights``)."""
 
-DEFAULT_WEIGHTS_STEM = "swinir_light_x2_iln"
-"""Preferred default when the weights folder holds several checkpoints."""
+DEFAULT_WEIGHTS_STEM = "swinir_light_x{scale}_iln"
+"""Preferred default (formatted with the scale) when the weights folder holds several."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         help="checkpoint (.pth/.safetensors) or preset name (untrained weights); "
         "default: the reference checkpoint in irformer/weights, when present",
+    )
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help="SR scale; without --model it picks the shipped reference checkpoint "
+        "(2 or 4, default 2), with --model it must match the checkpoint's",
     )
     p.add_argument("--param-key", help="state-dict key in a .pth (params_ema, params, ...)")
     large = p.add_mutually_exclusive_group()
@@ -70,43 +77,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def default_checkpoint(weights_dir: Path = WEIGHTS_DIR) -> Path | None:
-    """The shipped reference checkpoint: the only one, or ``DEFAULT_WEIGHTS_STEM``."""
+def default_checkpoint(weights_dir: Path = WEIGHTS_DIR, *, scale: int = 2) -> Path | None:
+    """The shipped reference checkpoint for ``scale``: ``DEFAULT_WEIGHTS_STEM``, or the
+    folder's only checkpoint (its scale is checked when it is loaded)."""
     if not weights_dir.is_dir():
         return None
     files = sorted(
         p for p in weights_dir.iterdir() if p.suffix in (".safetensors", ".pth") and p.is_file()
     )
-    if len(files) == 1:
-        return files[0]
     for p in files:
-        if p.stem == DEFAULT_WEIGHTS_STEM:
+        if p.stem == DEFAULT_WEIGHTS_STEM.format(scale=scale):
             return p
-    return None
+    return files[0] if len(files) == 1 else None
 
 
-def load_model(spec: str | None, *, param_key: str | None = None) -> tuple[nn.Module, str]:
-    """``(model in eval mode, description)`` for ``--model`` (or the default checkpoint)."""
+def load_model(
+    spec: str | None, *, param_key: str | None = None, scale: int | None = None
+) -> tuple[nn.Module, str]:
+    """``(model in eval mode, description)`` for ``--model`` (or the default checkpoint
+    for ``scale``); a model whose scale differs from a given ``scale`` is an error."""
     from irformer.archs import build_model, load_checkpoint_model
 
     if spec is None:
-        path = default_checkpoint()
+        path = default_checkpoint(scale=scale or 2)
         if path is None:
             raise ValueError(
-                f"no reference checkpoint in {WEIGHTS_DIR} to default to; pass --model "
-                "CKPT_OR_PRESET"
+                f"no reference checkpoint for scale {scale or 2} in {WEIGHTS_DIR} to default "
+                "to; pass --model CKPT_OR_PRESET"
             )
         spec = str(path)
     path = Path(spec)
     if path.is_file():
         kwargs = {"param_key": param_key} if param_key else {}
         model, meta = load_checkpoint_model(path, **kwargs)
-        return model.eval(), f"{path} ({meta.get('arch')}, norm={meta.get('norm')})"
-    if path.suffix in (".pth", ".pt", ".safetensors") or "/" in spec:
+        described = f"{path} ({meta.get('arch')}, norm={meta.get('norm')})"
+    elif path.suffix in (".pth", ".pt", ".safetensors") or "/" in spec:
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    model = build_model(spec)
-    logger.warning("model %r built from its preset with untrained (random) weights", spec)
-    return model.eval(), f"preset {spec} (untrained)"
+    else:
+        model = build_model(spec)
+        logger.warning("model %r built from its preset with untrained (random) weights", spec)
+        described = f"preset {spec} (untrained)"
+    own = int(getattr(model, "upscale", 1))
+    if scale is not None and own != scale:
+        raise ValueError(f"--scale {scale} but {described} restores at scale {own}")
+    return model.eval(), described
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         ensemble=args.ensemble,
         precision=args.precision,
     )
-    model, described = load_model(args.model, param_key=args.param_key)
+    model, described = load_model(args.model, param_key=args.param_key, scale=args.scale)
     device = resolve_device(args.device)
     model = model.to(device)
     print(f"model: {described}; device {device}; precision {args.precision}", file=sys.stderr)
