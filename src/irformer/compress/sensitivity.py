@@ -215,7 +215,8 @@ def _recording(qmodel: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
 
 def level_usage(qmodel: nn.Module, run: Callable[[nn.Module], object]) -> list[LevelUsage]:
     """Run ``run(qmodel)`` (e.g. one benchmark pass) and report every uniform
-    activation quantiser's level usage, fewest used bits first."""
+    activation quantiser's level usage, fewest used bits first (NoisyQuant's noise
+    and PTQ4ViT's twin-uniform quantisers are not covered: indices without noise)."""
     with _recording(qmodel) as record:
         run(qmodel)
     modules = dict(qmodel.named_modules())
