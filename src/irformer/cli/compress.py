@@ -195,6 +195,11 @@ def _load(path: Path, arch: str | None) -> tuple[torch.nn.Module, dict[str, Any]
     return load_checkpoint_model(path, arch)
 
 
+def _scale(model: torch.nn.Module, meta: dict[str, Any]) -> int:
+    """The SR scale: the checkpoint's metadata, else the model's ``upscale``."""
+    return int(meta.get("scale") or getattr(model, "upscale", 1))
+
+
 def _resolve_device(text: str) -> torch.device:
     from irformer.engine.evaluate import resolve_device
 
@@ -248,8 +253,8 @@ def _data_root(args: argparse.Namespace) -> Path:
     return data_root
 
 
-def _settings(args: argparse.Namespace, scale: int) -> CompressionSettings:
-    """The parsed :func:`_add_quantization_args` (plus ``run``'s output flags)."""
+def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> CompressionSettings:
+    """The parsed :func:`_add_quantization_args`; ``extra``: further settings (``run``'s)."""
     return CompressionSettings(
         methods=tuple(_methods(args.method)),
         bits=tuple(_bit_pairs(args.wbits, args.abits)),
@@ -267,16 +272,14 @@ def _settings(args: argparse.Namespace, scale: int) -> CompressionSettings:
         rotation_skip=tuple(r.strip() for r in args.rotation_skip.split(",") if r.strip()),
         seed=args.seed,
         workers=args.workers,
-        latency_size=getattr(args, "latency_size", 128),
-        save_packed=getattr(args, "save_packed", False),
-        int8_kernel=getattr(args, "int8_kernel", False),
+        **extra,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     paths = [Path(p.strip()) for p in str(args.model).split(",") if p.strip()]
     loaded = [(p, *_load(p, args.arch)) for p in paths]
-    scales = {int(meta.get("scale") or getattr(m, "upscale", 1)) for _, m, meta in loaded}
+    scales = {_scale(m, meta) for _, m, meta in loaded}
     if len(scales) != 1:
         raise ValueError(f"--model checkpoints have different scales {sorted(scales)}")
     scale = scales.pop()
@@ -284,7 +287,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"compress run evaluates SR models; {paths[0]} has scale {scale}")
     data_root = _data_root(args)
     device = _resolve_device(args.device)
-    settings = _settings(args, scale)
+    settings = _settings(
+        args,
+        scale,
+        latency_size=args.latency_size,
+        save_packed=args.save_packed,
+        int8_kernel=args.int8_kernel,
+    )
     names = [n.strip() for n in args.bench.split(",") if n.strip()]
     evaluator, bench_names = _benchmark_evaluator(names, data_root, scale, device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -406,7 +415,7 @@ def stats(args: argparse.Namespace) -> int:
     model, meta = _load(args.checkpoint, args.arch)
     tensors = weight_tensors(model)
     if args.calib is not None:
-        scale = int(meta.get("scale") or getattr(model, "upscale", 1))
+        scale = _scale(model, meta)
         batch = calibration_batch(
             args.calib, scale=scale, batch=args.calib_batch, patch=args.patch, seed=args.seed
         )
@@ -428,7 +437,7 @@ def sensitivity_cmd(args: argparse.Namespace) -> int:
     from irformer.engine.evaluate import evaluate_benchmark
 
     model, meta = _load(args.model, args.arch)
-    scale = int(meta.get("scale") or getattr(model, "upscale", 1))
+    scale = _scale(model, meta)
     if scale < 2:
         raise ValueError(f"compress sensitivity scores SR models; {args.model} has scale {scale}")
     settings = _settings(args, scale)
@@ -452,8 +461,9 @@ def sensitivity_cmd(args: argparse.Namespace) -> int:
     def psnr(m: torch.nn.Module) -> float:
         return evaluate_benchmark(m, bench, device=device).psnr
 
-    usage = level_usage(qmodel, psnr)
-    quantized, fp, rows = sensitivity(qmodel, psnr)
+    scores: list[float] = []
+    usage = level_usage(qmodel, lambda m: scores.append(psnr(m)))  # the all-quantised pass
+    quantized, fp, rows = sensitivity(qmodel, psnr, quantized=scores[0])
     title = f"{args.model} ({meta.get('norm', '?')}), {method} W{wbits}A{abits}, {bench.name} PSNR"
     text = (
         f"# Quantisation sensitivity: {title}\n\n"

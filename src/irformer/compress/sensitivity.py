@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from irformer.compress.methods.base import QuantLinear, quant_linears, residual_groups
+from irformer.compress.methods.base import (
+    QuantLinear,
+    act_quantizers,
+    quant_linears,
+    residual_groups,
+)
 from irformer.compress.quantizers import ActQuantizer
 
 __all__ = [
@@ -139,16 +144,22 @@ class SensitivityRow:
 
 
 def sensitivity(
-    qmodel: nn.Module, score: Score, groups: Sequence[QuantGroup] | None = None
+    qmodel: nn.Module,
+    score: Score,
+    groups: Sequence[QuantGroup] | None = None,
+    *,
+    quantized: float | None = None,
 ) -> tuple[float, float, list[SensitivityRow]]:
-    """``(fully quantised score, FP score, one row per group)``; 2 evaluations per group."""
+    """``(fully quantised score, FP score, one row per group)``; 2 evaluations per group
+    (plus one for the fully quantised model unless ``quantized`` already holds it)."""
     groups = list(groups) if groups is not None else quantizer_groups(qmodel)
     everything = QuantGroup(
         "all",
         weights=[ql for _, ql in quant_linears(qmodel)],
-        activations=[m for m in qmodel.modules() if hasattr(m, "mode") and m is not qmodel],
+        activations=[aq for _, aq in act_quantizers(qmodel)],
     )
-    quantized = score(qmodel)
+    if quantized is None:
+        quantized = score(qmodel)
     with full_precision([everything]):
         fp = score(qmodel)
     rows = []
