@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
-from execution_pin_cases import (  # noqa: E402
+from execution_pin_cases import (
     PATHS,
     SHIPPED,
     SMALL,
@@ -29,7 +29,8 @@ from execution_pin_cases import (  # noqa: E402
     summarise,
 )
 
-PINS = json.loads((Path(__file__).resolve().parent / "fixtures" / "execution_pins.json").read_text())
+PINS_FILE = Path(__file__).resolve().parent / "fixtures" / "execution_pins.json"
+PINS = json.loads(PINS_FILE.read_text())
 
 
 def _check(case: str, model, x) -> None:
