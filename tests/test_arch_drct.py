@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from irformer.archs import drct
+from irformer.archs import SIZE_DEPENDENT_BUFFERS, drct
 from irformer.archs.drct import DRCT, PRESETS, detect
 from irformer.norms import NORM_NAMES, ChannelAffine
 
@@ -162,7 +162,7 @@ def test_detect_rejects_other_archs() -> None:
 
 def test_state_dict_has_no_size_dependent_buffers() -> None:
     keys = DRCT(**TINY).state_dict().keys()
-    assert not [k for k in keys if k.endswith((*drct.SIZE_DEPENDENT_BUFFERS, "mean", "std"))]
+    assert not [k for k in keys if k.endswith((*SIZE_DEPENDENT_BUFFERS, "mean", "std"))]
 
 
 @pytest.mark.parametrize("norm", NORM_NAMES)

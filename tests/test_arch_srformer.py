@@ -29,14 +29,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from irformer.archs import drct, srformer, swinir
-from irformer.archs.srformer import (
-    PRESETS,
-    SRFormer,
-    aligned_relative_position_index,
-    detect,
-    permuted_window_mask,
-)
+from irformer.archs import SIZE_DEPENDENT_BUFFERS, drct, srformer, swinir
+from irformer.archs.attention import AttentionOperands
+from irformer.archs.srformer import PRESETS, SRFormer, detect
+from irformer.archs.windows import aligned_relative_position_index, permuted_window_mask
 from irformer.norms import NORM_NAMES, ChannelAffine
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "srformer"
@@ -117,10 +113,13 @@ def test_quantisable_path_equals_fused_path() -> None:
     config, params, tensors = _load_fixture("ps_x2_rgb")
     model = SRFormer(**config).eval()
     model.load_state_dict(params)
+
+    class IdentityQuantizers(AttentionOperands):
+        quantizes = True  # takes the explicit (quantisable) matmul path
+
     for module in model.modules():
         if isinstance(module, srformer.PermutedWindowAttention):
-            module.quant_q = module.quant_k = module.quant_attn = module.quant_v = nn.Identity()
-            assert module.quantized
+            module.operands = IdentityQuantizers()
     with torch.no_grad():
         got = model(tensors["input"])
     assert (got - tensors["expected"]).abs().max().item() < 1e-5
@@ -153,7 +152,7 @@ def test_detect_reads_official_files(name: str) -> None:
 
 def test_state_dict_has_no_size_dependent_buffers() -> None:
     keys = SRFormer(**TINY).state_dict().keys()
-    assert not [k for k in keys if k.endswith((*srformer.SIZE_DEPENDENT_BUFFERS, "mean", "std"))]
+    assert not [k for k in keys if k.endswith((*SIZE_DEPENDENT_BUFFERS, "mean", "std"))]
 
 
 @pytest.mark.parametrize("norm", NORM_NAMES)

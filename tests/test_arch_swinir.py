@@ -205,11 +205,13 @@ def test_detect_rejects_other_layouts() -> None:
     assert detect(state) is None
 
 
-def test_fused_shifted_attention_equals_explicit() -> None:
+def test_fused_shifted_attention_equals_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused inference path (all windows with the bias, masked border windows
     redone) equals the explicit softmax path that training and quantisation use,
     for a batch of images; autograd selects the explicit one."""
-    from irformer.archs.common import WindowAttention, masked_windows, shifted_window_mask
+    from irformer.archs import attention
+    from irformer.archs.swinir import WindowAttention
+    from irformer.archs.windows import masked_windows, shifted_window_mask
 
     torch.manual_seed(3)
     attn = WindowAttention(12, 4, 3)
@@ -220,12 +222,27 @@ def test_fused_shifted_attention_equals_explicit() -> None:
     assert masked_windows(mask).tolist() == [3, 7, 8, 9, 10, 11]
     x = torch.randn(2 * 12, 16, 12)
     calls = []
-    explicit_fn = attn._explicit_attention
-    attn._explicit_attention = lambda *a: calls.append(1) or explicit_fn(*a)  # type: ignore[method-assign]
+    explicit_fn = attention._explicit_attention
+    monkeypatch.setattr(
+        attention, "_explicit_attention", lambda *a: calls.append(1) or explicit_fn(*a)
+    )
+
+    def run(windows: torch.Tensor) -> torch.Tensor:
+        return attention._project_attend(
+            windows,
+            mask,
+            attn.operands,
+            attn.qkv,
+            attn.proj,
+            attn.position_bias(),
+            attn.num_heads,
+            attn.scale,
+        )
+
     with torch.no_grad():
-        fused = attn(x, mask)
+        fused = run(x)
     assert not calls
-    explicit = attn(x.requires_grad_(True), mask)
+    explicit = run(x.requires_grad_(True))
     assert calls
     explicit.square().sum().backward()
     assert x.grad is not None and x.grad.abs().max() > 0
@@ -237,7 +254,7 @@ def test_inputs_smaller_than_the_padding() -> None:
     wherever F.pad works the result is F.pad's."""
     import torch.nn.functional as F
 
-    from irformer.archs.common import pad_to_multiple
+    from irformer.archs.windows import pad_to_multiple
 
     x = torch.rand(2, 3, 13, 19)
     assert torch.equal(pad_to_multiple(x, 8), F.pad(x, (0, 5, 0, 3), mode="reflect"))

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from irformer.archs import read_state_dict
+from irformer.archs import read_state_dict, transformer_blocks
+from irformer.archs.layers import TransformerBlock
 from irformer.engine.checkpoint import list_checkpoints, load_checkpoint
 from irformer.engine.config import load_config
 from irformer.engine.data import PositionedDataset, TensorPairs, make_loader
@@ -20,14 +21,13 @@ from irformer.engine.train import (
     TrainState,
     read_metrics,
     train,
-    transformer_blocks,
 )
 from irformer.norms import build_norm, merge_residual
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TinyBlock(nn.Module):
+class TinyBlock(TransformerBlock):
     """A pre-norm token block with the norm1/norm2 layout of the real ones."""
 
     def __init__(self, dim: int, norm: str) -> None:
@@ -227,7 +227,7 @@ def test_grad_clip_kl_and_bf16_options_train(tmp_path: Path) -> None:
 
 def test_kl_regulariser_sees_every_transformer_block() -> None:
     model = TinySR()
-    assert transformer_blocks(model) == list(model.blocks)
+    assert [block for _, block in transformer_blocks(model)] == list(model.blocks)
 
 
 def test_multistep_scheduler_and_warm_start(tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
     path = Path(args.model)
     meta: dict[str, object] = {}
     if path.is_file():
-        from irformer.archs.registry import read_state_dict
+        from irformer.archs import read_state_dict
         from irformer.engine.evaluate import eval_task_of
 
         meta = read_state_dict(path)[1]

@@ -14,13 +14,12 @@ under ``torch.inference_mode``.
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from irformer.archs import build_model, load_checkpoint_model
 from irformer.data.benchmarks import Benchmark, load_benchmark
 from irformer.data.degradations import matlab_imresize
 from irformer.data.io import check_writable, tensor_to_image, write_image
@@ -88,30 +88,12 @@ class BicubicModel(nn.Module):
         return f"upscale={self.upscale}"
 
 
-def _registry_function(name: str) -> Callable[..., Any]:
-    """``name`` from ``irformer.archs.registry`` (or ``irformer.archs``), imported lazily."""
-    for module_name in ("irformer.archs.registry", "irformer.archs"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name in (module_name, "irformer.archs"):
-                continue
-            raise
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return fn
-    raise RuntimeError(
-        f"loading models needs irformer.archs.registry.{name}, which is not available in this "
-        "installation; only --model bicubic works without it"
-    )
-
-
 def load_model_for_eval(spec: str | Path | nn.Module, *, scale: int = 1) -> nn.Module:
     """Resolve ``--model``: a module (returned as is), ``"bicubic"``, a checkpoint path or a preset.
 
-    Checkpoints load through ``irformer.archs.registry.load_checkpoint_model(path)``;
-    other names through ``build_model(name)`` (randomly initialised weights,
-    logged as a warning). Both are imported only when needed.
+    Checkpoints load through :func:`irformer.archs.load_checkpoint_model`; other
+    names through :func:`irformer.archs.build_model` (randomly initialised
+    weights, logged as a warning).
     """
     if isinstance(spec, nn.Module):
         return spec
@@ -120,12 +102,10 @@ def load_model_for_eval(spec: str | Path | nn.Module, *, scale: int = 1) -> nn.M
         return BicubicModel(scale)
     path = Path(text)
     if path.is_file():
-        loaded = _registry_function("load_checkpoint_model")(path)
-        # The registry returns (model, metadata); accept a bare module too.
-        return loaded[0] if isinstance(loaded, tuple) else loaded
+        return load_checkpoint_model(path)[0]
     if path.suffix in (".pth", ".pt", ".ckpt", ".safetensors") or "/" in text:
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    model = _registry_function("build_model")(text)
+    model = build_model(text)
     logger.warning("model %r built from its preset with untrained weights", text)
     return model
 

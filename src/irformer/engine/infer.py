@@ -10,9 +10,10 @@ Three ways to run one ``(B, C, H, W)`` tensor through a model:
   statistics (i-LN, LN*) sees different statistics per tile, so tiles disagree
   and leave seams.
 * **exact** (:func:`forward_exact`): the whole image layer by layer with window
-  attention in chunks of windows and the MLP in chunks of tokens
-  (:func:`chunked_attention`), so memory is a few feature maps and the output
-  equals the plain forward pass for every norm.
+  attention in chunks of windows and the MLP in chunks of tokens (an
+  :func:`~irformer.execution.execution_context` with ``windows_per_chunk``), so
+  memory is a few feature maps and the output equals the plain forward pass
+  for every norm.
 
 Any of these can be wrapped in the x8 self-ensemble (:func:`self_ensemble`) and
 run in fp32, bf16 or fp16 (:func:`run_with_precision`), which also counts
@@ -25,7 +26,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from irformer.execution import execution_context
+
 __all__ = [
     "PRECISIONS",
     "NonFiniteReport",
@@ -41,7 +43,6 @@ __all__ = [
     "PrecisionModel",
     "RestoreOptions",
     "RestoredFile",
-    "chunked_attention",
     "count_nonfinite",
     "forward_exact",
     "forward_plain",
@@ -72,7 +73,6 @@ DEFAULT_WINDOWS_PER_CHUNK = 256
 16k tokens, a few MB of scores per head, while keeping the GEMMs large."""
 
 Blend = Literal["mean", "ramp"]
-_UNSET = object()
 ModelFn = Callable[[Tensor], Tensor]
 
 
@@ -219,55 +219,6 @@ def forward_plain(model: nn.Module, x: Tensor) -> Tensor:
         return model(x)
 
 
-@contextmanager
-def chunked_attention(
-    model: nn.Module,
-    windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK,
-    tokens_per_chunk: int | None = None,
-) -> Iterator[nn.Module]:
-    """Within the block, every chunk-aware module of ``model`` runs in chunks.
-
-    A module is chunk-aware when its class declares a ``chunk_windows``
-    attribute (and optionally ``chunk_tokens``): ``SwinTransformerBlock`` and
-    ``WindowAttention`` of :mod:`irformer.archs.common` do, and any other
-    attention block can opt in the same way. Outputs are unchanged; attention
-    modules that are not chunk-aware run whole (still exact, more memory) and
-    are logged.
-    """
-    if windows_per_chunk < 1:
-        raise ValueError(f"windows_per_chunk must be >= 1, got {windows_per_chunk}")
-    if tokens_per_chunk is not None and tokens_per_chunk < 1:
-        raise ValueError(f"tokens_per_chunk must be >= 1, got {tokens_per_chunk}")
-    changed: list[tuple[nn.Module, str, object]] = []
-    unaware: list[str] = []
-    for name, module in model.named_modules():
-        if not hasattr(type(module), "chunk_windows"):
-            if "attention" in type(module).__name__.lower():
-                unaware.append(name)
-            continue
-        settings = {"chunk_windows": windows_per_chunk}
-        if hasattr(type(module), "chunk_tokens"):
-            settings["chunk_tokens"] = tokens_per_chunk
-        for attr, value in settings.items():
-            changed.append((module, attr, module.__dict__.get(attr, _UNSET)))
-            setattr(module, attr, value)
-    if not changed:
-        logger.warning(
-            "%s has no chunk-aware modules: the exact path is a plain forward pass",
-            type(model).__name__,
-        )
-    elif unaware:
-        logger.info("attention modules without chunking (run whole): %s", ", ".join(unaware))
-    try:
-        yield model
-    finally:
-        for module, attr, previous in changed:
-            if previous is _UNSET:
-                module.__dict__.pop(attr, None)  # back to the class default
-            else:
-                setattr(module, attr, previous)
-
-
 def forward_exact(
     model: nn.Module,
     x: Tensor,
@@ -275,8 +226,16 @@ def forward_exact(
     windows_per_chunk: int = DEFAULT_WINDOWS_PER_CHUNK,
     tokens_per_chunk: int | None = None,
 ) -> Tensor:
-    """Whole-image forward in bounded memory; equals :func:`forward_plain` (float rounding)."""
-    with chunked_attention(model, windows_per_chunk, tokens_per_chunk), torch.no_grad():
+    """Whole-image forward in bounded memory; equals :func:`forward_plain` (float rounding).
+
+    Runs ``model`` under an execution context with ``windows_per_chunk`` /
+    ``tokens_per_chunk`` (:mod:`irformer.execution`): window attention over rows
+    of windows and MLPs over slices of tokens, with whole-image norm statistics.
+    """
+    with (
+        execution_context(windows_per_chunk=windows_per_chunk, tokens_per_chunk=tokens_per_chunk),
+        torch.no_grad(),
+    ):
         return model(x)
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import irformer
+from irformer.archs import transformer_blocks
 from irformer.engine.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -61,7 +62,6 @@ from irformer.engine.distributed import (
     unwrap,
     wrap_ddp,
 )
-from irformer.norms import TokenNorm
 
 logger = logging.getLogger(__name__)
 
@@ -548,17 +548,11 @@ def run_hooks(hooks: Sequence[Hook], state: TrainState) -> None:
 # --------------------------------------------------------------------------- features
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every Transformer layer: a module with two or more direct :class:`TokenNorm` children
-    (``norm1``/``norm2`` of a pre-norm block), in forward-definition order."""
-    return [m for m in model.modules() if sum(isinstance(c, TokenNorm) for c in m.children()) >= 2]
-
-
 class FeatureTaps:
     """Forward hooks keeping each Transformer layer's output for an auxiliary loss."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.blocks = transformer_blocks(model)
+        self.blocks = [block for _, block in transformer_blocks(model)]
         if not self.blocks:
             raise ValueError(
                 f"{type(model).__name__}: no Transformer blocks (modules with norm1/norm2) "
