@@ -67,8 +67,7 @@ def torch_load_weights_only(path: str | Path, map_location: str | torch.device =
         detail = _UNPICKLER_DETAIL.search(message)
         reason = " ".join(detail.group(1).split()) if detail else _first_line(exc)
         raise CheckpointReadError(
-            f"{path}: not a readable PyTorch file (corrupt, truncated or another format): "
-            f"{reason}"
+            f"{path}: not a readable PyTorch file (corrupt, truncated or another format): {reason}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         # Truncated zip archives surface as OSError(EINVAL) or RuntimeError from the

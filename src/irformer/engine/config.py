@@ -227,7 +227,7 @@ def _validate_numbers(cfg: Config) -> None:
         if not 0.0 <= beta < 1.0:  # also false for NaN
             raise ConfigError(f"train.betas[{i}]: must be in [0, 1), got {beta}")
     if not 1 <= dc.quality <= 100:
-        raise ConfigError(f"data.quality: JPEG quality must be in 1..100, got {dc.quality}")
+        raise ConfigError(f"data.quality: must be a JPEG quality in 1..100, got {dc.quality}")
     for i, milestone in enumerate(tc.milestones):
         if milestone < 1:
             raise ConfigError(f"train.milestones[{i}]: must be >= 1, got {milestone}")
