@@ -255,7 +255,7 @@ def test_unreadable_files(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         read_state_dict(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=r"junk\.pth: not a loadable"):
+    with pytest.raises(ValueError, match=r"junk\.pth: not a readable PyTorch file"):
         read_state_dict(tmp_path / "junk.pth")
     torch.save({"optimizer": {"lr": 1}}, tmp_path / "opt.pth")
     with pytest.raises(ValueError, match="no state dict found"):

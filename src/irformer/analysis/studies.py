@@ -42,6 +42,7 @@ from irformer.analysis.plots import (
 )
 from irformer.analysis.probes import FEATURES_FILE, FeatureProbe, read_feature_records
 from irformer.engine.config import Config
+from irformer.errors import IrformerError
 from irformer.norms import NORM_NAMES, set_batchnorm_eval_mode
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ PROBE_SEED_TAG = 7919
 batch of training-like patches the model is never trained on at that position)."""
 
 
-class StudyExistsError(FileExistsError, ValueError):
+class StudyExistsError(IrformerError, FileExistsError, ValueError):
     """The study's run folder already exists and ``resume`` was not asked for."""
 
 

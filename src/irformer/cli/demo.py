@@ -198,7 +198,10 @@ def train_norm(
 
     start = time.perf_counter()
     try:
-        state = train(cfg, model=model, train_set=data, hooks=[probe], progress=tick)
+        # The demo redoes its runs: the previous demo's run folder is replaced.
+        state = train(
+            cfg, model=model, train_set=data, hooks=[probe], progress=tick, overwrite=True
+        )
     finally:
         bar.close()
     seconds = time.perf_counter() - start

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from irformer.errors import IrformerError
 
 TASKS: tuple[str, ...] = ("sr", "dn", "car", "dr")
 """Degradation tasks: super-resolution, denoising, JPEG artifact removal, deraining."""
@@ -31,7 +34,7 @@ DEFAULT_TRAIN_FOLDERS: tuple[str, ...] = ("datasets/DF2K/HR",)
 working directory; override with ``--set data.train=[...]``."""
 
 
-class ConfigError(ValueError):
+class ConfigError(IrformerError, ValueError):
     """A config file or override names an unknown key or holds a badly typed value."""
 
 
@@ -94,7 +97,11 @@ class TrainConfig:
     """Run forward/backward under bf16 autocast (weights and optimiser stay fp32)."""
     warm_start: str | None = None
     """Checkpoint or exported weights to initialise from (x4 from x2); mismatched
-    tensors (the upsampler) are skipped."""
+    tensors (the upsampler) are skipped. The file's arch and norm must be the
+    config's (a file without irformer metadata counts as ``ln``)."""
+    warm_start_ignore_norm: bool = False
+    """Allow a warm start from weights trained with another norm (cross-norm
+    initialisation); logged as a warning."""
     seed: int = 0
     time_limit_min: float = 0.0
     """Stop after this many minutes of wall time, writing a checkpoint (0 = no limit);
@@ -176,10 +183,54 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if not 0.0 <= cfg.train.ema < 1.0:
         raise ConfigError(f"train.ema: decay must be in [0, 1), got {cfg.train.ema}")
+    _validate_numbers(cfg)
     if cfg.train.scheduler == "multisteplr" and list(cfg.train.milestones) != sorted(
         cfg.train.milestones
     ):
         raise ConfigError(f"train.milestones: must be increasing, got {cfg.train.milestones}")
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Range checks of the numeric fields, each naming its key (run at load time:
+    ``log.checkpoint_every: 0`` used to surface as a ZeroDivisionError mid-run,
+    ``train.gamma: -1`` as a negative learning rate)."""
+    tc, dc = cfg.train, cfg.data
+    at_least_one = [
+        ("log.checkpoint_every", cfg.log.checkpoint_every),
+        ("train.step_size", tc.step_size),
+    ]
+    at_least_zero = [
+        ("data.workers", dc.workers),
+        ("val.every", cfg.val.every),
+        ("log.probe_interval", cfg.log.probe_interval),
+        ("train.seed", tc.seed),
+    ]
+    for key, value in at_least_one:
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, value in at_least_zero:
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    for key, value, positive in (
+        ("train.lr", tc.lr, True),
+        ("train.gamma", tc.gamma, True),
+        ("train.weight_decay", tc.weight_decay, False),
+        ("train.grad_clip", tc.grad_clip, False),
+        ("train.kl_weight", tc.kl_weight, False),
+        ("train.time_limit_min", tc.time_limit_min, False),
+        ("data.sigma", dc.sigma, False),
+    ):
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise ConfigError(f"{key}: must be a finite number {bound}, got {value}")
+    for i, beta in enumerate(tc.betas):
+        if not 0.0 <= beta < 1.0:  # also false for NaN
+            raise ConfigError(f"train.betas[{i}]: must be in [0, 1), got {beta}")
+    if not 1 <= dc.quality <= 100:
+        raise ConfigError(f"data.quality: must be a JPEG quality in 1..100, got {dc.quality}")
+    for i, milestone in enumerate(tc.milestones):
+        if milestone < 1:
+            raise ConfigError(f"train.milestones[{i}]: must be >= 1, got {milestone}")
 
 
 # --------------------------------------------------------------------------- loading

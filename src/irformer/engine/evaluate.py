@@ -9,6 +9,11 @@ scripts do), then scored with :func:`irformer.metrics.compute_metrics`.
 Evaluation is deterministic: noise is seeded per image (see
 :mod:`irformer.data.benchmarks`), images run one at a time in a fixed order
 under ``torch.inference_mode``.
+
+Non-finite outputs are counted, not hidden: each image records its output
+pixels with a NaN/inf channel (scored as black, like ``restore`` writes them),
+each set its total, and a warning names the set; ``irformer eval`` marks such
+a set in its table and exits with status 1.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from irformer.archs import build_model, load_checkpoint_model
 from irformer.data.benchmarks import Benchmark, load_benchmark
 from irformer.data.degradations import matlab_imresize
 from irformer.data.io import check_writable, tensor_to_image, write_image
+from irformer.engine.infer import count_nonfinite
+from irformer.errors import DeviceUnavailableError
 from irformer.metrics import TASKS, compute_metrics
 
 __all__ = [
@@ -118,7 +125,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise DeviceUnavailableError(f"device {device!r} requested but CUDA is not available")
     return dev
 
 
@@ -131,6 +138,9 @@ class ImageResult:
     psnr: float
     ssim: float
     seconds: float
+    nonfinite_pixels: int = 0
+    """Output pixels with a NaN/inf channel (scored as 0, i.e. black): any makes
+    the scores those of a broken model, not of the model."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,16 @@ class BenchmarkResult:
     def num_images(self) -> int:
         return len(self.images)
 
+    @property
+    def nonfinite_pixels(self) -> int:
+        """Non-finite output pixels over the whole set (0 for a valid result)."""
+        return sum(r.nonfinite_pixels for r in self.images)
+
+    @property
+    def nonfinite_images(self) -> int:
+        """Images whose output held a NaN/inf."""
+        return sum(r.nonfinite_pixels > 0 for r in self.images)
+
 
 @dataclass(frozen=True)
 class EvaluationResult:
@@ -168,6 +188,7 @@ class EvaluationResult:
         d = asdict(self)
         for b, bench in zip(d["benchmarks"], self.benchmarks, strict=True):
             b["num_images"] = bench.num_images
+            b["nonfinite_pixels"] = bench.nonfinite_pixels
         return d
 
     def __getitem__(self, benchmark: str) -> BenchmarkResult:
@@ -245,6 +266,7 @@ def evaluate_benchmark(
             out, seconds = _run_model(model, lq.contiguous().to(device), device, precision)
         if out.ndim != 4 or out.shape[0] != 1:
             raise ValueError(f"model output must be (1, C, H, W), got {tuple(out.shape)}")
+        nonfinite = count_nonfinite(out).nonfinite_pixels
         if out.shape[1] != data_c and data_c == 1:
             out = out.to(torch.float64).mean(dim=1, keepdim=True)
         restored = tensor_to_image(out)
@@ -255,7 +277,9 @@ def evaluate_benchmark(
             )
         scores = compute_metrics(restored, item.gt, task=task, scale=scale)
         images.append(
-            ImageResult(benchmark.name, item.name, scores["psnr"], scores["ssim"], seconds)
+            ImageResult(
+                benchmark.name, item.name, scores["psnr"], scores["ssim"], seconds, nonfinite
+            )
         )
         if save_dir is not None:
             write_image(
@@ -264,7 +288,7 @@ def evaluate_benchmark(
                 overwrite=overwrite,
                 protected=benchmark.source_paths(index),
             )
-    return BenchmarkResult(
+    result = BenchmarkResult(
         benchmark=benchmark.name,
         task=task,
         scale=scale,
@@ -274,6 +298,16 @@ def evaluate_benchmark(
         ssim=float(np.mean([r.ssim for r in images])) if images else math.nan,
         images=tuple(images),
     )
+    if result.nonfinite_pixels:
+        logger.warning(
+            "%s: %d output pixels non-finite in %d of %d images (scored as black): the "
+            "scores are those of a broken model",
+            benchmark.name,
+            result.nonfinite_pixels,
+            result.nonfinite_images,
+            result.num_images,
+        )
+    return result
 
 
 def evaluate(
@@ -366,6 +400,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "psnr",
     "ssim",
     "seconds",
+    "nonfinite_pixels",
 )
 
 
@@ -391,6 +426,7 @@ def write_results_csv(
                     "psnr": repr(img.psnr),
                     "ssim": repr(img.ssim),
                     "seconds": f"{img.seconds:.6f}",
+                    "nonfinite_pixels": img.nonfinite_pixels,
                 }
             )
     path.write_text(buf.getvalue())

@@ -41,12 +41,15 @@ __all__ = [
     "NonFiniteReport",
     "Precision",
     "PrecisionModel",
+    "RestoreFailure",
     "RestoreOptions",
+    "RestoreResult",
     "RestoredFile",
     "count_nonfinite",
     "forward_exact",
     "forward_plain",
     "forward_tiled",
+    "is_complete_output",
     "locate_first_nonfinite",
     "model_dtype",
     "plan_outputs",
@@ -540,6 +543,48 @@ def plan_outputs(
     return pairs
 
 
+@dataclass(frozen=True)
+class RestoreFailure:
+    """An input :func:`restore_files` could not read (it went on with the others)."""
+
+    source: Path
+    output: Path
+    error: str
+
+
+@dataclass
+class RestoreResult:
+    """What :func:`restore_files` did with each input."""
+
+    restored: list[RestoredFile]
+    skipped: list[tuple[Path, Path]]
+    """``(source, output)`` pairs whose complete output already existed (``skip_existing``)."""
+    failed: list[RestoreFailure]
+
+    @property
+    def ok(self) -> bool:
+        """Every input restored or skipped."""
+        return not self.failed
+
+
+def is_complete_output(output: Path, source: Path, scale: int | None) -> bool:
+    """Whether ``output`` is a finished restoration of ``source``: a file that decodes
+    and is ``scale`` times the source's size (an interrupted write leaves a
+    truncated file that does not decode). ``scale`` None checks decoding only."""
+    from irformer.data.io import ImageReadError, image_size, read_image
+
+    if not output.is_file():
+        return False
+    try:
+        out = read_image(output, channels="keep")
+        if scale is None:
+            return True
+        h, w = image_size(source)
+    except (ImageReadError, OSError):
+        return False
+    return out.shape[:2] == (h * scale, w * scale)
+
+
 def restore_files(
     model: nn.Module,
     inputs: Sequence[str | Path],
@@ -547,39 +592,87 @@ def restore_files(
     options: RestoreOptions | None = None,
     *,
     overwrite: bool = False,
+    skip_existing: bool = False,
     ext: str | None = ".png",
     guard: bool = True,
     on_done: Callable[[RestoredFile], None] | None = None,
-) -> list[RestoredFile]:
+    on_error: Callable[[RestoreFailure], None] | None = None,
+) -> RestoreResult:
     """Restore image files and folders into ``out_dir``, one image at a time.
 
-    Every output path is checked before the first image runs: inputs are never
-    overwritten, existing outputs only with ``overwrite``. Images keep their
-    bit depth (8/16-bit); a greyscale image (or an RGB one with three equal
-    channels) meeting a 3-channel model is replicated in and averaged out, so
-    grey stays grey. For fp16, ``guard`` first measures feature magnitudes on a
-    64x64 crop of the first image in fp32 and warns when they approach fp16's
-    range (:func:`irformer.engine.lowprec.check_fp16_overflow`). ``on_done`` is
-    called after each image (progress display).
+    Before the first image runs, ``out_dir`` must be writable and every output
+    path is checked: inputs are never overwritten, existing outputs only with
+    ``overwrite``; with ``skip_existing`` an existing output that is complete
+    (:func:`is_complete_output`) is skipped and an incomplete one redone. An
+    input that cannot be read (not an image, truncated, too large, vanished)
+    is recorded in :attr:`RestoreResult.failed` (and passed to ``on_error``)
+    and the run goes on. Images keep their bit depth (8/16-bit); a greyscale
+    image (or an RGB one with three equal channels) meeting a 3-channel model
+    is replicated in and averaged out, so grey stays grey. For fp16, ``guard``
+    first measures feature magnitudes on a 64x64 crop of the first readable
+    image in fp32 and warns when they approach fp16's range
+    (:func:`irformer.engine.lowprec.check_fp16_overflow`). ``on_done`` is called
+    after each image (progress display).
     """
-    from irformer.data.io import check_writable, image_to_tensor, read_image, write_image
+    from irformer.data.io import (
+        ImageReadError,
+        check_folder_writable,
+        check_writable,
+        image_to_tensor,
+        read_image,
+        write_image,
+    )
 
+    if overwrite and skip_existing:
+        raise ValueError("overwrite and skip_existing contradict each other: pick one")
     options = options or RestoreOptions()
     pairs = plan_outputs(inputs, out_dir, ext=ext)
     protected = [source for source, _ in pairs]
-    for _, output in pairs:
-        check_writable(output, overwrite=overwrite, protected=protected)
+    check_folder_writable(out_dir)
+    scale = getattr(model, "upscale", None)
+    scale = int(scale) if isinstance(scale, int) else None
+    pending: list[tuple[Path, Path, bool]] = []
+    skipped: list[tuple[Path, Path]] = []
+    for source, output in pairs:
+        redo = False
+        if skip_existing and output.exists():
+            if is_complete_output(output, source, scale):
+                skipped.append((source, output))
+                continue
+            redo = True  # an interrupted earlier run's output: replace it
+            logger.info("%s exists but is incomplete; restoring it again", output)
+        check_writable(output, overwrite=overwrite or redo, protected=protected)
+        pending.append((source, output, redo))
     in_chans = getattr(model, "in_chans", 3)
     channels = "grey" if in_chans == 1 else "rgb"
+    result = RestoreResult(restored=[], skipped=skipped, failed=[])
+
+    def fail(source: Path, output: Path, exc: Exception) -> None:
+        failure = RestoreFailure(source, output, str(exc))
+        logger.warning("skipping %s: %s", source, exc)
+        result.failed.append(failure)
+        if on_error is not None:
+            on_error(failure)
+
+    unreadable = (ImageReadError, OSError)
     if options.precision == "fp16" and guard:
         from irformer.engine.lowprec import check_fp16_overflow
 
-        probe = image_to_tensor(_centre_crop(read_image(pairs[0][0], channels=channels), 64))
-        check_fp16_overflow(model=model, probe=probe[None])
+        for source, _, _ in pending:
+            try:
+                image = read_image(source, channels=channels)
+            except unreadable:
+                continue  # reported when its turn comes
+            probe = image_to_tensor(_centre_crop(image, 64))
+            check_fp16_overflow(model=model, probe=probe[None])
+            break
     prepare_model_for_precision(model, options.precision)
-    results: list[RestoredFile] = []
-    for source, output in pairs:
-        image = read_image(source, channels=channels)
+    for source, output, redo in pending:
+        try:
+            image = read_image(source, channels=channels)
+        except unreadable as exc:
+            fail(source, output, exc)
+            continue
         grey = image.shape[2] == 3 and bool(
             np.array_equal(image[..., 0], image[..., 1])
             and np.array_equal(image[..., 0], image[..., 2])
@@ -590,7 +683,7 @@ def restore_files(
         if grey:
             out = out.mean(dim=1, keepdim=True)
         restored = _to_image(out, image.dtype)
-        write_image(output, restored, overwrite=overwrite, protected=protected)
+        write_image(output, restored, overwrite=overwrite or redo, protected=protected)
         done = RestoredFile(
             source=source,
             output=output,
@@ -600,10 +693,10 @@ def restore_files(
             report=report,
         )
         logger.info("%s -> %s (%.2f s; %s)", source, output, seconds, report.summary())
-        results.append(done)
+        result.restored.append(done)
         if on_done is not None:
             on_done(done)
-    return results
+    return result
 
 
 def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
