@@ -160,7 +160,7 @@ def test_restore_tile_ensemble_precision(setup: tuple[Path, Path], tmp_path: Pat
 def test_restore_fp16_guard_and_black_dots(
     setup: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:
-    from irformer.engine.lowprec import Fp16OverflowWarning
+    from irformer.analysis.magnitudes import Fp16OverflowWarning
 
     _, src = setup
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from irformer.cli.options import add_precision_arguments
 from irformer.data.benchmarks import DEFAULT_BENCHMARKS, find_benchmark_dir, get_benchmark
 from irformer.data.io import check_folder_writable, check_writable
 from irformer.engine.evaluate import (
@@ -69,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-csv", type=Path, default=None, help="write per-image results as CSV")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    add_precision_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="base seed of the synthetic noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         quality=args.quality,
         device=args.device,
         precision=args.precision,
+        autocast=args.autocast,
         save_dir=args.save_dir,
         overwrite=args.overwrite,
         seed=args.seed,

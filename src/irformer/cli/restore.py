@@ -2,7 +2,7 @@
 
 irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET | --scale 2|4]
     [--tile N [--tile-overlap M] [--tile-blend mean|ramp] | --exact-chunk K]
-    [--ensemble] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda]
+    [--ensemble] [--precision fp32|bf16|fp16] [--autocast bf16|fp16] [--device auto|cpu|cuda]
     [--overwrite | --skip-existing]
 
 Large images: ``--tile`` splits the input into overlapping tiles (fine for LN
@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 from torch import nn
+
+from irformer.cli.options import add_precision_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-overlap", type=int, default=32, metavar="M", help="tile overlap")
     p.add_argument("--tile-blend", choices=("mean", "ramp"), default="mean")
     p.add_argument("--ensemble", action="store_true", help="x8 self-ensemble (flips, rotations)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    add_precision_arguments(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--ext",
@@ -148,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_windows=args.exact_chunk,
         ensemble=args.ensemble,
         precision=args.precision,
+        autocast=args.autocast,
     )
     model, described = load_model(args.model, param_key=args.param_key, scale=args.scale)
     device = resolve_device(args.device)

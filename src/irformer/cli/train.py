@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         # The analysis probes (issue 5): per-layer magnitude and channel entropy
         # on a fixed batch of training-like patches, into <out_dir>/features.jsonl.
         from irformer.analysis.probes import FEATURES_FILE, FeatureProbe
-        from irformer.analysis.studies import probe_batch_for
+        from irformer.engine.data import probe_batch_for
 
         out_path = Path(cfg.log.out_dir) / FEATURES_FILE
         hooks.append(FeatureProbe(probe_batch_for(cfg), out_path=out_path))

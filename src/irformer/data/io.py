@@ -45,6 +45,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from irformer.errors import IrformerError, OutputNotWritableError
+from irformer.files import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -433,6 +434,6 @@ def write_image(
     ok, buf = cv2.imencode(suffix, np.ascontiguousarray(bgr), params)
     if not ok:
         raise RuntimeError(f"OpenCV failed to encode {path}")
-    path.write_bytes(buf.tobytes())
+    atomic_write(path, buf.tobytes())
     logger.debug("wrote %s", path)
     return path

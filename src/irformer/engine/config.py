@@ -18,16 +18,21 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
+from irformer.archs.registry import list_archs, list_presets
 from irformer.errors import IrformerError
+from irformer.norms import NormName
+from irformer.tasks import TASKS as TASK_NAMES
+from irformer.tasks import Task
 
-TASKS: tuple[str, ...] = ("sr", "dn", "car", "dr")
+TASKS: tuple[str, ...] = TASK_NAMES
 """Degradation tasks: super-resolution, denoising, JPEG artifact removal, deraining."""
 
-SCHEDULERS: tuple[str, ...] = ("steplr", "multisteplr", "none")
+Scheduler = Literal["steplr", "multisteplr", "none"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 DEFAULT_TRAIN_FOLDERS: tuple[str, ...] = ("datasets/DF2K/HR",)
 """DF2K-style HR folder (DIV2K + Flickr2K HR images in one folder), relative to the
@@ -42,8 +47,9 @@ class ConfigError(IrformerError, ValueError):
 class ModelConfig:
     """Which network to build: ``irformer.archs.build_model(arch, norm=..., upscale=scale)``."""
 
-    arch: str = "swinir_light"
-    norm: str = "ln"
+    arch: str = "swinir_light_x2"
+    """A preset or architecture name of :mod:`irformer.archs` (checked at load)."""
+    norm: NormName = "ln"
     scale: int = 2
     """Upscaling factor of the network (1 for DN/CAR/DR)."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -59,7 +65,7 @@ class DataConfig:
     train_lq: tuple[str, ...] = ()
     """Paired degraded folders, same file stems as ``train`` (deraining); empty =
     degrade ``train`` on the fly."""
-    task: str = "sr"
+    task: Task = "sr"
     sigma: float = 15.0
     """Gaussian noise std on the 0-255 scale (``dn``)."""
     quality: int = 40
@@ -81,7 +87,7 @@ class TrainConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
-    scheduler: str = "steplr"
+    scheduler: Scheduler = "steplr"
     step_size: int = 250_000
     """StepLR period (the paper's "Milestones (K) 250" for StepLR)."""
     milestones: tuple[int, ...] = ()
@@ -150,6 +156,11 @@ class Config:
 
 
 def _validate(cfg: Config) -> None:
+    names = [*list_archs(), *list_presets()]
+    if cfg.model.arch not in names:
+        match = difflib.get_close_matches(cfg.model.arch, names, n=1, cutoff=0.6)
+        hint = f"did you mean {match[0]!r}?" if match else "`irformer models list` shows them"
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} is no preset or architecture; {hint}")
     if cfg.data.task not in TASKS:
         raise ConfigError(f"data.task: {cfg.data.task!r} is not one of {', '.join(TASKS)}")
     if cfg.train.scheduler not in SCHEDULERS:
@@ -254,6 +265,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        if value in args:
+            return value
+        match = difflib.get_close_matches(
+            str(value).lower(), [str(a) for a in args], n=1, cutoff=0.5
+        )
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
     if origin in (types.UnionType, typing.Union):
         is_null = value is None or (
             isinstance(value, str) and value.lower() in ("none", "null", "~", "")

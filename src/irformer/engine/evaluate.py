@@ -25,10 +25,9 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +38,15 @@ from irformer.archs import build_model, load_checkpoint_model
 from irformer.data.benchmarks import Benchmark, load_benchmark
 from irformer.data.degradations import matlab_imresize
 from irformer.data.io import check_writable, tensor_to_image, write_image
-from irformer.engine.infer import count_nonfinite
+from irformer.engine.infer import PrecisionModel, RestoreOptions, count_nonfinite
+from irformer.engine.precision import (
+    AutocastDtype,
+    Precision,
+    autocast_context,
+    check_precision_options,
+)
 from irformer.errors import DeviceUnavailableError
+from irformer.files import atomic_write
 from irformer.metrics import TASKS, compute_metrics
 
 __all__ = [
@@ -59,8 +65,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CHANNEL_ATTRS = ("in_chans", "in_channels", "num_in_ch")
 _EVAL_TASKS = {"sr": "sr", "denoise": "dn", "jpeg_car": "car", "derain": "dr", "real_sr": "sr"}
 
@@ -183,6 +187,7 @@ class EvaluationResult:
     precision: str
     device: str
     benchmarks: tuple[BenchmarkResult, ...] = field(default_factory=tuple)
+    autocast: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -212,17 +217,12 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def _run_model(
-    model: nn.Module, lq: torch.Tensor, device: torch.device, precision: Precision
+    model: nn.Module, lq: torch.Tensor, device: torch.device, autocast: AutocastDtype | None
 ) -> tuple[torch.Tensor, float]:
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
-        if precision != "fp32"
-        else nullcontext()
-    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with autocast:
+    with autocast_context(device, autocast):
         out = model(lq)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -234,7 +234,7 @@ def evaluate_benchmark(
     benchmark: Benchmark,
     *,
     device: torch.device,
-    precision: Precision = "fp32",
+    autocast: AutocastDtype | None = None,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -243,7 +243,8 @@ def evaluate_benchmark(
 
     Greyscale sets meet a 3-channel model as replicated channels and are
     scored on the channel mean of its output; ``model`` must already be on
-    ``device`` and in eval mode. Runs under ``torch.inference_mode``.
+    ``device``, in eval mode and in the precision wanted (see :func:`evaluate`).
+    Runs under ``torch.inference_mode`` (and ``torch.autocast`` with ``autocast``).
     """
     want_c = _model_in_channels(model)
     task, scale = benchmark.task, benchmark.scale
@@ -263,7 +264,7 @@ def evaluate_benchmark(
                     f"{want_c}; evaluate colour models on colour sets"
                 )
         with torch.inference_mode():
-            out, seconds = _run_model(model, lq.contiguous().to(device), device, precision)
+            out, seconds = _run_model(model, lq.contiguous().to(device), device, autocast)
         if out.ndim != 4 or out.shape[0] != 1:
             raise ValueError(f"model output must be (1, C, H, W), got {tuple(out.shape)}")
         nonfinite = count_nonfinite(out).nonfinite_pixels
@@ -321,6 +322,7 @@ def evaluate(
     quality: int | None = None,
     device: str | torch.device = "auto",
     precision: Precision = "fp32",
+    autocast: AutocastDtype | None = None,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
@@ -333,11 +335,13 @@ def evaluate(
     a module is moved to ``device`` and put in eval mode. All benchmarks are
     resolved (and their folders validated) before the first image runs.
     ``save_dir`` receives ``<benchmark>/<name>.png`` of the uint8 outputs.
+    ``precision`` casts the model's weights and features (a module passed in is
+    cast in place), ``autocast`` runs fp32 weights under ``torch.autocast``
+    (:mod:`irformer.engine.precision`); non-finite outputs are counted per image.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    check_precision_options(precision, autocast)
     if not benchmarks:
         raise ValueError("no benchmarks given")
     eff_scale = scale if task == "sr" else 1
@@ -357,13 +361,16 @@ def evaluate(
         )
         for b in benchmarks
     ]
+    if precision != "fp32":
+        cast = RestoreOptions(precision=precision, sanitize=False, locate_nonfinite=False)
+        net = PrecisionModel(net, cast)
     results = []
     for bench in resolved:
         res = evaluate_benchmark(
             net,
             bench,
             device=_model_device(net, dev),
-            precision=precision,
+            autocast=autocast,
             save_dir=save_dir,
             overwrite=overwrite,
             progress=progress,
@@ -384,6 +391,7 @@ def evaluate(
         sigma=sigma if task == "dn" else None,
         quality=quality if task == "car" else None,
         precision=precision,
+        autocast=autocast,
         device=str(dev),
         benchmarks=tuple(results),
     )
@@ -429,7 +437,7 @@ def write_results_csv(
                     "nonfinite_pixels": img.nonfinite_pixels,
                 }
             )
-    path.write_text(buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -451,5 +459,5 @@ def write_results_json(
             return [clean(v) for v in obj]
         return obj
 
-    path.write_text(json.dumps(clean(result.to_dict()), indent=2) + "\n")
+    atomic_write(path, json.dumps(clean(result.to_dict()), indent=2) + "\n")
     return path

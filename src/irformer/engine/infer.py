@@ -34,12 +34,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from irformer.engine.precision import (
+    AutocastDtype,
+    Precision,
+    autocast_context,
+    check_precision_options,
+    model_dtype,
+    precision_dtype,
+    prepare_model_for_precision,
+)
 from irformer.execution import execution_context
 
 __all__ = [
-    "PRECISIONS",
     "NonFiniteReport",
-    "Precision",
     "PrecisionModel",
     "RestoreFailure",
     "RestoreOptions",
@@ -51,10 +58,7 @@ __all__ = [
     "forward_tiled",
     "is_complete_output",
     "locate_first_nonfinite",
-    "model_dtype",
     "plan_outputs",
-    "precision_dtype",
-    "prepare_model_for_precision",
     "restore_files",
     "restore_tensor",
     "run_with_precision",
@@ -63,61 +67,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-
 DEFAULT_WINDOWS_PER_CHUNK = 256
 """Windows per attention chunk in the exact path: 256 windows of 8x8 tokens are
 16k tokens, a few MB of scores per head, while keeping the GEMMs large."""
 
 Blend = Literal["mean", "ramp"]
 ModelFn = Callable[[Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------- precision
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    """``fp32|bf16|fp16`` -> torch dtype; unknown names raise ``ValueError``."""
-    try:
-        return _DTYPES[precision]
-    except KeyError:
-        raise ValueError(
-            f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
-        ) from None
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (fp32 if it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def prepare_model_for_precision(
-    model: nn.Module, precision: str, *, channels_last: bool = True
-) -> nn.Module:
-    """Cast weights and buffers to ``precision`` in place, eval mode; returns ``model``.
-
-    Features follow the weights (the input is cast in :func:`run_with_precision`);
-    i-LN's holistic statistics are still computed in fp32 by
-    :func:`irformer.norms.holistic_stats`, and attention masks are cast per call.
-    Conv weights go channels-last, matching the channels-last feature maps of
-    the Swin models, so oneDNN needs no layout reorders (fastest bf16 on CPU).
-    Copy the model first (``copy.deepcopy``) to keep an fp32 original.
-    """
-    dtype = precision_dtype(precision)
-    model.eval()
-    model.to(dtype=dtype)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
 
 
 @dataclass(frozen=True)
@@ -363,13 +318,16 @@ class RestoreOptions:
     chunk_tokens: int | None = None
     ensemble: bool = False
     precision: Precision = "fp32"
+    """Cast weights and features to this dtype (:mod:`irformer.engine.precision`)."""
+    autocast: AutocastDtype | None = None
+    """Run fp32 weights under ``torch.autocast`` in this dtype (precision must be fp32)."""
     locate_nonfinite: bool = True
     """Re-run with hooks to name the first non-finite layer when the output has NaN/inf."""
     sanitize: bool = True
     """Return NaN as 0 and +-inf as 1/0 (the black dots), counted in the report."""
 
     def __post_init__(self) -> None:
-        precision_dtype(self.precision)
+        check_precision_options(self.precision, self.autocast)
         if self.tile is not None and self.chunk_windows is not None:
             raise ValueError(
                 f"choose tiling (tile={self.tile}) or the exact chunked path "
@@ -402,7 +360,7 @@ def restore_tensor(
 
     The model is cast to ``options.precision`` in place (a no-op when it already
     is; see :func:`prepare_model_for_precision`) and ``x`` is moved to the
-    model's device and dtype.
+    model's device and dtype; ``options.autocast`` runs it under ``torch.autocast``.
     """
     options = options or RestoreOptions()
     dtype = precision_dtype(options.precision)
@@ -412,7 +370,12 @@ def restore_tensor(
     device = next((p.device for p in model.parameters()), x.device)
     x = x.to(device=device, dtype=dtype)
     single = _single_pass(model, options)
-    fn: ModelFn = (lambda t: self_ensemble(single, t)) if options.ensemble else single
+    ensembled: ModelFn = (lambda t: self_ensemble(single, t)) if options.ensemble else single
+
+    def fn(t: Tensor) -> Tensor:
+        with autocast_context(device, options.autocast):
+            return ensembled(t)
+
     with torch.no_grad():
         out = fn(x).float()
     report = count_nonfinite(out)
@@ -426,7 +389,7 @@ def restore_tensor(
                     report.total_pixels,
                     *located,
                 )
-        logger.warning("%s: %s", options.precision, report.summary())
+        logger.warning("%s: %s", options.autocast or options.precision, report.summary())
         if options.sanitize:
             out = torch.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
     return out, report
@@ -442,6 +405,7 @@ def run_with_precision(
     chunk_windows: int | None = None,
     ensemble: bool = False,
     sanitize: bool = True,
+    autocast: AutocastDtype | None = None,
 ) -> tuple[Tensor, NonFiniteReport]:
     """:func:`restore_tensor` with the precision and path as keyword arguments.
 
@@ -454,6 +418,7 @@ def run_with_precision(
         chunk_windows=chunk_windows,
         ensemble=ensemble,
         precision=precision,  # type: ignore[arg-type]
+        autocast=autocast,
         sanitize=sanitize,
     )
     return restore_tensor(model, x, options)
@@ -656,7 +621,7 @@ def restore_files(
 
     unreadable = (ImageReadError, OSError)
     if options.precision == "fp16" and guard:
-        from irformer.engine.lowprec import check_fp16_overflow
+        from irformer.analysis.magnitudes import check_fp16_overflow
 
         for source, _, _ in pending:
             try:

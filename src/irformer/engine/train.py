@@ -72,6 +72,7 @@ from irformer.engine.distributed import (
     wrap_ddp,
 )
 from irformer.errors import CheckpointReadError, IrformerError, RunExistsError
+from irformer.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -802,7 +803,7 @@ def write_run_config(cfg: Config, run_dir: Path) -> None:
     text = dump_config(cfg)
     if path.is_file() and path.read_text() != text:
         logger.warning("%s differs from the current config; keeping the new one", path)
-    path.write_text(text)
+    atomic_write(path, text)
 
 
 class MetricsLog:
@@ -859,7 +860,7 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> None:
             continue  # a line cut short by a kill
         if int(record.get("iter", record.get("iteration", 0))) <= last_iteration:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
