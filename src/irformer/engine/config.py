@@ -58,9 +58,16 @@ class DataConfig:
     degrade ``train`` on the fly."""
     task: str = "sr"
     sigma: float = 15.0
-    """Gaussian noise std on the 0-255 scale (``dn``)."""
+    """Gaussian noise std on the 0-255 scale (``dn``); with ``sigma_range`` set, the
+    level used for validation only."""
     quality: int = 40
-    """JPEG quality (``car``)."""
+    """JPEG quality (``car``); with ``quality_range`` set, the validation quality only."""
+    sigma_range: tuple[float, float] | None = None
+    """Blind denoising: ``[min, max]``, each training sample draws its sigma uniformly
+    from it (from the sample's seeded RNG, so resume and DDP stay exact)."""
+    quality_range: tuple[int, int] | None = None
+    """Blind JPEG artifact removal: ``[min, max]``, each training sample draws an
+    integer quality uniformly from it (both ends included)."""
     patch_size: int = 64
     """Ground-truth patch side in pixels (BasicSR's ``gt_size``); the LQ side is
     ``patch_size // scale``."""
@@ -174,12 +181,38 @@ def _validate(cfg: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    _validate_levels(cfg.data)
     if not 0.0 <= cfg.train.ema < 1.0:
         raise ConfigError(f"train.ema: decay must be in [0, 1), got {cfg.train.ema}")
     if cfg.train.scheduler == "multisteplr" and list(cfg.train.milestones) != sorted(
         cfg.train.milestones
     ):
         raise ConfigError(f"train.milestones: must be increasing, got {cfg.train.milestones}")
+
+
+def _validate_levels(d: DataConfig) -> None:
+    """Noise levels and JPEG qualities, fixed or blind (a range), each error naming its key."""
+    if d.sigma < 0:
+        raise ConfigError(f"data.sigma: noise std must be >= 0 (0-255 scale), got {d.sigma}")
+    if not 1 <= d.quality <= 100:
+        raise ConfigError(f"data.quality: JPEG quality must be in 1..100, got {d.quality}")
+    if d.sigma_range is not None:
+        if d.task != "dn":
+            raise ConfigError(f"data.sigma_range: only task 'dn' adds noise, task is {d.task!r}")
+        lo, hi = d.sigma_range
+        if not 0 <= lo <= hi:
+            raise ConfigError(
+                f"data.sigma_range: expected [min, max] with 0 <= min <= max, got [{lo}, {hi}]"
+            )
+    if d.quality_range is not None:
+        if d.task != "car":
+            raise ConfigError(f"data.quality_range: only task 'car' compresses, task is {d.task!r}")
+        lo, hi = d.quality_range
+        if not 1 <= lo <= hi <= 100:
+            raise ConfigError(
+                f"data.quality_range: expected [min, max] with 1 <= min <= max <= 100, "
+                f"got [{lo}, {hi}]"
+            )
 
 
 # --------------------------------------------------------------------------- loading
