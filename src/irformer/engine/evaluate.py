@@ -37,6 +37,7 @@ from irformer.data.io import check_writable, tensor_to_image, write_image
 from irformer.metrics import TASKS, compute_metrics
 
 __all__ = [
+    "BASELINE_NAMES",
     "BenchmarkResult",
     "BicubicModel",
     "EvaluationResult",
@@ -63,6 +64,16 @@ def eval_task_of(meta: Mapping[str, object]) -> str:
     (whose ``task`` uses the architecture names: ``denoise``, ``jpeg_car``...)."""
     task = str(meta.get("task", "sr"))
     return _EVAL_TASKS.get(task, task)
+
+
+BASELINE_NAMES: dict[str, str] = {
+    "sr": "bicubic",
+    "dn": "noisy input",
+    "car": "JPEG input",
+    "dr": "rainy input",
+}
+"""What :class:`BicubicModel` scores for each task, as the tables label its row: the
+bicubic upscaling for SR, the degraded input itself for the scale-1 tasks."""
 
 
 class BicubicModel(nn.Module):
@@ -389,40 +400,59 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
+def _as_results(
+    results: EvaluationResult | Sequence[EvaluationResult],
+) -> tuple[EvaluationResult, ...]:
+    return (results,) if isinstance(results, EvaluationResult) else tuple(results)
+
+
 def write_results_csv(
-    result: EvaluationResult, path: str | Path, *, overwrite: bool = False
+    result: EvaluationResult | Sequence[EvaluationResult],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """One row per image (columns :data:`CSV_COLUMNS`); PSNR/SSIM at full precision."""
+    """One row per image (columns :data:`CSV_COLUMNS`); PSNR/SSIM at full precision.
+
+    Several results (noise levels, a baseline) go into one file, one after another;
+    the ``model``/``sigma``/``quality`` columns tell their rows apart.
+    """
     path = check_writable(path, overwrite=overwrite)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for bench in result.benchmarks:
-        for img in bench.images:
-            writer.writerow(
-                {
-                    "model": result.model,
-                    "task": result.task,
-                    "scale": result.scale,
-                    "sigma": "" if result.sigma is None else result.sigma,
-                    "quality": "" if result.quality is None else result.quality,
-                    "benchmark": img.benchmark,
-                    "name": img.name,
-                    "psnr": repr(img.psnr),
-                    "ssim": repr(img.ssim),
-                    "seconds": f"{img.seconds:.6f}",
-                }
-            )
+    for res in _as_results(result):
+        for bench in res.benchmarks:
+            for img in bench.images:
+                writer.writerow(
+                    {
+                        "model": res.model,
+                        "task": res.task,
+                        "scale": res.scale,
+                        "sigma": "" if res.sigma is None else res.sigma,
+                        "quality": "" if res.quality is None else res.quality,
+                        "benchmark": img.benchmark,
+                        "name": img.name,
+                        "psnr": repr(img.psnr),
+                        "ssim": repr(img.ssim),
+                        "seconds": f"{img.seconds:.6f}",
+                    }
+                )
     path.write_text(buf.getvalue())
     return path
 
 
 def write_results_json(
-    result: EvaluationResult, path: str | Path, *, overwrite: bool = False
+    result: EvaluationResult | Sequence[EvaluationResult],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """The whole result (settings, per-set means, per-image scores) as JSON.
 
-    Infinite PSNR (identical images) is written as the string ``"inf"``.
+    One result is one JSON object; a sequence (several noise levels or JPEG
+    qualities, a baseline) is a JSON list of such objects. Infinite PSNR
+    (identical images) is written as the string ``"inf"``.
     """
     path = check_writable(path, overwrite=overwrite)
 
@@ -435,5 +465,9 @@ def write_results_json(
             return [clean(v) for v in obj]
         return obj
 
-    path.write_text(json.dumps(clean(result.to_dict()), indent=2) + "\n")
+    if isinstance(result, EvaluationResult):
+        data: Any = result.to_dict()
+    else:
+        data = [r.to_dict() for r in result]
+    path.write_text(json.dumps(clean(data), indent=2) + "\n")
     return path
