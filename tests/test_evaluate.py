@@ -347,10 +347,21 @@ def test_cli_several_levels_with_the_input_as_baseline(
         tmp_path / "tiny_dn.safetensors", registry.build_model("swinir_1_dn", **tiny)
     )
     out_json = tmp_path / "dn.json"
-    argv = ["eval", "--model", str(ckpt), "--task", "dn", "--sigma", "15,50", "--bench", "CBSD68"]
+    argv = [
+        "eval",
+        "--model",
+        str(ckpt),
+        "--task",
+        "dn",
+        "--sigma",
+        "15,50",
+        "--bench",
+        "cbsd68[:1]",
+    ]
     argv += ["--data-root", str(flat_root), "--out-json", str(out_json), "--no-progress"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["Method", "Sigma", "CBSD68[:1]"]  # a subset keeps its label
     assert [line.split()[:-2] for line in lines[2:6]] == [
         ["noisy", "input", "15"],
         ["tiny_dn", "15"],
@@ -367,7 +378,7 @@ def test_cli_several_levels_with_the_input_as_baseline(
     noisy15, noisy50 = records[0]["benchmarks"][0]["psnr"], records[2]["benchmarks"][0]["psnr"]
     assert noisy15 > noisy50 + 5  # the baseline really is the input at each level
     direct = evaluate(Identity3(), task="dn", sigma=50, benchmarks=["CBSD68"], data_root=flat_root)
-    assert noisy50 == pytest.approx(direct["CBSD68"].psnr)
+    assert noisy50 == pytest.approx(direct["CBSD68"].images[0].psnr)
     # JPEG: grey classic5 through a colour model (replicated in, channel mean out).
     car = registry.save_model_weights(
         tmp_path / "tiny_car.safetensors", registry.build_model("swinir_1_car", **tiny)

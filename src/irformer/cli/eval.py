@@ -109,12 +109,19 @@ def _data_root(arg: Path | None) -> Path:
     raise ValueError(f"--data-root is required ({DEFAULT_DATA_ROOT} does not exist)")
 
 
+def _canonical(name: str) -> str:
+    """A benchmark's canonical name, keeping a ``[:N]`` subset suffix (``b100[:20]`` ->
+    ``B100[:20]``); an unknown name is an error."""
+    base, bracket, rest = name.partition("[")
+    return get_benchmark(base).name + bracket + rest
+
+
 def _benchmarks(arg: str | None, task: str, root: Path) -> list[str]:
     if arg:
         names = [n.strip() for n in arg.split(",") if n.strip()]
         if not names:
             raise ValueError(f"--bench {arg!r} names no benchmark")
-        return [get_benchmark(n).name for n in names]
+        return [_canonical(n) for n in names]
     found = []
     for name in DEFAULT_BENCHMARKS[task]:
         try:
