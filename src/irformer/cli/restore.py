@@ -1,9 +1,18 @@
 """``irformer restore``: restore image files and folders with a model.
 
-irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET | --scale 2|4]
+irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET | --scale 2|4 | --task dn|car]
     [--tile N [--tile-overlap M] [--tile-blend mean|ramp] | --exact-chunk K]
     [--ensemble] [--precision fp32|bf16|fp16] [--autocast bf16|fp16] [--device auto|cpu|cuda]
     [--overwrite | --skip-existing]
+
+Without --model, the shipped i-LN reference model of the task runs: x2 or x4
+super-resolution (``--scale``), colour denoising (``--task dn``) or JPEG artifact
+removal (``--task car``). The dn and car models are blind (trained on noise sigma
+0-50 and JPEG quality 10-40), so they take no noise level or quality.
+
+Greyscale images (and RGB files whose three channels are equal) given to a colour
+model are replicated to three channels and the output's channel mean is written:
+grey in, grey out.
 
 Large images: ``--tile`` splits the input into overlapping tiles (fine for LN
 models; i-LN models normalise with whole-image statistics, so tiles disagree);
@@ -36,6 +45,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_WEIGHTS_STEM = "swinir_light_x{scale}_iln"
 """Preferred default (formatted with the scale) when the weights folder holds several."""
 
+DEFAULT_TASK_WEIGHTS: dict[str, str] = {
+    "sr": DEFAULT_WEIGHTS_STEM,
+    "dn": "swinir_1_dn_iln",
+    "car": "swinir_1_car_iln",
+}
+"""The shipped model ``irformer restore --task T`` runs without ``--model`` (file stem;
+``{scale}`` filled in for SR): the i-LN one of each task."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -57,6 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="SR scale; without --model it picks the shipped reference checkpoint "
         "(2 or 4, default 2), with --model it must match the checkpoint's",
+    )
+    p.add_argument(
+        "--task",
+        choices=tuple(DEFAULT_TASK_WEIGHTS),
+        default=None,
+        help="sr (super-resolution), dn (colour denoising) or car (JPEG artifact removal); "
+        "without --model it picks the shipped i-LN model of the task (default sr), with "
+        "--model it must match the checkpoint's. The shipped dn/car models are blind "
+        "(noise sigma 0-50, JPEG quality 10-40): no --sigma/--quality is needed",
     )
     p.add_argument("--param-key", help="state-dict key in a .pth (params_ema, params, ...)")
     large = p.add_mutually_exclusive_group()
@@ -93,32 +119,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def default_checkpoint(weights_dir: Path = WEIGHTS_DIR, *, scale: int = 2) -> Path | None:
-    """The shipped reference checkpoint for ``scale``: ``DEFAULT_WEIGHTS_STEM``, or the
-    folder's only checkpoint (its scale is checked when it is loaded)."""
+def default_checkpoint(
+    weights_dir: Path = WEIGHTS_DIR, *, scale: int = 2, task: str = "sr"
+) -> Path | None:
+    """The shipped reference checkpoint of ``task`` (and ``scale`` for SR): the stem in
+    :data:`DEFAULT_TASK_WEIGHTS`, or the folder's only checkpoint (its task and scale are
+    checked when it is loaded)."""
+    if task not in DEFAULT_TASK_WEIGHTS:
+        raise ValueError(
+            f"no shipped model for task {task!r}; expected one of {', '.join(DEFAULT_TASK_WEIGHTS)}"
+        )
     if not weights_dir.is_dir():
         return None
     files = sorted(
         p for p in weights_dir.iterdir() if p.suffix in (".safetensors", ".pth") and p.is_file()
     )
     for p in files:
-        if p.stem == DEFAULT_WEIGHTS_STEM.format(scale=scale):
+        if p.stem == DEFAULT_TASK_WEIGHTS[task].format(scale=scale):
             return p
     return files[0] if len(files) == 1 else None
 
 
 def load_model(
-    spec: str | None, *, param_key: str | None = None, scale: int | None = None
+    spec: str | None,
+    *,
+    param_key: str | None = None,
+    scale: int | None = None,
+    task: str | None = None,
 ) -> tuple[nn.Module, str]:
     """``(model in eval mode, description)`` for ``--model`` (or the default checkpoint
-    for ``scale``); a model whose scale differs from a given ``scale`` is an error."""
+    for ``task`` and ``scale``); a model whose scale or task differs from a given
+    ``scale`` / ``task`` is an error."""
     from irformer.archs import build_model, load_checkpoint_model
+    from irformer.engine.evaluate import eval_task_of
 
+    if task is not None and task != "sr" and scale not in (None, 1):
+        raise ValueError(f"--scale {scale}: task {task!r} restores at scale 1")
     if spec is None:
-        path = default_checkpoint(scale=scale or 2)
+        wanted = task or "sr"
+        default_scale = (scale or 2) if wanted == "sr" else 1
+        path = default_checkpoint(scale=default_scale, task=wanted)
         if path is None:
+            what = f"scale {default_scale}" if wanted == "sr" else f"task {wanted}"
             raise ValueError(
-                f"no reference checkpoint for scale {scale or 2} in {WEIGHTS_DIR} to default "
+                f"no reference checkpoint for {what} in {WEIGHTS_DIR} to default "
                 "to; pass --model CKPT_OR_PRESET"
             )
         spec = str(path)
@@ -131,11 +175,16 @@ def load_model(
         raise FileNotFoundError(f"model checkpoint not found: {path}")
     else:
         model = build_model(spec)
+        meta = getattr(model, "irformer_meta", {})
         logger.warning("model %r built from its preset with untrained (random) weights", spec)
         described = f"preset {spec} (untrained)"
     own = int(getattr(model, "upscale", 1))
     if scale is not None and own != scale:
         raise ValueError(f"--scale {scale} but {described} restores at scale {own}")
+    if task is not None and meta.get("task") is not None:
+        own_task = eval_task_of(meta)
+        if own_task in ("sr", "dn", "car", "dr") and own_task != task:
+            raise ValueError(f"--task {task} but {described} is a {own_task} model (metadata)")
     return model.eval(), described
 
 
@@ -152,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         autocast=args.autocast,
     )
-    model, described = load_model(args.model, param_key=args.param_key, scale=args.scale)
+    model, described = load_model(
+        args.model, param_key=args.param_key, scale=args.scale, task=args.task
+    )
     device = resolve_device(args.device)
     model = model.to(device)
     print(f"model: {described}; device {device}; precision {args.precision}", file=sys.stderr)

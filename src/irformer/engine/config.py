@@ -25,11 +25,7 @@ import yaml
 from irformer.archs.registry import list_archs, list_presets
 from irformer.errors import IrformerError
 from irformer.norms import NormName
-from irformer.tasks import TASKS as TASK_NAMES
-from irformer.tasks import Task
-
-TASKS: tuple[str, ...] = TASK_NAMES
-"""Degradation tasks: super-resolution, denoising, JPEG artifact removal, deraining."""
+from irformer.tasks import TASKS, Task
 
 Scheduler = Literal["steplr", "multisteplr", "none"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
@@ -67,9 +63,16 @@ class DataConfig:
     degrade ``train`` on the fly."""
     task: Task = "sr"
     sigma: float = 15.0
-    """Gaussian noise std on the 0-255 scale (``dn``)."""
+    """Gaussian noise std on the 0-255 scale (``dn``); with ``sigma_range`` set, the
+    level used for validation only."""
     quality: int = 40
-    """JPEG quality (``car``)."""
+    """JPEG quality (``car``); with ``quality_range`` set, the validation quality only."""
+    sigma_range: tuple[float, float] | None = None
+    """Blind denoising: ``[min, max]``, each training sample draws its sigma uniformly
+    from it (from the sample's seeded RNG, so resume and DDP stay exact)."""
+    quality_range: tuple[int, int] | None = None
+    """Blind JPEG artifact removal: ``[min, max]``, each training sample draws an
+    integer quality uniformly from it (both ends included)."""
     patch_size: int = 64
     """Ground-truth patch side in pixels (BasicSR's ``gt_size``); the LQ side is
     ``patch_size // scale``."""
@@ -192,6 +195,7 @@ def _validate(cfg: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    _validate_levels(cfg.data)
     if not 0.0 <= cfg.train.ema < 1.0:
         raise ConfigError(f"train.ema: decay must be in [0, 1), got {cfg.train.ema}")
     _validate_numbers(cfg)
@@ -242,6 +246,28 @@ def _validate_numbers(cfg: Config) -> None:
     for i, milestone in enumerate(tc.milestones):
         if milestone < 1:
             raise ConfigError(f"train.milestones[{i}]: must be >= 1, got {milestone}")
+
+
+def _validate_levels(d: DataConfig) -> None:
+    """Blind noise levels and JPEG qualities (ranges), each error naming its key (the
+    fixed ``sigma``/``quality`` are checked with the other numbers)."""
+    if d.sigma_range is not None:
+        if d.task != "dn":
+            raise ConfigError(f"data.sigma_range: only task 'dn' adds noise, task is {d.task!r}")
+        lo, hi = d.sigma_range
+        if not 0 <= lo <= hi:
+            raise ConfigError(
+                f"data.sigma_range: expected [min, max] with 0 <= min <= max, got [{lo}, {hi}]"
+            )
+    if d.quality_range is not None:
+        if d.task != "car":
+            raise ConfigError(f"data.quality_range: only task 'car' compresses, task is {d.task!r}")
+        lo, hi = d.quality_range
+        if not 1 <= lo <= hi <= 100:
+            raise ConfigError(
+                f"data.quality_range: expected [min, max] with 1 <= min <= max <= 100, "
+                f"got [{lo}, {hi}]"
+            )
 
 
 # --------------------------------------------------------------------------- loading

@@ -243,7 +243,14 @@ def build_train_dataset(cfg: Config) -> ItemDataset:
         elif d.task == "dr":
             parts.append(RainPairDataset(folder, patch_size=d.patch_size, augment=True))
         else:
-            degradation = make_degradation(d.task, scale=scale, sigma=d.sigma, quality=d.quality)
+            degradation = make_degradation(
+                d.task,
+                scale=scale,
+                sigma=d.sigma,
+                quality=d.quality,
+                sigma_range=d.sigma_range,
+                quality_range=d.quality_range,
+            )
             parts.append(
                 DegradedImageDataset(
                     folder, degradation, patch_size=d.patch_size, augment=True, channels=channels

@@ -48,8 +48,10 @@ from irformer.engine.precision import (
 from irformer.errors import DeviceUnavailableError
 from irformer.files import atomic_write
 from irformer.metrics import TASKS, compute_metrics
+from irformer.tasks import check_task
 
 __all__ = [
+    "BASELINE_NAMES",
     "BenchmarkResult",
     "BicubicModel",
     "EvaluationResult",
@@ -66,14 +68,28 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CHANNEL_ATTRS = ("in_chans", "in_channels", "num_in_ch")
-_EVAL_TASKS = {"sr": "sr", "denoise": "dn", "jpeg_car": "car", "derain": "dr", "real_sr": "sr"}
 
 
 def eval_task_of(meta: Mapping[str, object]) -> str:
-    """The benchmark task (``sr``/``dn``/``car``/``dr``) of a checkpoint's metadata
-    (whose ``task`` uses the architecture names: ``denoise``, ``jpeg_car``...)."""
-    task = str(meta.get("task", "sr"))
-    return _EVAL_TASKS.get(task, task)
+    """The task (``sr``/``dn``/``car``/``dr``) of a checkpoint's metadata; files of
+    irformer 0.1 used other names (``denoise``...), mapped by :func:`irformer.tasks.check_task`.
+    Metadata without a task: ``sr`` when the model upscales, else an error."""
+    task = meta.get("task")
+    if task is None:
+        if int(meta.get("scale") or 1) > 1:  # type: ignore[call-overload]
+            return "sr"
+        raise ValueError("the checkpoint's metadata names no task; pass --task")
+    return check_task(str(task), where="checkpoint metadata task")
+
+
+BASELINE_NAMES: dict[str, str] = {
+    "sr": "bicubic",
+    "dn": "noisy input",
+    "car": "JPEG input",
+    "dr": "rainy input",
+}
+"""What :class:`BicubicModel` scores for each task, as the tables label its row: the
+bicubic upscaling for SR, the degraded input itself for the scale-1 tasks."""
 
 
 class BicubicModel(nn.Module):
@@ -412,41 +428,60 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
+def _as_results(
+    results: EvaluationResult | Sequence[EvaluationResult],
+) -> tuple[EvaluationResult, ...]:
+    return (results,) if isinstance(results, EvaluationResult) else tuple(results)
+
+
 def write_results_csv(
-    result: EvaluationResult, path: str | Path, *, overwrite: bool = False
+    result: EvaluationResult | Sequence[EvaluationResult],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """One row per image (columns :data:`CSV_COLUMNS`); PSNR/SSIM at full precision."""
+    """One row per image (columns :data:`CSV_COLUMNS`); PSNR/SSIM at full precision.
+
+    Several results (noise levels, a baseline) go into one file, one after another;
+    the ``model``/``sigma``/``quality`` columns tell their rows apart.
+    """
     path = check_writable(path, overwrite=overwrite)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for bench in result.benchmarks:
-        for img in bench.images:
-            writer.writerow(
-                {
-                    "model": result.model,
-                    "task": result.task,
-                    "scale": result.scale,
-                    "sigma": "" if result.sigma is None else result.sigma,
-                    "quality": "" if result.quality is None else result.quality,
-                    "benchmark": img.benchmark,
-                    "name": img.name,
-                    "psnr": repr(img.psnr),
-                    "ssim": repr(img.ssim),
-                    "seconds": f"{img.seconds:.6f}",
-                    "nonfinite_pixels": img.nonfinite_pixels,
-                }
-            )
+    for res in _as_results(result):
+        for bench in res.benchmarks:
+            for img in bench.images:
+                writer.writerow(
+                    {
+                        "model": res.model,
+                        "task": res.task,
+                        "scale": res.scale,
+                        "sigma": "" if res.sigma is None else res.sigma,
+                        "quality": "" if res.quality is None else res.quality,
+                        "benchmark": img.benchmark,
+                        "name": img.name,
+                        "psnr": repr(img.psnr),
+                        "ssim": repr(img.ssim),
+                        "seconds": f"{img.seconds:.6f}",
+                        "nonfinite_pixels": img.nonfinite_pixels,
+                    }
+                )
     atomic_write(path, buf.getvalue())
     return path
 
 
 def write_results_json(
-    result: EvaluationResult, path: str | Path, *, overwrite: bool = False
+    result: EvaluationResult | Sequence[EvaluationResult],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """The whole result (settings, per-set means, per-image scores) as JSON.
 
-    Infinite PSNR (identical images) is written as the string ``"inf"``.
+    One result is one JSON object; a sequence (several noise levels or JPEG
+    qualities, a baseline) is a JSON list of such objects. Infinite PSNR
+    (identical images) is written as the string ``"inf"``.
     """
     path = check_writable(path, overwrite=overwrite)
 
@@ -459,5 +494,9 @@ def write_results_json(
             return [clean(v) for v in obj]
         return obj
 
-    atomic_write(path, json.dumps(clean(result.to_dict()), indent=2) + "\n")
+    if isinstance(result, EvaluationResult):
+        data: Any = result.to_dict()
+    else:
+        data = [r.to_dict() for r in result]
+    atomic_write(path, json.dumps(clean(data), indent=2) + "\n")
     return path

@@ -576,7 +576,7 @@ def restore_files(
     is replicated in and averaged out, so grey stays grey. For fp16, ``guard``
     first measures feature magnitudes on a 64x64 crop of the first readable
     image in fp32 and warns when they approach fp16's range
-    (:func:`irformer.engine.lowprec.check_fp16_overflow`). ``on_done`` is called
+    (:func:`irformer.analysis.magnitudes.check_fp16_overflow`). ``on_done`` is called
     after each image (progress display).
     """
     from irformer.data.io import (

@@ -603,11 +603,13 @@ def model_meta(cfg: Config, model: nn.Module) -> dict[str, Any]:
     What ``build_model`` recorded on the model (arch, preset, norm, scale, task,
     full constructor kwargs), so :func:`irformer.archs.load_checkpoint_model`
     rebuilds the network from a checkpoint alone; models built elsewhere get
-    the config's names.
+    the config's names. ``task`` is always the config's ``data.task``.
     """
     meta = getattr(model, "irformer_meta", None)
     if isinstance(meta, Mapping):
-        return dict(meta)
+        # The task trained on (a preset built for another task, or an architecture
+        # name without a preset, takes the config's).
+        return {**meta, "task": cfg.data.task}
     return {
         "arch": type(model).__name__.lower(),
         "preset": cfg.model.arch,
