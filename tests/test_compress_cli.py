@@ -231,3 +231,58 @@ def test_sensitivity(setup: dict[str, Path], capsys: pytest.CaptureFixture[str])
     assert groups["layers.0"]["only_this_fp"] == pytest.approx(data["fp"], abs=1e-3)
     assert len(data["activations"]) == 16  # (4 Linear inputs + 4 attention operands) x 2 blocks
     assert (out / "sensitivity.md").read_text() == text.rstrip("\n") + "\n"
+
+
+def test_budget_curve_from_one_run_and_resume(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--dqc-iters 0,2,4`` runs 4 iterations once, scoring at 0, 2 and 4 (budget.md
+    with drift); a run killed after some rows resumes with ``--resume`` and measures
+    only what is missing, with the same numbers as an uninterrupted run."""
+    base = ["compress", "run", "--model", str(setup["ckpt"]), "--method", "2dquant,compsrt"]
+    base += ["--wbits", "3", "--calib", str(setup["calib"]), "--calib-batch", "2"]
+    base += ["--patch", "16", "--dqc-patch", "8", "--dqc-batch", "2", "--val-every", "2"]
+    base += ["--dqc-iters", "0,2,4", "--dqc-lr", "0.05", "--bench", "Set5", "--device", "cpu"]
+    base += ["--data-root", str(setup["data"]), "--latency-repeats", "0"]
+    whole = setup["root"] / "budget"
+    assert main([*base, "--out", str(whole)]) == 0
+    rows = [json.loads(line) for line in (whole / "rows.jsonl").read_text().splitlines()]
+    curve = [r for r in rows if r["dqc_checkpoint"] is not None]
+    assert {(r["method"], r["dqc_checkpoint"]) for r in curve if r["dqc_kept"]} == {
+        (m, k) for m in ("dquant2d", "compsrt") for k in (0, 2, 4)
+    }
+    for r in curve:
+        assert r["dqc_iters_done"] == r["dqc_checkpoint"] and r["dqc_val_loss"] > 0
+        assert r["dqc_best_step"] <= r["dqc_checkpoint"]
+        assert r["dqc_kept"] or r["dqc_best_step"] == r["dqc_checkpoint"]
+    zero = [r for r in curve if r["dqc_checkpoint"] == 0 and r["method"] == "compsrt"][0]
+    assert zero["drift"]["a_alpha_max"] == 0.0
+    last = [r for r in curve if r["dqc_checkpoint"] == 4 and r["method"] == "compsrt"]
+    assert max(r["drift"]["a_upper_shift_mean"] for r in last) > 0
+    budget = (whole / "budget.md").read_text()
+    assert "| 0 it | 2 it | 4 it |" in budget and "A |alpha|" in budget
+    # The quality table holds each configuration once: its final kept row.
+    assert (whole / "quality.md").read_text().count("| compsrt | 3/3 |") == 1
+    assert "DQC 2 it (bounds of" in capsys.readouterr().out
+
+    # Killed after the FP row and 2DQuant's first two checkpoints: resume fills the rest.
+    part = setup["root"] / "budget_resumed"
+    part.mkdir()
+    keep = [
+        line
+        for line in (whole / "rows.jsonl").read_text().splitlines()
+        if json.loads(line)["method"] == "fp32"
+        or (json.loads(line)["method"] == "dquant2d" and json.loads(line)["dqc_checkpoint"] < 4)
+    ]
+    (part / "rows.jsonl").write_text("\n".join(keep) + '\n{"model": "trunc')
+    assert main([*base, "--out", str(part), "--resume"]) == 0
+    measured = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
+    assert not any("fp32" in line for line in measured)
+    assert [line for line in measured if "dquant2d" in line] == [
+        line for line in measured if "dquant2d" in line and "DQC 4 it" in line
+    ]
+    resumed = [json.loads(line) for line in (part / "rows.jsonl").read_text().splitlines()]
+    assert sorted(json.dumps(r["scores"]) for r in resumed) == sorted(
+        json.dumps(r["scores"]) for r in rows
+    )
+    assert (part / "dqc_state").is_dir()

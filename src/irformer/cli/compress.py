@@ -7,6 +7,9 @@ Examples::
         --data-root ../shared/data --out results/compress_x4
     irformer compress run --model ckpt.safetensors --method compsrt --wbits 4 --abits 4 \\
         --prune 0.4 --calib DF2K/HR --bench Set5 --out results/prune --save-packed
+    irformer compress run --model ckpt.safetensors --method 2dquant,compsrt --wbits 2,4 \\
+        --dqc-iters 0,50,200,1000 --val-every 50 --calib DF2K/HR --bench Set5,Set14 \\
+        --out results/budget --resume            # one run per config, scored at each budget
     irformer compress report results/ln results/iln --out results/both
     irformer compress stats ckpt.safetensors --calib DF2K/HR --out results/stats
 """
@@ -54,9 +57,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--save-packed", action="store_true", help="write and verify packed models")
     r.add_argument("--latency-size", type=int, default=128, help="LR side for latency")
     r.add_argument(
+        "--latency-repeats", type=int, default=10, help="timed runs per model (0: no latency)"
+    )
+    r.add_argument(
         "--int8-kernel",
         action="store_true",
         help="add a row for PyTorch's real int8 CPU Linears (dynamic W8A8, CPU timing)",
+    )
+    r.add_argument(
+        "--eval-kernel",
+        choices=("eager", "fused"),
+        default="eager",
+        help="activation quantisers when scoring: PyTorch ops (default) or the fused kernel",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --out, measure only the missing ones and continue "
+        "interrupted distillations from --out/dqc_state",
     )
     r.set_defaults(func=run)
 
@@ -113,9 +131,22 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batch", type=int, default=32, help="calibration patches (2DQuant: 32)")
     p.add_argument("--patch", type=int, default=64, help="LR patch side (2DQuant: 64)")
     p.add_argument(
-        "--dqc-iters", type=int, default=None, help="distillation iterations (default: 4000)"
+        "--dqc-iters",
+        default=None,
+        help="distillation iterations (default: 4000); a comma-separated list (e.g. "
+        "0,50,200,1000) runs the largest once and scores the model at each (a budget curve)",
     )
     p.add_argument("--dqc-batch", type=int, default=16, help="distillation batch (default: 16)")
+    p.add_argument(
+        "--dqc-patch", type=int, default=None, help="LR patch side for DQC (default: --patch)"
+    )
+    p.add_argument(
+        "--dqc-kernel",
+        choices=("fused", "eager"),
+        default="fused",
+        help="activation quantisers during DQC: the fused CPU kernel (default; several times "
+        "faster, same values up to float rounding) or PyTorch ops",
+    )
     p.add_argument("--dqc-lr", type=float, default=None, help="bound learning rate (1e-2)")
     p.add_argument(
         "--dqc-keep-activations",
@@ -165,8 +196,13 @@ def _methods(text: str) -> list[str]:
 
 def _print_row(row: CompressionRow) -> None:
     scores = ", ".join(f"{b} {p:.2f}/{s:.4f}" for b, (p, s) in row.scores.items())
+    budget = ""
+    if row.dqc_checkpoint is not None:
+        budget = f" DQC {row.dqc_checkpoint} it (bounds of {row.dqc_best_step}"
+        budget += ")" if row.dqc_kept else ", last iterate)"
     print(
-        f"{row.model}: {row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}: {scores} | "
+        f"{row.model}: {row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}{budget}: "
+        f"{scores} | "
         f"{row.megabytes:.3f} MB, {row.bits_per_param:.2f} bits/param, "
         f"{row.latency_ms:.1f} ms",
         flush=True,
@@ -180,8 +216,21 @@ def _data_root(args: argparse.Namespace) -> Path:
     return data_root
 
 
+def _dqc_iters(text: str | None) -> tuple[int | None, tuple[int, ...]]:
+    """``--dqc-iters``: one count, or a comma-separated budget curve."""
+    if text is None:
+        return None, ()
+    counts = _ints(str(text), "--dqc-iters")
+    if not counts or min(counts) < 0:
+        raise ValueError(f"--dqc-iters {text!r}: expected counts >= 0")
+    if len(counts) == 1:
+        return counts[0], ()
+    return max(counts), tuple(sorted(set(counts)))
+
+
 def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> CompressionSettings:
     """The parsed :func:`_add_quantization_args`; ``extra``: further settings (``run``'s)."""
+    iters, checkpoints = _dqc_iters(args.dqc_iters)
     return CompressionSettings(
         methods=tuple(_methods(args.method)),
         bits=tuple(_bit_pairs(args.wbits, args.abits)),
@@ -190,10 +239,13 @@ def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> Compression
         prune=args.prune,
         calib_batch=args.calib_batch,
         calib_patch=args.patch,
-        dqc_iters=args.dqc_iters,
+        dqc_iters=iters,
+        dqc_checkpoints=checkpoints,
         dqc_batch=args.dqc_batch,
+        dqc_patch=args.dqc_patch,
         dqc_lr=args.dqc_lr,
         dqc_recompute=not args.dqc_keep_activations,
+        dqc_fused=args.dqc_kernel == "fused",
         val_every=args.val_every,
         rotation=args.rotation,
         rotation_skip=tuple(r.strip() for r in args.rotation_skip.split(",") if r.strip()),
@@ -220,8 +272,11 @@ def run(args: argparse.Namespace) -> int:
         args,
         scale,
         latency_size=args.latency_size,
+        latency_repeats=args.latency_repeats,
         save_packed=args.save_packed,
         int8_kernel=args.int8_kernel,
+        eval_fused=args.eval_kernel == "fused",
+        resume=args.resume,
     )
     _, tables = run_experiment(
         paths,

@@ -13,8 +13,9 @@ noisyquant NoisyQuant: fixed noisy bias before activation quantisation
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from irformer.compress.methods import compsrt, dquant2d, minmax, noisyquant, ptq4vit
 from irformer.compress.methods.base import (
+    DistillCheckpoint,
     DistillLog,
     QuantConfig,
     attach_quantizers,
@@ -94,12 +96,19 @@ def quantize_model(
     val_batch: Tensor | None = None,
     val_every: int = 100,
     recompute: bool = True,
+    fused: bool = False,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Callable[[DistillCheckpoint], None] | None = None,
+    on_calibrated: Callable[[nn.Module], None] | None = None,
+    state_path: str | Path | None = None,
 ) -> QuantResult:
     """Quantise a copy of ``model``: attach, calibrate on ``calib`` (B, C, h, w),
     then (if ``cfg.dqc_iters``) distil the bounds on ``train_batches``, keeping
     the bounds with the lowest L1 on ``val_batch`` when one is given;
     ``recompute`` trades one extra forward per DQC step for a fraction of the
-    memory (:func:`distill_bounds`).
+    memory; ``fused``, ``checkpoints``/``on_checkpoint`` and ``state_path``
+    (resumable state) are :func:`distill_bounds`'s. ``on_calibrated(qmodel)``
+    runs between calibration and distillation (e.g. to snapshot the bounds).
 
     ``model`` itself is left untouched and serves as the FP teacher.
     """
@@ -111,6 +120,8 @@ def quantize_model(
         calib = calib.to(device)
     calibrate_fn = getattr(method, "calibrate", calibrate)
     calibrate_fn(qmodel, calib, cfg)
+    if on_calibrated is not None:
+        on_calibrated(qmodel)
     log = None
     if cfg.dqc_iters > 0:
         if train_batches is None:
@@ -128,6 +139,10 @@ def quantize_model(
             val_batch=val_batch,
             val_every=val_every,
             recompute=recompute,
+            fused=fused,
+            checkpoints=checkpoints,
+            on_checkpoint=on_checkpoint,
+            state_path=state_path,
         )
         if log.loss:
             logger.info(
