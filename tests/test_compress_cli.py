@@ -255,7 +255,7 @@ def test_budget_curve_from_one_run_and_resume(
         assert r["dqc_iters_done"] == r["dqc_checkpoint"] and r["dqc_val_loss"] > 0
         assert r["dqc_best_step"] <= r["dqc_checkpoint"]
         assert r["dqc_kept"] or r["dqc_best_step"] == r["dqc_checkpoint"]
-    zero = [r for r in curve if r["dqc_checkpoint"] == 0 and r["method"] == "compsrt"][0]
+    zero = next(r for r in curve if r["dqc_checkpoint"] == 0 and r["method"] == "compsrt")
     assert zero["drift"]["a_alpha_max"] == 0.0
     last = [r for r in curve if r["dqc_checkpoint"] == 4 and r["method"] == "compsrt"]
     assert max(r["drift"]["a_upper_shift_mean"] for r in last) > 0

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from irformer.execution import kernels_allowed
+from irformer.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,13 @@ def build_extension(prefix: str, source: Path, *, extra_cflags: tuple[str, ...] 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
+    # Build from a copy inside the build folder: ninja records the source path, so
+    # checkouts at different paths (git worktrees) sharing one tagged folder would
+    # otherwise rebuild each other's identical extension on every switch.
+    local = build_dir / source.name
+    content = source.read_bytes()
+    if not local.is_file() or local.read_bytes() != content:
+        atomic_write(local, content)
     if (build_dir / f"{name}.so").exists():
         log.debug("loading irformer's CPU kernels from %s", build_dir)
     else:
@@ -127,7 +135,7 @@ def build_extension(prefix: str, source: Path, *, extra_cflags: tuple[str, ...] 
     return cpp_extension.load(
         name=name,
         build_directory=str(build_dir),
-        sources=[str(source)],
+        sources=[str(local)],
         extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
         extra_ldflags=["-fopenmp"],
         verbose=False,

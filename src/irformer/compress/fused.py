@@ -42,6 +42,7 @@ __all__ = [
     "fused_fake_quant_active",
     "fused_kernel_available",
     "rotated_fake_quantize",
+    "rotated_indices",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,3 +189,24 @@ def rotated_fake_quantize(
             f"zero {tuple(zero.shape)}"
         )
     return _FusedFakeQuant.apply(x, scale, zero, 2**bits - 1, rotate_size)
+
+
+def rotated_indices(
+    x: Tensor, scale: float, zero: float, bits: int, rotate_size: int | None
+) -> Tensor:
+    """The grid indices :func:`rotated_fake_quantize` dequantises, as int8.
+
+    x: (rows, n) fp32 CPU. Returns (rows, m) int8 with m the rotated size:
+    ``clamp(round((rotate(x) - zero) / scale), 0, 2^b - 1)``, minus 128 for 8
+    bits (so they fit int8). Needs the kernel (:func:`fused_kernel_available`).
+    """
+    kernel = _load()
+    if kernel is None:
+        raise RuntimeError(f"the fused fake-quantisation kernel is unavailable: {_failure}")
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(
+            f"rotated_indices takes (rows, n) fp32 CPU tensors, got {x.dtype} {tuple(x.shape)}"
+        )
+    m, mode, matrix = _rotation(x.shape[-1], rotate_size)
+    offset = 128 if bits == 8 else 0
+    return kernel.indices(x.contiguous(), m, mode, matrix, scale, zero, 2**bits - 1, offset)

@@ -316,6 +316,44 @@ std::tuple<torch::Tensor, torch::Tensor> fake_quant_backward(
   return {gx, totals};
 }
 
+// Grid indices of the rotated rows, clamp(round((y - z) / s), 0, L) - offset, as
+// int8 (rows, m): the integer operand of a real low-bit matmul
+// (irformer.compress.int_linear); offset 128 maps 8-bit indices into int8.
+torch::Tensor quantize_indices(const torch::Tensor& x, int64_t m, int64_t mode,
+                               const c10::optional<torch::Tensor>& matrix, double scale_d,
+                               double zero_d, int64_t levels, int64_t offset) {
+  const Rotation rot = make_rotation(x, m, mode, matrix);
+  const float scale = static_cast<float>(scale_d), zero = static_cast<float>(zero_d);
+  const float top = static_cast<float>(levels), shift = static_cast<float>(offset);
+  TORCH_CHECK(levels - offset <= 127 && -offset >= -128, "fake_quant: indices do not fit int8");
+  const int64_t rows = x.size(0);
+  auto out = torch::empty({rows, m}, x.options().dtype(torch::kInt8));
+  const float* src = x.data_ptr<float>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  const int64_t blocks = (rows + kLanes - 1) / kLanes;
+#pragma omp parallel
+  {
+    std::vector<float> buf(m * kLanes), tmp(m * kLanes);
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t r0 = blk * kLanes, count = std::min(kLanes, rows - r0);
+      float* b = buf.data();
+      rot.load(src, r0, count, b);
+      rot.rotate(b, tmp.data());
+#pragma omp simd
+      for (int64_t j = 0; j < m * kLanes; ++j) {
+        const float t = round_half_even(clamp_to((b[j] - zero) / scale, -1.0f, top + 1.0f));
+        b[j] = clamp_to(t, 0.0f, top) - shift;
+      }
+      for (int64_t v = 0; v < count; ++v) {
+        int8_t* row = dst + (r0 + v) * m;
+        for (int64_t j = 0; j < m; ++j) row[j] = static_cast<int8_t>(b[j * kLanes + v]);
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -326,4 +364,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "straight-through gradients of forward: (grad_x, [grad_scale, grad_zero])",
           py::arg("x"), py::arg("grad"), py::arg("m"), py::arg("mode"), py::arg("matrix"),
           py::arg("scale"), py::arg("zero"), py::arg("levels"), py::arg("need_x"));
+  mod.def("indices", &quantize_indices, "int8 grid indices of the rotated rows of x",
+          py::arg("x"), py::arg("m"), py::arg("mode"), py::arg("matrix"), py::arg("scale"),
+          py::arg("zero"), py::arg("levels"), py::arg("offset"));
 }
