@@ -11,6 +11,7 @@ Examples::
         --dqc-iters 0,50,200,1000 --val-every 50 --calib DF2K/HR --bench Set5,Set14 \\
         --out results/budget --resume            # one run per config, scored at each budget
     irformer compress report results/ln results/iln --out results/both
+    irformer compress significance results/ln results/iln --out results/significance.md
     irformer compress stats ckpt.safetensors --calib DF2K/HR --out results/stats
 """
 
@@ -20,7 +21,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from irformer.compress.methods import METHOD_ALIASES, METHODS
+from irformer.compress.methods import METHODS, method_names
+from irformer.compress.methods.compsrt import ABLATIONS
 from irformer.experiments.compression import (
     CompressionRow,
     CompressionSettings,
@@ -28,6 +30,7 @@ from irformer.experiments.compression import (
     merge_runs,
     run_experiment,
     sensitivity_experiment,
+    significance_experiment,
     statistics_experiment,
 )
 
@@ -51,9 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(e.g. an LN and an i-LN model)",
     )
     _add_quantization_args(r)
-    r.add_argument("--bench", default="Set5,Set14,B100", help="comma-separated benchmarks")
+    r.add_argument(
+        "--bench",
+        default="Set5,Set14,B100",
+        help="comma-separated benchmarks; NAME? is scored only where its folder exists; "
+        "'paper' = Set5,Set14,B100,Urban100?,Manga109? (CompSRT's Table 2)",
+    )
     r.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
     r.add_argument("--out", required=True, type=Path, help="output folder for tables and JSON")
+    r.add_argument(
+        "--caption",
+        default="",
+        help="first line of every table file: the protocol (DQC iterations x batch, "
+        "calibration set, benchmark subset)",
+    )
     r.add_argument("--save-packed", action="store_true", help="write and verify packed models")
     r.add_argument("--latency-size", type=int, default=128, help="LR side for latency")
     r.add_argument(
@@ -85,7 +99,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="folders with rows.jsonl")
     m.add_argument("--out", required=True, type=Path, help="folder for the merged tables")
+    m.add_argument("--caption", default="", help="first line of every table file (the protocol)")
     m.set_defaults(func=report)
+
+    g = sub.add_parser(
+        "significance",
+        help="CompSRT vs the best baseline per configuration: one-sided Wilcoxon signed-rank "
+        "over the datasets and Cohen's d_z (CompSRT's Table 5), from `compress run` rows",
+    )
+    g.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="folders with rows.jsonl")
+    g.add_argument("--method", default="compsrt", help="the method under test")
+    g.add_argument(
+        "--baselines",
+        default="minmax,dquant2d,ptq4vit,noisyquant",
+        help="comma-separated methods it is compared with (the best one per configuration)",
+    )
+    g.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    g.set_defaults(func=significance_cmd)
 
     s = sub.add_parser("stats", help="Shapiro-Wilk/range/eps-band tests pre vs post Hadamard")
     s.add_argument("checkpoint", type=Path, metavar="CKPT")
@@ -122,7 +152,8 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="compsrt",
-        help=f"comma-separated methods: {', '.join(METHODS)} (alias: 2dquant)",
+        help=f"comma-separated methods: {', '.join(METHODS)} (alias: 2dquant); CompSRT's "
+        f"ablations: {', '.join(ABLATIONS)}",
     )
     p.add_argument("--wbits", default="4", help="comma-separated weight bits (2, 3, 4, 8)")
     p.add_argument("--abits", default=None, help="comma-separated activation bits (default: wbits)")
@@ -189,8 +220,8 @@ def _bit_pairs(wbits: str, abits: str | None) -> list[tuple[int, int]]:
 def _methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     for m in names:
-        if m not in METHODS and m not in METHOD_ALIASES:
-            raise ValueError(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+        if m not in method_names():
+            raise ValueError(f"unknown method {m!r}; valid: {', '.join(method_names())}")
     return names
 
 
@@ -287,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         arch=args.arch,
         on_row=_print_row,
+        caption=args.caption,
     )
     print()
     for text in tables.values():
@@ -295,8 +327,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    for text in merge_runs(args.runs, args.out).values():
+    for text in merge_runs(args.runs, args.out, caption=args.caption).values():
         print(text)
+    return 0
+
+
+def significance_cmd(args: argparse.Namespace) -> int:
+    baselines = [m.strip() for m in args.baselines.split(",") if m.strip()]
+    print(significance_experiment(args.runs, method=args.method, baselines=baselines, out=args.out))
     return 0
 
 

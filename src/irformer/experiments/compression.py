@@ -37,33 +37,43 @@ from irformer.compress.pack import load_packed, save_packed, storage_report
 from irformer.compress.sensitivity import level_usage, sensitivity, sensitivity_table, usage_table
 from irformer.compress.stats import (
     EPS_SWEEP,
+    PairedTest,
     StatsReport,
     activation_tensors,
     compare_pre_post,
+    paired_test,
     weight_tensors,
 )
-from irformer.data.benchmarks import load_benchmark
+from irformer.data.benchmarks import find_benchmark_dir, load_benchmark
 from irformer.engine.evaluate import evaluate_benchmark
 from irformer.files import atomic_write
 
 __all__ = [
+    "BASELINES",
+    "PAPER_BENCHMARKS",
     "ROWS_FILE",
     "CompressionRow",
     "CompressionSettings",
     "Evaluator",
+    "SignificanceRow",
     "benchmark_evaluator",
+    "budget_table",
     "calibration_batches",
     "checkpoint_scale",
     "complexity_table",
     "drop_table",
+    "final_rows",
     "measure_latency",
     "merge_runs",
     "quality_table",
     "quantize_with_settings",
     "read_rows",
+    "resolve_benchmark_names",
     "run_compression",
     "run_experiment",
     "sensitivity_experiment",
+    "significance",
+    "significance_experiment",
     "statistics_experiment",
 ]
 
@@ -214,14 +224,15 @@ def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
     over: dict[str, Any] = {}
     if settings.prune:
         over["prune"] = settings.prune
+    default = method_config(method, wbits=4, abits=4)
     iters = max(settings.dqc_checkpoints) if settings.dqc_checkpoints else settings.dqc_iters
-    if iters is not None and method in ("dquant2d", "2dquant", "compsrt"):
+    if iters is not None and default.dqc_iters:  # the methods that distil (2DQuant, CompSRT)
         over["dqc_iters"] = iters
     if settings.dqc_lr is not None:
         over["dqc_lr"] = settings.dqc_lr
-    if settings.rotation is not None and method == "compsrt":
+    if settings.rotation is not None and default.rotation is not None:
         over["rotation"] = settings.rotation
-    if settings.rotation_skip and method == "compsrt":
+    if settings.rotation_skip and default.rotation is not None:
         over["rotation_skip"] = tuple(settings.rotation_skip)
     return over
 
@@ -662,11 +673,44 @@ def checkpoint_scale(path: Path, arch: str | None = None) -> int:
     return model_scale(model, meta)
 
 
+PAPER_BENCHMARKS: tuple[str, ...] = ("Set5", "Set14", "B100", "Urban100?", "Manga109?")
+"""``--bench paper``: CompSRT's Table 2 sets; Urban100 and Manga109 where present."""
+
+
+def resolve_benchmark_names(names: Sequence[str], data_root: Path) -> list[str]:
+    """Expand ``paper`` (:data:`PAPER_BENCHMARKS`) and drop the optional names (a
+    trailing ``?``) that have no folder under ``data_root``; the others must exist."""
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if name.lower() == "paper":
+            out += resolve_benchmark_names(PAPER_BENCHMARKS, data_root)
+            continue
+        if not name.endswith("?"):
+            out.append(name)
+            continue
+        name = name[:-1]
+        try:
+            find_benchmark_dir(_SUBSET_SUFFIX.sub("", name), data_root, "sr")
+        except FileNotFoundError:
+            logger.info("optional benchmark %s is not under %s: skipped", name, data_root)
+            continue
+        out.append(name)
+    return out
+
+
+_SUBSET_SUFFIX = re.compile(r"\[:\d+\]$")
+
+
 def benchmark_evaluator(
     names: Sequence[str], data_root: Path, scale: int, device: torch.device
 ) -> tuple[Evaluator, list[str]]:
-    """Benchmarks resolved once; each call scores a model on all of them (PSNR, SSIM)."""
-    benches = [load_benchmark(n, data_root, task="sr", scale=scale) for n in names]
+    """Benchmarks resolved once; each call scores a model on all of them (PSNR, SSIM).
+    ``names`` may use ``paper`` and optional ``NAME?`` (:func:`resolve_benchmark_names`)."""
+    benches = [
+        load_benchmark(n, data_root, task="sr", scale=scale)
+        for n in resolve_benchmark_names(names, data_root)
+    ]
 
     def evaluator(model: nn.Module) -> dict[str, tuple[float, float]]:
         # The model's own device: PyTorch's int8 kernels run on CPU only.
@@ -777,10 +821,17 @@ def budget_table(rows: Sequence[CompressionRow], benchmarks: Sequence[str]) -> s
 
 
 def write_tables(
-    rows: Sequence[CompressionRow], benchmarks: Sequence[str], device: str, out: Path
+    rows: Sequence[CompressionRow],
+    benchmarks: Sequence[str],
+    device: str,
+    out: Path,
+    *,
+    caption: str = "",
 ) -> dict[str, str]:
     """``quality.md``, ``psnr_drop.md`` and ``complexity.md`` in ``out`` (of the
-    :func:`final_rows`), and ``budget.md`` for budget-curve runs; returns their texts."""
+    :func:`final_rows`), and ``budget.md`` for budget-curve runs; returns their texts.
+    ``caption`` (the protocol: DQC iterations x batch, calibration set, benchmark
+    subset) opens every table file."""
     result = final_rows(rows)
     tables = {
         "quality.md": quality_table(result, benchmarks),
@@ -790,6 +841,8 @@ def write_tables(
     budget = budget_table(rows, benchmarks)
     if budget:
         tables["budget.md"] = budget
+    if caption.strip():
+        tables = {name: f"{caption.strip()}\n\n{text}" for name, text in tables.items()}
     for name, text in tables.items():
         atomic_write(out / name, text)
     return tables
@@ -809,8 +862,10 @@ def run_experiment(
     out_dir: Path,
     arch: str | None = None,
     on_row: Callable[[CompressionRow], None] | None = None,
+    caption: str = "",
 ) -> tuple[list[CompressionRow], dict[str, str]]:
-    """Every checkpoint x method x bit width into one folder; returns ``(rows, tables)``.
+    """Every checkpoint x method x bit width into one folder; returns ``(rows, tables)``
+    (``caption``: see :func:`write_tables`).
 
     Rows are appended to ``out_dir/rows.jsonl`` as they finish (a long run that
     dies keeps what it measured); the tables and ``results.json`` are written at
@@ -854,7 +909,7 @@ def run_experiment(
             label=_label(path, meta, taken),
             done=done,
         )
-    tables = write_tables(rows, bench_names, str(device), out_dir)
+    tables = write_tables(rows, bench_names, str(device), out_dir, caption=caption)
     payload = {
         "command": "irformer compress run",
         "models": {str(p): meta for p, _, meta in loaded},
@@ -896,7 +951,7 @@ def read_rows(run_dir: Path, *, drop_truncated_last: bool = False) -> list[Compr
     return rows
 
 
-def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> dict[str, str]:
+def merge_runs(run_dirs: Sequence[Path], out_dir: Path, *, caption: str = "") -> dict[str, str]:
     """One set of tables from folders measured separately (e.g. one per model in parallel).
 
     Every run re-measures its FP model; identical FP rows merge, any other row
@@ -921,9 +976,125 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> dict[str, str]:
             rows.append(row)
     benchmarks = list(dict.fromkeys(b for r in rows for b in r.scores))
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = write_tables(rows, benchmarks, "see each run", out_dir)
+    tables = write_tables(rows, benchmarks, "see each run", out_dir, caption=caption)
     atomic_write(out_dir / ROWS_FILE, _rows_jsonl(rows))
     return tables
+
+
+BASELINES: tuple[str, ...] = ("minmax", "dquant2d", "ptq4vit", "noisyquant")
+"""The methods CompSRT is tested against (the best of them per configuration)."""
+
+
+@dataclass(frozen=True)
+class SignificanceRow:
+    """CompSRT vs the best baseline at one (model, bits, prune): CompSRT's Table 5."""
+
+    model: str
+    wbits: int
+    abits: int
+    prune: float
+    baseline: str
+    benchmarks: tuple[str, ...]
+    psnr: PairedTest
+    ssim: PairedTest
+
+
+def significance(
+    rows: Sequence[CompressionRow],
+    *,
+    method: str = "compsrt",
+    baselines: Sequence[str] = BASELINES,
+) -> list[SignificanceRow]:
+    """Dataset-level paired tests of ``method`` against the best baseline.
+
+    As CompSRT's section 4.2 (Table 5): for each configuration (model, bit
+    widths, pruning) the baseline with the highest mean PSNR over the datasets
+    both were scored on is "the best baseline"; the per-dataset differences
+    ``method - baseline`` of PSNR and of SSIM each get a one-sided Wilcoxon
+    signed-rank test (exact ties dropped) and Cohen's ``d_z = mean / sd``.
+    With n datasets the smallest possible one-sided p is ``2^-n`` (0.125 for
+    Set5/Set14/B100; 0.031 with Urban100 and Manga109 too).
+    """
+    result = final_rows(rows)
+    index: dict[tuple[str, int, int, float], dict[str, CompressionRow]] = {}
+    for r in result:
+        index.setdefault((r.model, r.wbits, r.abits, r.prune), {})[r.method] = r
+    out = []
+    for (model, wbits, abits, prune), by_method in index.items():
+        ours = by_method.get(method)
+        others = [by_method[b] for b in baselines if b in by_method and b != method]
+        if ours is None or not others:
+            continue
+
+        def common(other: CompressionRow, ours: CompressionRow = ours) -> list[str]:
+            return [b for b in ours.scores if b in other.scores]
+
+        def mean_psnr(other: CompressionRow) -> float:
+            names = common(other)
+            return sum(other.scores[b][0] for b in names) / max(len(names), 1)
+
+        best = max(others, key=mean_psnr)
+        names = common(best)
+        diffs = [[ours.scores[b][k] - best.scores[b][k] for b in names] for k in (0, 1)]
+        out.append(
+            SignificanceRow(
+                model=model,
+                wbits=wbits,
+                abits=abits,
+                prune=prune,
+                baseline=best.method,
+                benchmarks=tuple(names),
+                psnr=paired_test("dataset", "PSNR", diffs[0]),
+                ssim=paired_test("dataset", "SSIM", diffs[1]),
+            )
+        )
+    return out
+
+
+def significance_markdown(tests: Sequence[SignificanceRow], method: str = "compsrt") -> str:
+    """Table 5 layout: per configuration, the best baseline, n datasets and for PSNR
+    and SSIM the mean difference, Cohen's d_z and the one-sided Wilcoxon p."""
+    lines = [
+        f"| Model | W/A | Prune | {method} vs | datasets | PSNR mean diff (dB) | PSNR d_z | "
+        "PSNR p | SSIM mean diff | SSIM d_z | SSIM p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def p_text(t: PairedTest) -> str:
+        return "-" if math.isnan(t.p_value) else f"{t.p_value:.3g}"
+
+    for t in tests:
+        lines.append(
+            f"| {t.model} | {t.wbits}/{t.abits} | {t.prune:g} | {t.baseline} | "
+            f"{', '.join(t.benchmarks)} | {t.psnr.mean_diff:+.3f} | {_fmt(t.psnr.cohen_dz, 2)} | "
+            f"{p_text(t.psnr)} | {t.ssim.mean_diff:+.4f} | {_fmt(t.ssim.cohen_dz, 2)} | "
+            f"{p_text(t.ssim)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def significance_experiment(
+    run_dirs: Sequence[Path],
+    *,
+    method: str = "compsrt",
+    baselines: Sequence[str] = BASELINES,
+    out: Path | None = None,
+) -> str:
+    """``irformer compress significance``: :func:`significance` over the rows of one or
+    more ``compress run`` folders, as markdown (also written to ``out``)."""
+    rows: list[CompressionRow] = []
+    for run_dir in run_dirs:
+        rows += read_rows(run_dir)
+    tests = significance(rows, method=method, baselines=baselines)
+    if not tests:
+        raise ValueError(
+            f"no configuration in {[str(d) for d in run_dirs]} has both {method} and one of "
+            f"{list(baselines)}"
+        )
+    text = significance_markdown(tests, method)
+    if out is not None:
+        atomic_write(out, text)
+    return text
 
 
 def stats_markdown(report: StatsReport) -> str:

@@ -8,6 +8,9 @@ compsrt    CompSRT: dquant2d + Hadamard rotation + scalar decomposition
 ptq4vit    PTQ4ViT: twin-uniform post-softmax/post-GELU, range search
 noisyquant NoisyQuant: fixed noisy bias before activation quantisation
 ========== ===========================================================
+
+CompSRT's ablations are methods too (``2dquant_had_w``, ...:
+:data:`irformer.compress.methods.compsrt.ABLATIONS`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "QuantResult",
     "attach_for_config",
     "method_config",
+    "method_names",
     "quantize_model",
 ]
 
@@ -57,17 +61,30 @@ METHODS: dict[str, ModuleType] = {
 METHOD_ALIASES: dict[str, str] = {"2dquant": "dquant2d"}
 
 
+def method_names() -> list[str]:
+    """Every method name :func:`method_config` accepts (aliases and ablations included)."""
+    return [*METHODS, *METHOD_ALIASES, *compsrt.ABLATIONS]
+
+
 def _method(name: str) -> ModuleType:
     key = METHOD_ALIASES.get(name, name)
+    if key in compsrt.ABLATIONS:
+        return compsrt
     if key not in METHODS:
-        raise ValueError(f"unknown quantisation method {name!r}; valid: {', '.join(METHODS)}")
+        raise ValueError(
+            f"unknown quantisation method {name!r}; valid: {', '.join(method_names())}"
+        )
     return METHODS[key]
 
 
 def method_config(name: str, *, wbits: int, abits: int, **overrides: Any) -> QuantConfig:
     """The method's published defaults at the given bit widths, with overrides
-    (any :class:`QuantConfig` field, e.g. ``prune=0.4``, ``dqc_iters=500``)."""
-    cfg = _method(name).default_config(wbits, abits)
+    (any :class:`QuantConfig` field, e.g. ``prune=0.4``, ``dqc_iters=500``); CompSRT's
+    ablations (:data:`irformer.compress.methods.compsrt.ABLATIONS`) by name too."""
+    if name in compsrt.ABLATIONS:
+        cfg = compsrt.ablation_config(name, wbits, abits)
+    else:
+        cfg = _method(name).default_config(wbits, abits)
     return cfg.with_overrides(**overrides) if overrides else cfg
 
 

@@ -98,7 +98,12 @@ class QuantConfig:
     """Activation roles left unrotated, e.g. ``("post_softmax",)``: every row of
     a softmax map sums to 1, so its rotation has a constant first coordinate
     ``1/sqrt(n)`` that becomes the range's outlier. CompSRT rotates all."""
+    rotate_activations: bool = True
+    """With ``rotation``: False rotates the weights only (CompSRT's Figure 6 ablation)."""
     scalar_decomposition: bool = False
+    learn_bounds: bool = True
+    """False: DQC trains only alpha/beta, the bounds stay at their search result
+    (CompSRT's Table 7 ablation; needs ``scalar_decomposition``)."""
     prune: float = 0.0
     qkv_split: bool = True
     quantize_attention: bool = True
@@ -233,7 +238,11 @@ def default_act_quantizer(n: int, cfg: QuantConfig, role: str = "linear_input") 
     """The uniform activation quantiser of a tensor whose last dim is ``n``."""
     return ActQuantizer(
         cfg.abits,
-        rotate_size=None if role in cfg.rotation_skip else _rotate_size(n, cfg),
+        rotate_size=(
+            None
+            if role in cfg.rotation_skip or not cfg.rotate_activations
+            else _rotate_size(n, cfg)
+        ),
         scalar_decomposition=cfg.scalar_decomposition,
         sample_size=cfg.observer_sample,
     )
@@ -316,12 +325,17 @@ def act_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def learnable_quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Bounds (and alpha/beta) of every uniform quantiser: what DQC trains."""
+def learnable_quantizer_parameters(model: nn.Module, *, bounds: bool = True) -> list[nn.Parameter]:
+    """Bounds (and alpha/beta) of every uniform quantiser: what DQC trains
+    (``bounds=False``: alpha/beta only)."""
     params: list[nn.Parameter] = []
     for m in model.modules():
         if isinstance(m, UniformQuantizer):
-            params.extend(m.learnable_parameters())
+            params.extend(
+                p
+                for p in m.learnable_parameters()
+                if bounds or (p is not m.lower and p is not m.upper)
+            )
     return params
 
 
@@ -554,7 +568,12 @@ def distill_bounds(
     skipping the batches already used (``batches`` must be the same
     deterministic stream), so a killed run resumes where it saved.
     """
-    params = learnable_quantizer_parameters(qmodel)
+    params = learnable_quantizer_parameters(qmodel, bounds=cfg.learn_bounds)
+    if not params:
+        raise ValueError(
+            f"{cfg.method}: nothing to distil (learn_bounds={cfg.learn_bounds}, "
+            f"scalar_decomposition={cfg.scalar_decomposition})"
+        )
     for p in qmodel.parameters():
         p.requires_grad_(False)
     for p in params:
