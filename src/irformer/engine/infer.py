@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from irformer.engine.memory import MemoryBudgetError, default_budget, plan_restore
 from irformer.engine.precision import (
     AutocastDtype,
     Precision,
@@ -510,7 +511,8 @@ def plan_outputs(
 
 @dataclass(frozen=True)
 class RestoreFailure:
-    """An input :func:`restore_files` could not read (it went on with the others)."""
+    """An input :func:`restore_files` could not read or fit in memory (it went on with the
+    others)."""
 
     source: Path
     output: Path
@@ -562,6 +564,7 @@ def restore_files(
     guard: bool = True,
     on_done: Callable[[RestoredFile], None] | None = None,
     on_error: Callable[[RestoreFailure], None] | None = None,
+    max_memory: int | Literal["default"] | None = "default",
 ) -> RestoreResult:
     """Restore image files and folders into ``out_dir``, one image at a time.
 
@@ -578,6 +581,13 @@ def restore_files(
     image in fp32 and warns when they approach fp16's range
     (:func:`irformer.analysis.magnitudes.check_fp16_overflow`). ``on_done`` is called
     after each image (progress display).
+
+    Memory: each image's path is planned within ``max_memory`` bytes
+    (:func:`irformer.engine.memory.plan_restore`; ``"default"``: half the memory
+    available, None: no limit). A path set in ``options`` (tile or exact) is
+    kept and an image it would not fit is refused like an unreadable one (named
+    at the end, with the estimates and the options that would fit); otherwise
+    the planner picks plain, exact or (for per-token norms) tiled.
     """
     from irformer.data.io import (
         ImageReadError,
@@ -632,18 +642,29 @@ def restore_files(
             check_fp16_overflow(model=model, probe=probe[None])
             break
     prepare_model_for_precision(model, options.precision)
+    budget = default_budget() if max_memory == "default" else max_memory
+    explicit = options.tile is not None or options.chunk_windows is not None
     for source, output, redo in pending:
         try:
             image = read_image(source, channels=channels)
         except unreadable as exc:
             fail(source, output, exc)
             continue
+        run_options = options
+        if budget is not None:
+            try:
+                run_options = plan_restore(
+                    model, image.shape[:2], options, max_memory=budget, explicit=explicit
+                )
+            except MemoryBudgetError as exc:
+                fail(source, output, exc)
+                continue
         grey = image.shape[2] == 3 and bool(
             np.array_equal(image[..., 0], image[..., 1])
             and np.array_equal(image[..., 0], image[..., 2])
         )
         start = time.perf_counter()
-        out, report = restore_tensor(model, image_to_tensor(image)[None], options)
+        out, report = restore_tensor(model, image_to_tensor(image)[None], run_options)
         seconds = time.perf_counter() - start
         if grey:
             out = out.mean(dim=1, keepdim=True)
