@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "train",
+    "data",
     "eval",
     "restore",
     "analyze",

@@ -52,10 +52,11 @@ class DataConfig:
     """Training pairs: HR folders degraded on the fly, or paired LQ/GT folders."""
 
     train: tuple[str, ...] = DEFAULT_TRAIN_FOLDERS
-    """Ground-truth (HR / clean) image folders."""
+    """Ground-truth (HR / clean) image folders, or ``.irpack`` files (``irformer data
+    prepare --pack``)."""
     train_lq: tuple[str, ...] = ()
-    """Paired degraded folders, same file stems as ``train`` (deraining); empty =
-    degrade ``train`` on the fly."""
+    """Paired degraded folders (or packs), same file stems as ``train`` (deraining,
+    prepared LR sub-images); empty = degrade ``train`` on the fly."""
     task: str = "sr"
     sigma: float = 15.0
     """Gaussian noise std on the 0-255 scale (``dn``)."""
