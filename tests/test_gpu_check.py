@@ -77,6 +77,19 @@ def test_without_cuda_it_refuses_and_says_why(
     assert not list(tmp_path.iterdir())  # no report pretends a run happened
 
 
+def test_tests_cut_at_their_time_box_are_reported_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", env()["PYTHONPATH"])
+    clock = gpu_check.Clock(1000.0, dict(gpu_check.SMOKE_PLANNED_S))
+    monkeypatch.setattr(clock, "left", lambda name: 0.5)  # run_tests allows >= 10 s
+    t0 = time.monotonic()
+    result = gpu_check.run_tests(torch.device("cpu"), clock, True, tmp_path)
+    assert time.monotonic() - t0 < 60
+    assert result["status"] == "failed" and "interrupted at its 10 s time box" in result["note"]
+    assert result["output_tail"]  # pytest's own account of where it stopped
+
+
 def test_time_boxes_roll_over_and_never_pass_the_budget() -> None:
     clock = gpu_check.Clock(100.0, {"tests": 10.0, "forward": 20.0, "train": 30.0, "smoke": 40.0})
     assert clock.section_deadline("forward") - clock.start == pytest.approx(30.0)
