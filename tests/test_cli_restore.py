@@ -94,8 +94,9 @@ def test_restore_errors(setup: tuple[Path, Path], tmp_path: Path, capsys, monkey
     ckpt, src = setup
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    assert restore(bad, "--model", ckpt, "-o", tmp_path / "o1") == 2
-    assert str(bad) in capsys.readouterr().err
+    # An unreadable input is reported and the run exits 1 (the others would be restored).
+    assert restore(bad, "--model", ckpt, "-o", tmp_path / "o1") == 1
+    assert f"{bad}: not a readable image" in capsys.readouterr().err
     assert restore(tmp_path / "missing.png", "--model", ckpt, "-o", tmp_path / "o2") == 2
     assert "input not found" in capsys.readouterr().err
     assert restore(src, "--model", tmp_path / "nope.pth", "-o", tmp_path / "o3") == 2
@@ -159,7 +160,7 @@ def test_restore_tile_ensemble_precision(setup: tuple[Path, Path], tmp_path: Pat
 def test_restore_fp16_guard_and_black_dots(
     setup: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:
-    from irformer.engine.lowprec import Fp16OverflowWarning
+    from irformer.analysis.magnitudes import Fp16OverflowWarning
 
     _, src = setup
     torch.manual_seed(0)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from irformer.archs.common import SwinTransformerBlock
-from irformer.archs.swinir import SwinIR
+from irformer.archs.swinir import SwinIR, SwinTransformerBlock
 from irformer.norms import (
     NORM_NAMES,
     BatchNorm,

@@ -18,7 +18,7 @@ Tokens are ``(B, L, C)``. Parameter names (``weight``/``bias``) follow
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from irformer import cpu_kernels
 
-NORM_NAMES: tuple[str, ...] = (
+NormName = Literal[
     "ln",
     "ln_star",
     "iln",
@@ -36,7 +36,8 @@ NORM_NAMES: tuple[str, ...] = (
     "none",
     "layerscale",
     "rezero",
-)
+]
+NORM_NAMES: tuple[str, ...] = get_args(NormName)
 """Every name :func:`build_norm` accepts (the paper's Table 1 set)."""
 
 NormRole = Literal["branch", "embed", "final"]

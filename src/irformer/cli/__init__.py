@@ -3,6 +3,11 @@
 Each sub-command lives in its own module under ``irformer.cli`` and exposes
 ``register(subparsers)``; the module parses arguments and calls one library
 function. The console (tables, progress bars) belongs here, never to the library.
+
+Exit status: 0 done; 1 done but with failures the command reports (an image
+that could not be read, non-finite outputs); 2 refused with one line on stderr
+(bad input: see :func:`is_input_error`). Any other exception is a bug or an
+environment failure and keeps its traceback (as does everything with ``-v``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import argparse
 import importlib
 import logging
 import sys
+from types import TracebackType
+
+from irformer.errors import IrformerError
 
 # Sub-command modules, in the order they appear in ``irformer --help``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -42,6 +50,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raised_by_irformer(tb: TracebackType | None) -> bool:
+    """True when the innermost frame of ``tb`` is irformer's own code (a check of
+    its own), not a library it called (where the same class means a bug)."""
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module == "irformer" or module.startswith("irformer.")
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is reported as one line (exit 2) rather than a traceback.
+
+    That is every :class:`~irformer.errors.IrformerError`; an ``OSError`` naming
+    a file (not found, permission denied, read-only...); and a ``ValueError``,
+    ``KeyError``, ``FileNotFoundError`` or ``FileExistsError`` raised by
+    irformer's own argument checks (the library's convention for bad values).
+    """
+    if isinstance(exc, IrformerError):
+        return True
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return True
+    return isinstance(exc, ValueError | KeyError | OSError) and _raised_by_irformer(
+        exc.__traceback__
+    )
+
+
+def error_message(exc: BaseException) -> str:
+    """The message alone (a KeyError's own text, not its repr); one line except
+    where irformer lays out a list on purpose (a checkpoint's mismatched keys)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    return text.strip() or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     from irformer.engine.runtime import tune_cpu_allocator
 
@@ -54,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as exc:
-        if args.verbose:
+    except Exception as exc:
+        if args.verbose or not is_input_error(exc):
             raise
-        print(f"irformer {args.command}: error: {exc}", file=sys.stderr)
+        print(f"irformer {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return 2
 
 

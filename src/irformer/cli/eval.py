@@ -4,16 +4,22 @@ Example::
 
     irformer eval --model bicubic --task sr --scale 4 --bench Set5,Set14,B100
     irformer eval --model runs/x4/weights.safetensors --task dn --sigma 25 --out-csv dn.csv
+
+A benchmark whose outputs held NaN/inf pixels is marked ``*`` in the table with
+a note below it (the pixels are scored as black), the JSON/CSV carry the counts
+(``nonfinite_pixels``), and the command exits with status 1 after writing them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
+from irformer.cli.options import add_precision_arguments
 from irformer.data.benchmarks import DEFAULT_BENCHMARKS, find_benchmark_dir, get_benchmark
-from irformer.data.io import check_writable
+from irformer.data.io import check_folder_writable, check_writable
 from irformer.engine.evaluate import (
     EvaluationResult,
     evaluate,
@@ -64,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-csv", type=Path, default=None, help="write per-image results as CSV")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    add_precision_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="base seed of the synthetic noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -113,11 +119,18 @@ def format_table(result: EvaluationResult) -> str:
     head1 = f"{'Method':<{model_w}}  {setting_name:<5}"
     head2 = f"{'':<{model_w}}  {'':<5}"
     row = f"{result.model:<{model_w}}  {setting:<5}"
+    notes = []
     for b in result.benchmarks:
         head1 += f"  {b.benchmark:<{set_w}}"
         head2 += f"  {'PSNR':<7} {'SSIM':<{set_w - 8}}"
-        row += f"  {b.psnr:<7.{digits}f} {b.ssim:<{set_w - 8}.4f}"
-    return "\n".join(line.rstrip() for line in (head1, head2, row))
+        psnr = f"{b.psnr:.{digits}f}" + ("*" if b.nonfinite_pixels else "")
+        row += f"  {psnr:<7} {b.ssim:<{set_w - 8}.4f}"
+        if b.nonfinite_pixels:
+            notes.append(
+                f"* {b.benchmark}: {b.nonfinite_pixels} output pixels non-finite in "
+                f"{b.nonfinite_images} of {b.num_images} images (scored as black)"
+            )
+    return "\n".join(line.rstrip() for line in (head1, head2, row, *notes))
 
 
 def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
@@ -126,7 +139,7 @@ def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
     path = Path(args.model)
     meta: dict[str, object] = {}
     if path.is_file():
-        from irformer.archs.registry import read_state_dict
+        from irformer.archs import read_state_dict
         from irformer.engine.evaluate import eval_task_of
 
         meta = read_state_dict(path)[1]
@@ -156,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     for out in (args.out_json, args.out_csv):
         if out is not None:  # fail before a long run, not after it
             check_writable(out, overwrite=args.overwrite)
+    if args.save_dir is not None:
+        check_folder_writable(args.save_dir)
     result = evaluate(
         args.model,
         task=args.task,
@@ -166,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         quality=args.quality,
         device=args.device,
         precision=args.precision,
+        autocast=args.autocast,
         save_dir=args.save_dir,
         overwrite=args.overwrite,
         seed=args.seed,
@@ -179,4 +195,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out_csv is not None:
         write_results_csv(result, args.out_csv, overwrite=args.overwrite)
         print(f"wrote {args.out_csv}")
+    broken = [b.benchmark for b in result.benchmarks if b.nonfinite_pixels]
+    if broken:
+        print(
+            f"irformer eval: error: non-finite outputs on {', '.join(broken)}: those scores "
+            "are not the model's (a diverged checkpoint, or fp16 overflow)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

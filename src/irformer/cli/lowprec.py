@@ -16,6 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from irformer.files import atomic_write
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -69,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     from irformer.engine.infer import RestoreOptions
-    from irformer.engine.lowprec import LowPrecRow, format_lowprec_table, lowprec_report
+    from irformer.experiments.lowprec import LowPrecRow, format_lowprec_table, lowprec_report
 
     labels = tuple(s.strip() for s in args.labels.split(","))
     if len(labels) != 2:
@@ -105,14 +107,14 @@ def run_report(args: argparse.Namespace) -> int:
         from irformer.data.io import check_writable
 
         check_writable(args.json, overwrite=True)
-        args.json.write_text(json.dumps(report.to_dict(), indent=1))
+        atomic_write(args.json, json.dumps(report.to_dict(), indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
 def run_guard(args: argparse.Namespace) -> int:
     """Exit status 0: fp16 looks safe; 1: risk found (printed)."""
-    from irformer.engine.lowprec import (
+    from irformer.analysis.magnitudes import (
         feature_magnitudes,
         fp16_overflow_risks,
         load_recorded_magnitudes,

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from irformer.archs import registry
+from irformer import archs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,17 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def preset_table(arch: str | None = None) -> list[dict[str, object]]:
     """One row per preset: name, arch, task, scale, parameter count (built on 'meta')."""
     rows = []
-    for name in registry.list_presets(arch):
+    for name in archs.list_presets(arch):
         with torch.device("meta"):
-            model = registry.build_model(name)
-        meta = registry.model_meta(model)
+            model = archs.build_model(name)
+        meta = archs.model_meta(model)
         rows.append(
             {
                 "preset": name,
                 "arch": meta["arch"],
                 "task": meta["task"],
                 "scale": meta["scale"],
-                "params": registry.count_parameters(model),
+                "params": archs.count_parameters(model),
             }
         )
     return rows
@@ -68,7 +68,7 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    info = registry.describe_checkpoint(args.checkpoint, param_key=args.param_key)
+    info = archs.describe_checkpoint(args.checkpoint, param_key=args.param_key)
     json.dump(info, sys.stdout, indent=2, default=str)
     print()
     if not info["meta"]:
@@ -89,7 +89,7 @@ def export_command(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists():
         raise FileExistsError(f"{output} exists; choose another name or remove it first")
-    model, meta = registry.load_checkpoint_model(args.checkpoint, param_key=args.param_key)
-    path = registry.save_model_weights(output, model, meta)
-    print(f"wrote {path} ({registry.count_parameters(model):,} parameters, norm {meta['norm']})")
+    model, meta = archs.load_checkpoint_model(args.checkpoint, param_key=args.param_key)
+    path = archs.save_model_weights(output, model, meta)
+    print(f"wrote {path} ({archs.count_parameters(model):,} parameters, norm {meta['norm']})")
     return 0

@@ -2,12 +2,19 @@
 
 irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET | --scale 2|4]
     [--tile N [--tile-overlap M] [--tile-blend mean|ramp] | --exact-chunk K]
-    [--ensemble] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda] [--overwrite]
+    [--ensemble] [--precision fp32|bf16|fp16] [--autocast bf16|fp16] [--device auto|cpu|cuda]
+    [--overwrite | --skip-existing]
 
 Large images: ``--tile`` splits the input into overlapping tiles (fine for LN
 models; i-LN models normalise with whole-image statistics, so tiles disagree);
 ``--exact-chunk K`` runs the whole image with attention in chunks of K windows,
 in bounded memory, with the same result as an unlimited-memory pass.
+
+Folders: an input that cannot be read is reported and skipped; the others are
+restored, the unreadable ones are listed at the end and the exit status is 1.
+``--skip-existing`` makes a rerun skip outputs that are complete (decodable and
+``scale`` times the input's size) and redo incomplete ones. Inputs are never
+overwritten; existing outputs only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import sys
 from pathlib import Path
 
 from torch import nn
+
+from irformer.cli.options import add_precision_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +70,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-overlap", type=int, default=32, metavar="M", help="tile overlap")
     p.add_argument("--tile-blend", choices=("mean", "ramp"), default="mean")
     p.add_argument("--ensemble", action="store_true", help="x8 self-ensemble (flips, rotations)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    add_precision_arguments(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--ext",
         default=".png",
         help="output suffix (.png, .tif, .bmp, .jpg) or 'keep' for the input's own",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip inputs whose output exists and is complete (decodes, right size); "
+        "redo incomplete ones",
+    )
     p.add_argument(
         "--no-guard",
         action="store_true",
@@ -134,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_windows=args.exact_chunk,
         ensemble=args.ensemble,
         precision=args.precision,
+        autocast=args.autocast,
     )
     model, described = load_model(args.model, param_key=args.param_key, scale=args.scale)
     device = resolve_device(args.device)
@@ -145,20 +162,27 @@ def run(args: argparse.Namespace) -> int:
         note = "" if done.report.finite else f"  WARNING {done.report.summary()}"
         print(f"{done.source} -> {done.output} ({w}x{h}, {done.seconds:.2f} s){note}")
 
-    results = restore_files(
+    result = restore_files(
         model,
         args.inputs,
         args.out,
         options,
         overwrite=args.overwrite,
+        skip_existing=args.skip_existing,
         ext=None if args.ext == "keep" else args.ext,
         guard=not args.no_guard,
         on_done=show,
     )
-    bad = sum(not r.report.finite for r in results)
+    bad = sum(not r.report.finite for r in result.restored)
     print(
-        f"restored {len(results)} image(s) into {args.out}"
+        f"restored {len(result.restored)} image(s) into {args.out}"
+        + (f"; {len(result.skipped)} complete output(s) skipped" if result.skipped else "")
         + (f"; {bad} with non-finite pixels (written as black)" if bad else ""),
         file=sys.stderr,
     )
+    if result.failed:
+        print(f"irformer restore: {len(result.failed)} input(s) not restored:", file=sys.stderr)
+        for failed in result.failed:
+            print(f"  {failed.source}: {failed.error}", file=sys.stderr)
+        return 1
     return 0

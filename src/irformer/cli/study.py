@@ -143,7 +143,7 @@ def _command_line(args: argparse.Namespace) -> str:
 def _finish(
     args: argparse.Namespace, runs: list[Any], out: Path, benchmarks: list[str], title: str
 ) -> int:
-    from irformer.analysis.studies import run_study, write_study_report
+    from irformer.experiments.norm_study import run_study, write_study_report
 
     results = run_study(
         runs,
@@ -163,7 +163,7 @@ def _finish(
 
 
 def run_norms(args: argparse.Namespace) -> int:
-    from irformer.analysis.studies import norm_variants
+    from irformer.experiments.norm_study import norm_variants
 
     base, out, interval, benchmarks = _prepare(args, "norms")
     runs = norm_variants(
@@ -182,7 +182,7 @@ def run_norms(args: argparse.Namespace) -> int:
 
 
 def run_scale(args: argparse.Namespace) -> int:
-    from irformer.analysis.studies import scale_variants
+    from irformer.experiments.norm_study import scale_variants
 
     base, out, interval, benchmarks = _prepare(args, "scale")
     depths, widths = _split(args.depths, int), _split(args.widths, int)

@@ -1,9 +1,11 @@
-"""``irformer train --config FILE [--set KEY=VALUE ...] [--resume]``.
+"""``irformer train --config FILE [--set KEY=VALUE ...] [--resume | --overwrite]``.
 
 Works alone (one CPU or GPU) and under ``torchrun --nproc_per_node N``
 (DDP: NCCL on GPUs, gloo on CPU). Rank 0 draws the progress bar, writes the
 logs and checkpoints into ``log.out_dir``, and, every ``log.probe_interval``
-iterations, the feature probes of :mod:`irformer.analysis.probes`.
+iterations, the feature probes of :mod:`irformer.analysis.probes`. A
+``log.out_dir`` holding an earlier run is refused unless ``--resume`` continues
+it or ``--overwrite`` deletes it (its checkpoints, logs and config) first.
 """
 
 from __future__ import annotations
@@ -34,10 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override config values, e.g. --set train.lr=1e-4 data.batch_size=8",
     )
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest checkpoint in log.out_dir (exactly, on CPU)",
+        help="continue from the newest usable checkpoint in log.out_dir (exactly, on CPU)",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the earlier run in log.out_dir (checkpoints, logs, config) and start again",
     )
     p.add_argument(
         "--device",
@@ -89,12 +97,19 @@ def run(args: argparse.Namespace) -> int:
         # The analysis probes (issue 5): per-layer magnitude and channel entropy
         # on a fixed batch of training-like patches, into <out_dir>/features.jsonl.
         from irformer.analysis.probes import FEATURES_FILE, FeatureProbe
-        from irformer.analysis.studies import probe_batch_for
+        from irformer.engine.data import probe_batch_for
 
         out_path = Path(cfg.log.out_dir) / FEATURES_FILE
         hooks.append(FeatureProbe(probe_batch_for(cfg), out_path=out_path))
     try:
-        state = train(cfg, resume=args.resume, progress=progress, dist_info=info, hooks=hooks)
+        state = train(
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=progress,
+            dist_info=info,
+            hooks=hooks,
+        )
     finally:
         if bar is not None:
             bar.close()

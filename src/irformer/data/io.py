@@ -16,6 +16,13 @@ degradations and metrics agree on. Conversions are explicit and documented:
 Decoding goes through Pillow, which raises on truncated files (OpenCV silently
 returns a partly grey JPEG). Pillow reduces 16-bit colour to 8 bits, so 16-bit
 colour PNG/TIFF files are decoded with OpenCV after Pillow has validated them.
+
+Size limit: a file whose header declares more than :func:`max_image_pixels`
+pixels (default :data:`DEFAULT_MAX_IMAGE_PIXELS`, Pillow's own warning
+threshold; environment variable ``IRFORMER_MAX_IMAGE_PIXELS``, ``0`` = no limit)
+is refused with :class:`ImageTooLargeError` before any pixel is decoded, by
+every reader here (:func:`read_image`, :func:`image_size`). A 300 KB PNG can
+declare 10000x10000 pixels; Pillow alone only warns below twice its limit.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import os
 import re
+import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -34,16 +44,24 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from irformer.errors import IrformerError, OutputNotWritableError
+from irformer.files import atomic_write
+
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS_ENV",
     "AlphaDroppedWarning",
     "ChannelMode",
     "ImageReadError",
+    "ImageTooLargeError",
     "OutputExistsError",
+    "check_folder_writable",
     "check_writable",
     "image_size",
     "image_to_tensor",
     "list_images",
+    "max_image_pixels",
     "quantize",
     "read_image",
     "tensor_to_image",
@@ -62,11 +80,22 @@ _WRITE_16BIT_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 ChannelMode = Literal["rgb", "grey", "keep"]
 
 
-class ImageReadError(ValueError):
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+"""Largest image (height x width) read without ``IRFORMER_MAX_IMAGE_PIXELS``:
+Pillow's decompression-bomb threshold (about 9459 x 9459; 0.27 GB as 8-bit RGB)."""
+
+MAX_IMAGE_PIXELS_ENV = "IRFORMER_MAX_IMAGE_PIXELS"
+
+
+class ImageReadError(IrformerError, ValueError):
     """A file could not be decoded as a supported image; the message names the path."""
 
 
-class OutputExistsError(FileExistsError, ValueError):
+class ImageTooLargeError(ImageReadError):
+    """An image declares more pixels than :func:`max_image_pixels` allows."""
+
+
+class OutputExistsError(IrformerError, FileExistsError, ValueError):
     """Refusal to overwrite an existing output or an input file."""
 
 
@@ -103,11 +132,57 @@ def _check_readable_file(path: Path) -> None:
         raise ImageReadError(f"empty file, expected an image: {path}")
 
 
+def max_image_pixels() -> int | None:
+    """The pixel limit in force: ``IRFORMER_MAX_IMAGE_PIXELS`` if set (``0`` or
+    ``none``: no limit), else :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if text.lower() == "none":
+        return None
+    try:
+        limit = int(text.replace("_", ""))
+    except ValueError:
+        raise IrformerError(
+            f"{MAX_IMAGE_PIXELS_ENV}={text!r}: expected a whole number of pixels (0 = no limit)"
+        ) from None
+    if limit < 0:
+        raise IrformerError(f"{MAX_IMAGE_PIXELS_ENV}={text!r}: must be >= 0 (0 = no limit)")
+    return limit or None
+
+
+@contextmanager
+def _pixel_limit() -> Iterator[int | None]:
+    """Replace Pillow's decompression-bomb check (a warning up to twice its limit,
+    then its own error) by irformer's one limit, checked by :func:`_check_pixels`."""
+    limit = max_image_pixels()
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield limit
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_pixels(path: Path, im: Image.Image, limit: int | None) -> None:
+    w, h = im.size
+    if limit is not None and w * h > limit:
+        raise ImageTooLargeError(
+            f"{path}: {w}x{h} = {w * h:,} pixels exceeds irformer's limit of {limit:,} "
+            f"(a decompression bomb, or a genuinely huge image: raise the limit with "
+            f"{MAX_IMAGE_PIXELS_ENV}=N, 0 for none)"
+        )
+
+
 def _open_validated(path: Path, data: bytes) -> Image.Image:
     """Open and fully decode with Pillow so truncation and corruption raise here."""
     try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
+        with _pixel_limit() as limit:
+            im = Image.open(io.BytesIO(data))
+            _check_pixels(path, im, limit)
+            im.load()
+    except ImageReadError:
+        raise
     except UnidentifiedImageError as exc:
         raise ImageReadError(f"not a readable image file: {path}") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
@@ -208,9 +283,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     _check_readable_file(path)
     try:
-        with Image.open(path) as im:
+        with _pixel_limit() as limit, Image.open(path) as im:
             if im.format not in _PIL_FORMATS:
                 raise ImageReadError(f"unsupported image format {im.format} in {path}")
+            _check_pixels(path, im, limit)
             w, h = im.size
     except UnidentifiedImageError as exc:
         raise ImageReadError(f"not a readable image file: {path}") from exc
@@ -289,6 +365,31 @@ def check_writable(
     return path
 
 
+def check_folder_writable(folder: str | Path) -> Path:
+    """Create ``folder`` (with parents) and prove a file can be written in it.
+
+    Called before a long job (training, a folder restore) so a read-only or
+    foreign output folder fails at once, not after the work. Creates and
+    deletes one empty temporary file; raises :class:`OutputNotWritableError`
+    naming the folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".irformer-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise OutputNotWritableError(
+            f"output folder {folder}: a file of that name (or in its path) is in the way"
+        ) from None
+    except OSError as exc:
+        raise OutputNotWritableError(
+            f"output folder {folder} is not writable: {exc.strerror or exc}"
+        ) from None
+    return folder
+
+
 def write_image(
     path: str | Path,
     image: np.ndarray,
@@ -333,6 +434,6 @@ def write_image(
     ok, buf = cv2.imencode(suffix, np.ascontiguousarray(bgr), params)
     if not ok:
         raise RuntimeError(f"OpenCV failed to encode {path}")
-    path.write_bytes(buf.tobytes())
+    atomic_write(path, buf.tobytes())
     logger.debug("wrote %s", path)
     return path

@@ -12,26 +12,34 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
-TASKS: tuple[str, ...] = ("sr", "dn", "car", "dr")
+from irformer.archs.registry import list_archs, list_presets
+from irformer.errors import IrformerError
+from irformer.norms import NormName
+from irformer.tasks import TASKS as TASK_NAMES
+from irformer.tasks import Task
+
+TASKS: tuple[str, ...] = TASK_NAMES
 """Degradation tasks: super-resolution, denoising, JPEG artifact removal, deraining."""
 
-SCHEDULERS: tuple[str, ...] = ("steplr", "multisteplr", "none")
+Scheduler = Literal["steplr", "multisteplr", "none"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 DEFAULT_TRAIN_FOLDERS: tuple[str, ...] = ("datasets/DF2K/HR",)
 """DF2K-style HR folder (DIV2K + Flickr2K HR images in one folder), relative to the
 working directory; override with ``--set data.train=[...]``."""
 
 
-class ConfigError(ValueError):
+class ConfigError(IrformerError, ValueError):
     """A config file or override names an unknown key or holds a badly typed value."""
 
 
@@ -39,8 +47,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which network to build: ``irformer.archs.build_model(arch, norm=..., upscale=scale)``."""
 
-    arch: str = "swinir_light"
-    norm: str = "ln"
+    arch: str = "swinir_light_x2"
+    """A preset or architecture name of :mod:`irformer.archs` (checked at load)."""
+    norm: NormName = "ln"
     scale: int = 2
     """Upscaling factor of the network (1 for DN/CAR/DR)."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +66,7 @@ class DataConfig:
     train_lq: tuple[str, ...] = ()
     """Paired degraded folders (or packs), same file stems as ``train`` (deraining,
     prepared LR sub-images); empty = degrade ``train`` on the fly."""
-    task: str = "sr"
+    task: Task = "sr"
     sigma: float = 15.0
     """Gaussian noise std on the 0-255 scale (``dn``)."""
     quality: int = 40
@@ -80,7 +89,7 @@ class TrainConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
-    scheduler: str = "steplr"
+    scheduler: Scheduler = "steplr"
     step_size: int = 250_000
     """StepLR period (the paper's "Milestones (K) 250" for StepLR)."""
     milestones: tuple[int, ...] = ()
@@ -101,7 +110,11 @@ class TrainConfig:
     """Run forward/backward under bf16 autocast (weights and optimiser stay fp32)."""
     warm_start: str | None = None
     """Checkpoint or exported weights to initialise from (x4 from x2); mismatched
-    tensors (the upsampler) are skipped."""
+    tensors (the upsampler) are skipped. The file's arch and norm must be the
+    config's (a file without irformer metadata counts as ``ln``)."""
+    warm_start_ignore_norm: bool = False
+    """Allow a warm start from weights trained with another norm (cross-norm
+    initialisation); logged as a warning."""
     seed: int = 0
     time_limit_min: float = 0.0
     """Stop after this many minutes of wall time, writing a checkpoint (0 = no limit);
@@ -150,6 +163,11 @@ class Config:
 
 
 def _validate(cfg: Config) -> None:
+    names = [*list_archs(), *list_presets()]
+    if cfg.model.arch not in names:
+        match = difflib.get_close_matches(cfg.model.arch, names, n=1, cutoff=0.6)
+        hint = f"did you mean {match[0]!r}?" if match else "`irformer models list` shows them"
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} is no preset or architecture; {hint}")
     if cfg.data.task not in TASKS:
         raise ConfigError(f"data.task: {cfg.data.task!r} is not one of {', '.join(TASKS)}")
     if cfg.train.scheduler not in SCHEDULERS:
@@ -184,10 +202,54 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if not 0.0 <= cfg.train.ema < 1.0:
         raise ConfigError(f"train.ema: decay must be in [0, 1), got {cfg.train.ema}")
+    _validate_numbers(cfg)
     if cfg.train.scheduler == "multisteplr" and list(cfg.train.milestones) != sorted(
         cfg.train.milestones
     ):
         raise ConfigError(f"train.milestones: must be increasing, got {cfg.train.milestones}")
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Range checks of the numeric fields, each naming its key (run at load time:
+    ``log.checkpoint_every: 0`` used to surface as a ZeroDivisionError mid-run,
+    ``train.gamma: -1`` as a negative learning rate)."""
+    tc, dc = cfg.train, cfg.data
+    at_least_one = [
+        ("log.checkpoint_every", cfg.log.checkpoint_every),
+        ("train.step_size", tc.step_size),
+    ]
+    at_least_zero = [
+        ("data.workers", dc.workers),
+        ("val.every", cfg.val.every),
+        ("log.probe_interval", cfg.log.probe_interval),
+        ("train.seed", tc.seed),
+    ]
+    for key, value in at_least_one:
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, value in at_least_zero:
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    for key, value, positive in (
+        ("train.lr", tc.lr, True),
+        ("train.gamma", tc.gamma, True),
+        ("train.weight_decay", tc.weight_decay, False),
+        ("train.grad_clip", tc.grad_clip, False),
+        ("train.kl_weight", tc.kl_weight, False),
+        ("train.time_limit_min", tc.time_limit_min, False),
+        ("data.sigma", dc.sigma, False),
+    ):
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise ConfigError(f"{key}: must be a finite number {bound}, got {value}")
+    for i, beta in enumerate(tc.betas):
+        if not 0.0 <= beta < 1.0:  # also false for NaN
+            raise ConfigError(f"train.betas[{i}]: must be in [0, 1), got {beta}")
+    if not 1 <= dc.quality <= 100:
+        raise ConfigError(f"data.quality: must be a JPEG quality in 1..100, got {dc.quality}")
+    for i, milestone in enumerate(tc.milestones):
+        if milestone < 1:
+            raise ConfigError(f"train.milestones[{i}]: must be >= 1, got {milestone}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -211,6 +273,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        if value in args:
+            return value
+        match = difflib.get_close_matches(
+            str(value).lower(), [str(a) for a in args], n=1, cutoff=0.5
+        )
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
     if origin in (types.UnionType, typing.Union):
         is_null = value is None or (
             isinstance(value, str) and value.lower() in ("none", "null", "~", "")

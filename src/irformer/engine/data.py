@@ -287,3 +287,14 @@ def _packed_dataset(cfg: Config, i: int) -> Dataset:
     return PackedDegradedDataset(
         gt, degradation, patch_size=d.patch_size, augment=True, channels=channels
     )
+
+
+PROBE_SEED_TAG = 7919
+"""Offset of the probe stream's seed from the training seed (a stream of its own)."""
+
+
+def probe_batch_for(cfg: Config, *, count: int = 4) -> torch.Tensor:
+    """``count`` training-like LQ patches: positions ``0..count-1`` of a separate sample
+    stream (the fixed batch the analysis probes measure during training)."""
+    stream = PositionedDataset(build_train_dataset(cfg), cfg.train.seed + PROBE_SEED_TAG)
+    return torch.stack([stream[k]["lq"] for k in range(count)])

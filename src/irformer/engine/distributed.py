@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from irformer.errors import DeviceUnavailableError
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,7 +74,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     local = _env_int("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise DeviceUnavailableError(f"device {device!r} requested but CUDA is not available")
     if use_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)

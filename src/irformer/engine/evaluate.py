@@ -9,31 +9,44 @@ scripts do), then scored with :func:`irformer.metrics.compute_metrics`.
 Evaluation is deterministic: noise is seeded per image (see
 :mod:`irformer.data.benchmarks`), images run one at a time in a fixed order
 under ``torch.inference_mode``.
+
+Non-finite outputs are counted, not hidden: each image records its output
+pixels with a NaN/inf channel (scored as black, like ``restore`` writes them),
+each set its total, and a warning names the set; ``irformer eval`` marks such
+a set in its table and exits with status 1.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from irformer.archs import build_model, load_checkpoint_model
 from irformer.data.benchmarks import Benchmark, load_benchmark
 from irformer.data.degradations import matlab_imresize
 from irformer.data.io import check_writable, tensor_to_image, write_image
+from irformer.engine.infer import PrecisionModel, RestoreOptions, count_nonfinite
+from irformer.engine.precision import (
+    AutocastDtype,
+    Precision,
+    autocast_context,
+    check_precision_options,
+)
+from irformer.errors import DeviceUnavailableError
+from irformer.files import atomic_write
 from irformer.metrics import TASKS, compute_metrics
 
 __all__ = [
@@ -52,8 +65,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CHANNEL_ATTRS = ("in_chans", "in_channels", "num_in_ch")
 _EVAL_TASKS = {"sr": "sr", "denoise": "dn", "jpeg_car": "car", "derain": "dr", "real_sr": "sr"}
 
@@ -88,30 +99,12 @@ class BicubicModel(nn.Module):
         return f"upscale={self.upscale}"
 
 
-def _registry_function(name: str) -> Callable[..., Any]:
-    """``name`` from ``irformer.archs.registry`` (or ``irformer.archs``), imported lazily."""
-    for module_name in ("irformer.archs.registry", "irformer.archs"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name in (module_name, "irformer.archs"):
-                continue
-            raise
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return fn
-    raise RuntimeError(
-        f"loading models needs irformer.archs.registry.{name}, which is not available in this "
-        "installation; only --model bicubic works without it"
-    )
-
-
 def load_model_for_eval(spec: str | Path | nn.Module, *, scale: int = 1) -> nn.Module:
     """Resolve ``--model``: a module (returned as is), ``"bicubic"``, a checkpoint path or a preset.
 
-    Checkpoints load through ``irformer.archs.registry.load_checkpoint_model(path)``;
-    other names through ``build_model(name)`` (randomly initialised weights,
-    logged as a warning). Both are imported only when needed.
+    Checkpoints load through :func:`irformer.archs.load_checkpoint_model`; other
+    names through :func:`irformer.archs.build_model` (randomly initialised
+    weights, logged as a warning).
     """
     if isinstance(spec, nn.Module):
         return spec
@@ -120,12 +113,10 @@ def load_model_for_eval(spec: str | Path | nn.Module, *, scale: int = 1) -> nn.M
         return BicubicModel(scale)
     path = Path(text)
     if path.is_file():
-        loaded = _registry_function("load_checkpoint_model")(path)
-        # The registry returns (model, metadata); accept a bare module too.
-        return loaded[0] if isinstance(loaded, tuple) else loaded
+        return load_checkpoint_model(path)[0]
     if path.suffix in (".pth", ".pt", ".ckpt", ".safetensors") or "/" in text:
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    model = _registry_function("build_model")(text)
+    model = build_model(text)
     logger.warning("model %r built from its preset with untrained weights", text)
     return model
 
@@ -138,7 +129,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise DeviceUnavailableError(f"device {device!r} requested but CUDA is not available")
     return dev
 
 
@@ -151,6 +142,9 @@ class ImageResult:
     psnr: float
     ssim: float
     seconds: float
+    nonfinite_pixels: int = 0
+    """Output pixels with a NaN/inf channel (scored as 0, i.e. black): any makes
+    the scores those of a broken model, not of the model."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +164,16 @@ class BenchmarkResult:
     def num_images(self) -> int:
         return len(self.images)
 
+    @property
+    def nonfinite_pixels(self) -> int:
+        """Non-finite output pixels over the whole set (0 for a valid result)."""
+        return sum(r.nonfinite_pixels for r in self.images)
+
+    @property
+    def nonfinite_images(self) -> int:
+        """Images whose output held a NaN/inf."""
+        return sum(r.nonfinite_pixels > 0 for r in self.images)
+
 
 @dataclass(frozen=True)
 class EvaluationResult:
@@ -183,11 +187,13 @@ class EvaluationResult:
     precision: str
     device: str
     benchmarks: tuple[BenchmarkResult, ...] = field(default_factory=tuple)
+    autocast: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for b, bench in zip(d["benchmarks"], self.benchmarks, strict=True):
             b["num_images"] = bench.num_images
+            b["nonfinite_pixels"] = bench.nonfinite_pixels
         return d
 
     def __getitem__(self, benchmark: str) -> BenchmarkResult:
@@ -211,17 +217,12 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def _run_model(
-    model: nn.Module, lq: torch.Tensor, device: torch.device, precision: Precision
+    model: nn.Module, lq: torch.Tensor, device: torch.device, autocast: AutocastDtype | None
 ) -> tuple[torch.Tensor, float]:
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
-        if precision != "fp32"
-        else nullcontext()
-    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with autocast:
+    with autocast_context(device, autocast):
         out = model(lq)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -233,7 +234,7 @@ def evaluate_benchmark(
     benchmark: Benchmark,
     *,
     device: torch.device,
-    precision: Precision = "fp32",
+    autocast: AutocastDtype | None = None,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -242,7 +243,8 @@ def evaluate_benchmark(
 
     Greyscale sets meet a 3-channel model as replicated channels and are
     scored on the channel mean of its output; ``model`` must already be on
-    ``device`` and in eval mode. Runs under ``torch.inference_mode``.
+    ``device``, in eval mode and in the precision wanted (see :func:`evaluate`).
+    Runs under ``torch.inference_mode`` (and ``torch.autocast`` with ``autocast``).
     """
     want_c = _model_in_channels(model)
     task, scale = benchmark.task, benchmark.scale
@@ -262,9 +264,10 @@ def evaluate_benchmark(
                     f"{want_c}; evaluate colour models on colour sets"
                 )
         with torch.inference_mode():
-            out, seconds = _run_model(model, lq.contiguous().to(device), device, precision)
+            out, seconds = _run_model(model, lq.contiguous().to(device), device, autocast)
         if out.ndim != 4 or out.shape[0] != 1:
             raise ValueError(f"model output must be (1, C, H, W), got {tuple(out.shape)}")
+        nonfinite = count_nonfinite(out).nonfinite_pixels
         if out.shape[1] != data_c and data_c == 1:
             out = out.to(torch.float64).mean(dim=1, keepdim=True)
         restored = tensor_to_image(out)
@@ -275,7 +278,9 @@ def evaluate_benchmark(
             )
         scores = compute_metrics(restored, item.gt, task=task, scale=scale)
         images.append(
-            ImageResult(benchmark.name, item.name, scores["psnr"], scores["ssim"], seconds)
+            ImageResult(
+                benchmark.name, item.name, scores["psnr"], scores["ssim"], seconds, nonfinite
+            )
         )
         if save_dir is not None:
             write_image(
@@ -284,7 +289,7 @@ def evaluate_benchmark(
                 overwrite=overwrite,
                 protected=benchmark.source_paths(index),
             )
-    return BenchmarkResult(
+    result = BenchmarkResult(
         benchmark=benchmark.name,
         task=task,
         scale=scale,
@@ -294,6 +299,16 @@ def evaluate_benchmark(
         ssim=float(np.mean([r.ssim for r in images])) if images else math.nan,
         images=tuple(images),
     )
+    if result.nonfinite_pixels:
+        logger.warning(
+            "%s: %d output pixels non-finite in %d of %d images (scored as black): the "
+            "scores are those of a broken model",
+            benchmark.name,
+            result.nonfinite_pixels,
+            result.nonfinite_images,
+            result.num_images,
+        )
+    return result
 
 
 def evaluate(
@@ -307,6 +322,7 @@ def evaluate(
     quality: int | None = None,
     device: str | torch.device = "auto",
     precision: Precision = "fp32",
+    autocast: AutocastDtype | None = None,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
@@ -319,11 +335,13 @@ def evaluate(
     a module is moved to ``device`` and put in eval mode. All benchmarks are
     resolved (and their folders validated) before the first image runs.
     ``save_dir`` receives ``<benchmark>/<name>.png`` of the uint8 outputs.
+    ``precision`` casts the model's weights and features (a module passed in is
+    cast in place), ``autocast`` runs fp32 weights under ``torch.autocast``
+    (:mod:`irformer.engine.precision`); non-finite outputs are counted per image.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    check_precision_options(precision, autocast)
     if not benchmarks:
         raise ValueError("no benchmarks given")
     eff_scale = scale if task == "sr" else 1
@@ -343,13 +361,16 @@ def evaluate(
         )
         for b in benchmarks
     ]
+    if precision != "fp32":
+        cast = RestoreOptions(precision=precision, sanitize=False, locate_nonfinite=False)
+        net = PrecisionModel(net, cast)
     results = []
     for bench in resolved:
         res = evaluate_benchmark(
             net,
             bench,
             device=_model_device(net, dev),
-            precision=precision,
+            autocast=autocast,
             save_dir=save_dir,
             overwrite=overwrite,
             progress=progress,
@@ -370,6 +391,7 @@ def evaluate(
         sigma=sigma if task == "dn" else None,
         quality=quality if task == "car" else None,
         precision=precision,
+        autocast=autocast,
         device=str(dev),
         benchmarks=tuple(results),
     )
@@ -386,6 +408,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "psnr",
     "ssim",
     "seconds",
+    "nonfinite_pixels",
 )
 
 
@@ -411,9 +434,10 @@ def write_results_csv(
                     "psnr": repr(img.psnr),
                     "ssim": repr(img.ssim),
                     "seconds": f"{img.seconds:.6f}",
+                    "nonfinite_pixels": img.nonfinite_pixels,
                 }
             )
-    path.write_text(buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -435,5 +459,5 @@ def write_results_json(
             return [clean(v) for v in obj]
         return obj
 
-    path.write_text(json.dumps(clean(result.to_dict()), indent=2) + "\n")
+    atomic_write(path, json.dumps(clean(result.to_dict()), indent=2) + "\n")
     return path

@@ -2,10 +2,10 @@
 
 glibc returns every freed block above its mmap threshold (at most 32 MB) to the
 kernel and trims the heap top eagerly, so a multi-MB activation allocated again
-on the next layer page-faults on every 4 KB page it touches. On this kind of CPU
-that made i-LN's normalisation of a 128x128 SwinIR feature map ~15x slower than
-its arithmetic (4 ms instead of 0.26 ms), and it taxes every large elementwise
-op in inference, training and fake quantisation alike. PyTorch's documentation
+on the next layer page-faults on every 4 KB page it touches, which can cost
+more than the arithmetic of a large elementwise op (i-LN's normalisation of a
+feature map is the measured case, BENCHMARKS.md) in inference, training and
+fake quantisation alike. PyTorch's documentation
 suggests swapping the allocator (jemalloc/tcmalloc via ``LD_PRELOAD``); raising
 glibc's thresholds with ``mallopt`` gets the same effect without a dependency.
 

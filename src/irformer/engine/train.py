@@ -20,6 +20,13 @@ Guarantees:
   batch N*k*B trains (float rounding aside).
 * **Non-finite loss stops the run** before the optimiser step, naming the
   iteration and the last good checkpoint (never overwritten afterwards).
+  Weights (and EMA) are checked for NaN/inf before every checkpoint and every
+  validation: a checkpoint is only written, and only called good, when finite.
+* **No run is overwritten.** A folder holding an earlier run is refused unless
+  ``resume`` (continue it) or ``overwrite`` (delete its artefacts first) is
+  given; the folder must be writable before any data is read. A resume falls
+  back past unusable (truncated, non-finite) newest checkpoints, setting them
+  aside as ``*.skipped``, and removes temporary files of interrupted writes.
 
 Hooks (``hooks=[fn]``, called as ``fn(state)`` every ``log.probe_interval``
 iterations on rank 0) are where :mod:`irformer.analysis` probes attach.
@@ -44,14 +51,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import irformer
+from irformer.archs import transformer_blocks
 from irformer.engine.checkpoint import (
     checkpoint_name,
-    latest_checkpoint,
-    load_checkpoint,
+    newest_usable_checkpoint,
+    nonfinite_tensors,
     preserve_rng,
     prune_checkpoints,
+    remove_orphaned_temp_files,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_rng_state,
 )
 from irformer.engine.config import Config, config_to_dict, dump_config
@@ -65,7 +75,8 @@ from irformer.engine.distributed import (
     unwrap,
     wrap_ddp,
 )
-from irformer.norms import TokenNorm
+from irformer.errors import CheckpointReadError, IrformerError, RunExistsError
+from irformer.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +85,16 @@ Validator = Callable[[nn.Module], dict[str, float]]
 ``*/psnr`` key decides the best checkpoint."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(IrformerError, RuntimeError):
     """The loss became NaN/inf; training stopped without taking the step."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights (or their EMA) became NaN/inf; training stopped without writing them."""
+
+
+RUN_ARTEFACTS: tuple[str, ...] = ("config.yaml", "metrics.jsonl", "checkpoints", "tb")
+"""What marks a folder as holding a run (``--overwrite`` deletes these and ``*.jsonl``)."""
 
 
 @dataclass
@@ -127,6 +146,7 @@ def train(
     progress: Callable[[TrainState], None] | None = None,
     dist_info: DistInfo | None = None,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> TrainState:
     """Train ``cfg`` to ``cfg.train.iters`` iterations; returns the final state.
 
@@ -134,11 +154,14 @@ def train(
     (``irformer.archs.build_model``, ``irformer.data.datasets``,
     ``irformer.engine.evaluate``); pass them to train something else with the
     same loop. ``progress(state)`` is called after every iteration on rank 0
-    (the CLI draws its progress bar there).
+    (the CLI draws its progress bar there). ``log.out_dir`` holding an earlier
+    run is an error (:class:`~irformer.errors.RunExistsError`) unless
+    ``resume`` or ``overwrite`` (see :func:`prepare_run_dir`).
     """
     info = dist_info or init_distributed(device)
     run_dir = Path(cfg.log.out_dir)
     tc = cfg.train
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, info=info)
 
     # Data first: a wrong folder should fail before a large model is built.
     if train_set is None:
@@ -158,16 +181,23 @@ def train(
 
     # Where to start: a checkpoint of this run, a warm start, or scratch.
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = latest_checkpoint(ckpt_dir) if resume else None
+    ckpt_path: Path | None = None
     resumed_rng: Any = None
-    if resume and ckpt_path is None:
-        logger.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-    if ckpt_path is not None:
+    if resume:
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        resumed_rng = restore_checkpoint(state, load_checkpoint(ckpt_path, "cpu"))
-        logger.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
-    elif tc.warm_start:
-        warm_start(model, tc.warm_start)
+        ckpt_path, ckpt = find_resume_checkpoint(ckpt_dir, info)
+        if ckpt_path is None:
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+        else:
+            resumed_rng = restore_checkpoint(state, ckpt)
+            logger.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
+    if ckpt_path is None and tc.warm_start:
+        warm_start(
+            model,
+            tc.warm_start,
+            norm=cfg.model.norm,
+            ignore_norm=tc.warm_start_ignore_norm,
+        )
         if ema_model is not None:
             ema_model.load_state_dict(model.state_dict())
     state.start_iteration = state.iteration
@@ -188,7 +218,6 @@ def train(
         validator = default_validator(cfg, info.device)
 
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(cfg, run_dir)
         state.metrics_log = MetricsLog(run_dir, cfg, truncate_after=state.iteration)
     net = wrap_ddp(model, info)
@@ -261,11 +290,13 @@ def train(
                 and validator is not None
                 and (it % cfg.val.every == 0 or it == tc.iters)
             ):
+                require_finite_weights(state, last_good, "validating")
                 validate(state, validator)
             out_of_time = tc.time_limit_min > 0 and broadcast_flag(
                 time.perf_counter() - t_start >= 60.0 * tc.time_limit_min, info
             )
             if it % cfg.log.checkpoint_every == 0 or it == tc.iters or out_of_time:
+                require_finite_weights(state, last_good, "writing its checkpoint")
                 last_good = write_checkpoint(state) or last_good
             if out_of_time:
                 logger.info(
@@ -391,12 +422,25 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
-def warm_start(model: nn.Module, path: str | Path) -> None:
+def warm_start(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    norm: str | None = None,
+    ignore_norm: bool = False,
+) -> None:
     """Initialise from another run's weights (x4 from x2): tensors whose name and
-    shape match are loaded, the rest (the upsampler) keep their initialisation."""
+    shape match are loaded, the rest (the upsampler) keep their initialisation.
+
+    The file's metadata must agree with the model on arch and norm (``norm``:
+    the config's, when the model carries no irformer metadata): i-LN keeps
+    LayerNorm's key names, so a cross-norm file would load without a single
+    mismatch. ``ignore_norm`` allows it on purpose, with a warning.
+    """
     from irformer.archs import read_state_dict
 
-    state, _meta = read_state_dict(path)
+    state, meta = read_state_dict(path)
+    check_warm_start_meta(model, meta, path, norm=norm, ignore_norm=ignore_norm)
     own = model.state_dict()
     loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not loadable:
@@ -408,7 +452,169 @@ def warm_start(model: nn.Module, path: str | Path) -> None:
         logger.info("warm start kept initialisation for: %s", ", ".join(skipped))
 
 
+def check_warm_start_meta(
+    model: nn.Module,
+    file_meta: Mapping[str, Any],
+    path: str | Path,
+    *,
+    norm: str | None = None,
+    ignore_norm: bool = False,
+) -> None:
+    """Refuse a warm-start file of another arch or norm (see :func:`warm_start`).
+
+    Scale and other hyper-parameters may differ (that is what a warm start is
+    for; shapes decide which tensors load). A file without irformer metadata
+    (an official release) counts as ``ln``, as everywhere else.
+    """
+    from irformer.archs import CheckpointMismatchError
+
+    own = getattr(model, "irformer_meta", None)
+    own = own if isinstance(own, Mapping) else {}
+    if "arch" in own and "arch" in file_meta and own["arch"] != file_meta["arch"]:
+        raise CheckpointMismatchError(
+            f"train.warm_start {path} holds a {file_meta['arch']!r} model but the config "
+            f"builds {own['arch']!r}"
+        )
+    want = str(own.get("norm", norm)) if own.get("norm", norm) is not None else None
+    have = str(file_meta.get("norm", "ln"))
+    if want is None or want == have:
+        return
+    origin = "" if "norm" in file_meta else " (no irformer metadata: taken as ln)"
+    message = (
+        f"train.warm_start {path} was trained with norm {have!r}{origin} but model.norm is "
+        f"{want!r}; i-LN keeps LayerNorm's key names, so the tensors would load silently "
+        "into the other norm"
+    )
+    if not ignore_norm:
+        raise CheckpointMismatchError(
+            message + ". Set train.warm_start_ignore_norm=true to initialise across norms on "
+            "purpose"
+        )
+    logger.warning("CROSS-NORM WARM START (train.warm_start_ignore_norm=true): %s", message)
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def is_run_dir(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a run's artefacts (:data:`RUN_ARTEFACTS`)."""
+    run_dir = Path(run_dir)
+    for name in RUN_ARTEFACTS:
+        path = run_dir / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            return True
+    return False
+
+
+def clear_run_dir(run_dir: str | Path) -> list[Path]:
+    """Delete a run's artefacts (:data:`RUN_ARTEFACTS` and ``*.jsonl``); other files
+    stay (a mistyped ``log.out_dir`` must not wipe a folder). Returns the deleted."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    doomed = [run_dir / n for n in RUN_ARTEFACTS if (run_dir / n).exists()]
+    doomed += [p for p in sorted(run_dir.glob("*.jsonl")) if p not in doomed]
+    for path in doomed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return doomed
+
+
+def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    from irformer.data.io import check_folder_writable
+
+    if not resume and is_run_dir(run_dir):
+        if not overwrite:
+            raise RunExistsError(
+                f"{run_dir} holds an earlier run (config.yaml, metrics or checkpoints); "
+                "pass --resume to continue it, --overwrite to delete it and start again, "
+                "or choose another folder with --set log.out_dir=NEW_DIR"
+            )
+        deleted = clear_run_dir(run_dir)
+        logger.warning(
+            "--overwrite: deleted the earlier run in %s (%s)",
+            run_dir,
+            ", ".join(p.name for p in deleted),
+        )
+    check_folder_writable(run_dir)
+    if resume:
+        for folder in (run_dir, run_dir / "checkpoints"):
+            for path in remove_orphaned_temp_files(folder):
+                logger.warning("--resume: removed %s, left by an interrupted write", path)
+
+
+def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, info: DistInfo) -> None:
+    """Make ``run_dir`` ready before any data is read or model built.
+
+    Rank 0 refuses a folder holding an earlier run unless ``resume`` or
+    ``overwrite`` (which deletes that run's artefacts, see :func:`clear_run_dir`),
+    creates the folder and proves it writable, and, when resuming, removes
+    temporary files of interrupted writes. Every rank raises if rank 0 did.
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other: pick one")
+    problem: IrformerError | None = None
+    if info.is_main:
+        try:
+            _claim_run_dir(Path(run_dir), resume=resume, overwrite=overwrite)
+        except IrformerError as exc:
+            problem = exc
+    if broadcast_flag(problem is not None, info):
+        raise problem or IrformerError(f"rank 0 could not use the run folder {run_dir}")
+
+
 # --------------------------------------------------------------------------- checkpoints
+
+
+def require_finite_weights(state: TrainState, last_good: Path | None, doing: str) -> None:
+    """Stop (:class:`NonFiniteWeightsError`) before ``doing`` something with NaN/inf
+    weights: a checkpoint is never written with them, nor validated as best.
+
+    The loss check catches most divergences one iteration later; this catches
+    the step that produced the NaN itself (its loss was still finite).
+    """
+    bad = nonfinite_tensors(unwrap(state.model).state_dict())
+    bad_ema = nonfinite_tensors(state.ema_model.state_dict()) if state.ema_model is not None else []
+    if not bad and not bad_ema:
+        return
+    parts = [f"{len(bad)} model tensors ({', '.join(bad[:3])})"] if bad else []
+    if bad_ema:
+        parts.append(f"{len(bad_ema)} EMA tensors ({', '.join(bad_ema[:3])})")
+    raise NonFiniteWeightsError(
+        f"non-finite weights after iteration {state.iteration} of {state.config.name}: "
+        f"{' and '.join(parts)}; stopped before {doing}. Last good checkpoint: "
+        f"{last_good if last_good else 'none written yet'}"
+    )
+
+
+def find_resume_checkpoint(
+    ckpt_dir: Path, info: DistInfo
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest usable checkpoint of ``ckpt_dir`` (on the CPU) for ``--resume``.
+
+    Newer ones that do not load or hold non-finite weights are named in a
+    warning and, once every rank has chosen, set aside by rank 0 (renamed
+    ``*.skipped``) so that pruning never keeps them in place of good ones.
+    All present but none usable is an error.
+    """
+    path, ckpt, skipped = newest_usable_checkpoint(ckpt_dir, "cpu")
+    for bad, reason in skipped:
+        if info.is_main:
+            logger.warning("--resume: skipping %s: %s", bad.name, reason)
+    if path is None and skipped:
+        raise CheckpointReadError(
+            f"--resume: none of the {len(skipped)} checkpoints in {ckpt_dir} is usable "
+            f"(newest: {skipped[0][1]}); --overwrite starts the run again"
+        )
+    barrier(info)
+    if info.is_main:
+        for bad, _ in skipped:
+            logger.warning("--resume: %s set aside as %s", bad.name, set_aside(bad).name)
+    if path is not None and info.is_main and skipped:
+        logger.warning("--resume: continuing from %s instead", path.name)
+    return path, ckpt
 
 
 def model_meta(cfg: Config, model: nn.Module) -> dict[str, Any]:
@@ -568,17 +774,11 @@ def run_hooks(hooks: Sequence[Hook], state: TrainState) -> None:
 # --------------------------------------------------------------------------- features
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every Transformer layer: a module with two or more direct :class:`TokenNorm` children
-    (``norm1``/``norm2`` of a pre-norm block), in forward-definition order."""
-    return [m for m in model.modules() if sum(isinstance(c, TokenNorm) for c in m.children()) >= 2]
-
-
 class FeatureTaps:
     """Forward hooks keeping each Transformer layer's output for an auxiliary loss."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.blocks = transformer_blocks(model)
+        self.blocks = [block for _, block in transformer_blocks(model)]
         if not self.blocks:
             raise ValueError(
                 f"{type(model).__name__}: no Transformer blocks (modules with norm1/norm2) "
@@ -623,7 +823,7 @@ def write_run_config(cfg: Config, run_dir: Path) -> None:
     text = dump_config(cfg)
     if path.is_file() and path.read_text() != text:
         logger.warning("%s differs from the current config; keeping the new one", path)
-    path.write_text(text)
+    atomic_write(path, text)
 
 
 class MetricsLog:
@@ -680,7 +880,7 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> None:
             continue  # a line cut short by a kill
         if int(record.get("iter", record.get("iteration", 0))) <= last_iteration:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
