@@ -16,6 +16,7 @@ from irformer.cli import main as cli_main
 from irformer.data.io import write_image
 from irformer.engine.infer import RestoreOptions, restore_files
 from irformer.engine.memory import (
+    CONSTANT_BYTES,
     MemoryBudgetError,
     estimate_peak_bytes,
     parse_memory_size,
@@ -45,7 +46,7 @@ def test_estimates_scale_with_pixels_and_paths_order() -> None:
     plain4 = estimate_peak_bytes(model, (2000, 2000))
     exact = estimate_peak_bytes(model, (1000, 1000), RestoreOptions(chunk_windows=64))
     tiled = estimate_peak_bytes(model, (4000, 4000), RestoreOptions(tile=128, tile_overlap=16))
-    weights = sum(p.numel() * 4 for p in model.parameters())
+    weights = sum(p.numel() * 4 for p in model.parameters()) + CONSTANT_BYTES
     assert plain.path == "plain" and exact.path == "exact" and tiled.path == "tiled"
     assert (plain4.total - weights) == pytest.approx(4 * (plain.total - weights), rel=1e-6)
     assert exact.total < plain.total

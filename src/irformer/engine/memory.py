@@ -48,13 +48,18 @@ MIN_TILE = 64
 """Smallest tile :func:`plan_restore` picks (smaller tiles are mostly overlap)."""
 TILE_OVERLAP = 32
 
-# Bytes per input pixel, in feature-map elements (x the element size), fitted to the
-# measured peaks of benchmarks/bench_memory.py: the Transformer body keeps this many
-# C-wide maps alive at its peak (plain: x, y, the windowed copies, qkv, q/k/v, the
-# attention output, the long skip; exact: x, y, the branch and the skip), plus the
-# MLP's hidden maps where they are whole (plain path only).
-_BODY_MAPS = {"plain": 12.0, "exact": 5.0}
-_MLP_MAPS = {"plain": 2.0, "exact": 0.0}
+# The per-pixel model, in elements (x the element size), fitted to peaks measured in
+# fresh processes (benchmarks/bench_memory.py; BENCHMARKS.md "Memory of restore"):
+# SwinIR-light x2/x4 (C = 60) at 192^2 and 384^2 grow by 1.5-2.1 kB per input pixel,
+# a C = 12 model by ~1.0 kB, which fixes both the C-proportional part (feature maps
+# alive at the peak: the residual stream, the normalised tokens, the attention
+# output and the long skip) and a part independent of C (input copies, masks,
+# the output's fp32 copies and checks).
+_BODY_MAPS = {"plain": 3.0, "exact": 2.5}
+_MLP_MAPS = {"plain": 0.5, "exact": 0.5}
+_FIXED_PER_PIXEL = 150.0
+CONSTANT_BYTES = 160 * 2**20
+"""First-call allocations independent of the image (thread pools, caches, the kernels)."""
 
 
 class MemoryBudgetError(IrformerError, MemoryError):
@@ -141,16 +146,16 @@ def _head_elements(in_chans: int, scale: int, upsampler: str, num_feat: int) -> 
     """Elements per input pixel the reconstruction head and the output keep alive."""
     s2 = scale * scale
     if upsampler == "pixelshuffle":
-        return 2.5 * num_feat * s2 + 4 * in_chans * s2
+        return 2.5 * num_feat * s2 + 5 * in_chans * s2
     if upsampler == "nearest+conv":
-        return 3.0 * num_feat * s2 + 4 * in_chans * s2
+        return 3.0 * num_feat * s2 + 5 * in_chans * s2
     return 5.0 * in_chans * s2 + 2 * in_chans  # direct pixel shuffle / same size
 
 
 def per_pixel_bytes(model: nn.Module, path: Path_, element_size: int = 4) -> float:
     """Working memory per input pixel of ``path`` (plain or exact) for ``model``."""
     embed, hidden, in_chans, scale, upsampler, num_feat = _dims(model)
-    body = _BODY_MAPS[path] * embed + _MLP_MAPS[path] * hidden
+    body = _BODY_MAPS[path] * embed + _MLP_MAPS[path] * hidden + _FIXED_PER_PIXEL
     return element_size * (body + _head_elements(in_chans, scale, upsampler, num_feat))
 
 
@@ -168,14 +173,16 @@ def estimate_peak_bytes(
     chunked = getattr(options, "chunk_windows", None) is not None
     precision = getattr(options, "precision", "fp32")
     element = 2 if precision in ("bf16", "fp16") else 4
-    weights = _weights_bytes(model)
+    weights = _weights_bytes(model) + CONSTANT_BYTES
     _, _, in_chans, scale, _, _ = _dims(model)
     if tile is not None:
         overlap = getattr(options, "tile_overlap", TILE_OVERLAP)
         side = min(tile, max(h, w))
-        working = per_pixel_bytes(model, "plain", element) * side * side
-        # fp32 output and weight accumulators of the whole image (forward_tiled)
-        accumulators = 4 * (in_chans + 1) * scale * scale * h * w
+        # a tile's plain pass, plus its output patch and blending weights (measured: 1.2x)
+        working = 1.25 * per_pixel_bytes(model, "plain", element) * side * side
+        # fp32 output and weight accumulators of the whole image (forward_tiled), the
+        # normalised output and its checks
+        accumulators = 4 * (3 * in_chans + 1) * scale * scale * h * w
         del overlap
         return MemoryEstimate("tiled", int(weights + working + accumulators), tile)
     path: Path_ = "exact" if chunked else "plain"
