@@ -59,6 +59,11 @@ class TokenNorm(nn.Module):
     :meth:`rescale_branch` leaves the branch unchanged (plain pre-norm residual).
     """
 
+    image_statistics: bool = False
+    """Whether the statistics span the whole image (all tokens), so that a tile of
+    an image is normalised differently from the whole: tiled inference is then not
+    the model's output (see :func:`image_statistics_norms`)."""
+
     def statistics(self, x: Tensor) -> Tensor | None:
         """Statistics that :meth:`normalize` and :meth:`rescale_branch` share."""
         return None
@@ -127,6 +132,8 @@ class HolisticLayerNorm(_ChannelAffine):
     batch), biased, and computed in fp32 even under autocast; the gradient flows
     through the std as in the authors' code.
     """
+
+    image_statistics = True
 
     def __init__(self, dim: int, *, eps: float = ILN_EPS, rescale: bool = False) -> None:
         super().__init__(dim)
@@ -238,6 +245,8 @@ class RMSNorm(TokenNorm):
 class InstanceNorm(_ChannelAffine):
     """InstanceNorm: per sample and per channel, statistics over the L tokens."""
 
+    image_statistics = True
+
     def __init__(self, dim: int, *, eps: float = 1e-5) -> None:
         super().__init__(dim)
         self.eps = eps
@@ -311,6 +320,19 @@ class ReZero(Identity):
 
     def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
         return branch * self.rezero_alpha
+
+
+def image_statistics_norms(model: nn.Module) -> list[str]:
+    """Class names of the norms in ``model`` whose statistics span the whole image
+    (LN*, i-LN, InstanceNorm): tiles of an image see other statistics than the image,
+    so tiled inference differs from the model's output (``restore --exact-chunk`` is
+    the exact bounded-memory path)."""
+    found = {
+        type(m).__name__: None
+        for m in model.modules()
+        if isinstance(m, TokenNorm) and m.image_statistics
+    }
+    return list(found)
 
 
 def build_norm(
