@@ -113,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_cpu_allocator()  # keep freed tensor memory mapped (see irformer.engine.runtime)
+    from irformer.cli.progress import TqdmLoggingHandler
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
+        handlers=[TqdmLoggingHandler()],
     )
     try:
         return int(args.func(args) or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from types import TracebackType
 from typing import TextIO
@@ -54,3 +55,14 @@ class ProgressBars:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class TqdmLoggingHandler(logging.StreamHandler):
+    """Log records on stderr through ``tqdm.write``, so a warning printed while a bar is
+    drawn appears above it instead of cutting it in two."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's own contract: never raise from emit
+            self.handleError(record)
