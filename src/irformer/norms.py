@@ -275,6 +275,12 @@ class BatchNorm(TokenNorm):
         self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum)
         self.use_batch_stats_in_eval = False
 
+    @property
+    def image_statistics(self) -> bool:  # type: ignore[override]
+        """Batch statistics (training, or ``use_batch_stats_in_eval``) pool every token of
+        the batch, so tiles see other values; running statistics do not."""
+        return self.training or self.use_batch_stats_in_eval
+
     def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
         b, l, c = x.shape
         use_batch = self.training or self.use_batch_stats_in_eval
@@ -324,7 +330,8 @@ class ReZero(Identity):
 
 def image_statistics_norms(model: nn.Module) -> list[str]:
     """Class names of the norms in ``model`` whose statistics span the whole image
-    (LN*, i-LN, InstanceNorm): tiles of an image see other statistics than the image,
+    (LN*, i-LN, InstanceNorm; BatchNorm with batch statistics): tiles of an image see
+    other statistics than the image,
     so tiled inference differs from the model's output (``restore --exact-chunk`` is
     the exact bounded-memory path)."""
     found = {

@@ -24,6 +24,7 @@ from irformer.errors import IrformerError
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "train",
+    "data",
     "eval",
     "restore",
     "analyze",

@@ -28,6 +28,13 @@ and tiling one warns); ``--exact-chunk K`` runs the whole image with attention i
 chunks of K windows, in bounded memory, with the same result as an
 unlimited-memory pass.
 
+Memory: before each image, the peak of each path is estimated and the run
+keeps within ``--max-memory`` (default: half of the memory available at
+start): the plain pass if it fits, else the exact path, else (LN-type models
+only) tiles; a model with whole-image statistics (i-LN) is never tiled
+unasked. An image no path fits is refused, naming the estimates and what
+would fit. With ``--tile``/``--exact-chunk`` the path is yours, still checked.
+
 Folders: an input that cannot be read is reported and skipped; the others are
 restored, the unreadable ones are listed at the end and the exit status is 1.
 ``--skip-existing`` makes a rerun skip outputs that are complete (decodable and
@@ -95,6 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tile-overlap", type=int, default=32, metavar="M", help="tile overlap")
     p.add_argument(
+        "--max-memory",
+        default="default",
+        metavar="SIZE",
+        help="memory budget, e.g. 8G or 500M, or 'none' (default: half the available memory)",
+    )
+    p.add_argument(
         "--tile-blend", choices=("mean", "ramp"), default="mean", help="how overlaps are blended"
     )
     p.add_argument("--ensemble", action="store_true", help="x8 self-ensemble (flips, rotations)")
@@ -133,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from irformer.archs.zoo import load_model
     from irformer.engine.evaluate import resolve_device
     from irformer.engine.infer import RestoredFile, RestoreOptions, restore_files
+    from irformer.engine.memory import parse_memory_size
 
     options = RestoreOptions(
         tile=args.tile,
@@ -163,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         note = "" if done.report.finite else f"  WARNING {done.report.summary()}"
         bars.write(f"{done.source} -> {done.output} ({w}x{h}, {done.seconds:.2f} s){note}")
 
+    budget = "default" if args.max_memory == "default" else parse_memory_size(args.max_memory)
     with bars:
         result = restore_files(
             model,
@@ -171,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             options,
             overwrite=args.overwrite,
             skip_existing=args.skip_existing,
+            max_memory=budget,
             ext=None if args.ext == "keep" else args.ext,
             guard=not args.no_guard,
             alpha=args.alpha,

@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="where to train (auto: CUDA when available)",
     )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic CUDA kernels (exact resume on a GPU; slower; HAT's channel "
+        "attention has none and raises)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -78,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     from irformer.engine.train import TrainState, train
 
     cfg = _config(args)
+    if args.deterministic:
+        from irformer.engine.runtime import enable_determinism
+
+        enable_determinism()  # before the first CUDA call
     info = init_distributed(None if args.device == "auto" else args.device)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)

@@ -57,10 +57,11 @@ class DataConfig:
     """Training pairs: HR folders degraded on the fly, or paired LQ/GT folders."""
 
     train: tuple[str, ...] = DEFAULT_TRAIN_FOLDERS
-    """Ground-truth (HR / clean) image folders."""
+    """Ground-truth (HR / clean) image folders, or ``.irpack`` files (``irformer data
+    prepare --pack``)."""
     train_lq: tuple[str, ...] = ()
-    """Paired degraded folders, same file stems as ``train`` (deraining); empty =
-    degrade ``train`` on the fly."""
+    """Paired degraded folders (or packs), same file stems as ``train`` (deraining,
+    prepared LR sub-images); empty = degrade ``train`` on the fly."""
     task: Task = "sr"
     sigma: float = 15.0
     """Gaussian noise std on the 0-255 scale (``dn``); with ``sigma_range`` set, the
@@ -77,7 +78,8 @@ class DataConfig:
     """Ground-truth patch side in pixels (BasicSR's ``gt_size``); the LQ side is
     ``patch_size // scale``."""
     batch_size: int = 16
-    """Per-process batch; the global batch is ``batch_size * world_size``."""
+    """Per-process micro-batch; the global batch is
+    ``batch_size * world_size * train.grad_accum``."""
     workers: int = 2
     grayscale: bool = False
 
@@ -96,6 +98,11 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     """MultiStepLR milestones in iterations."""
     gamma: float = 0.5
+    grad_accum: int = 1
+    """Micro-batches of ``data.batch_size`` whose gradients are summed before each
+    optimiser step (gradient accumulation): fewer GPUs keep the paper's global
+    batch. k micro-batches of B train the model one batch of k*B trains (float
+    rounding aside; not with ``bn``, whose statistics are per micro-batch)."""
     grad_clip: float = 0.0
     """Max global gradient norm; 0 disables clipping (paper Table 7, "GC")."""
     kl_weight: float = 0.0
@@ -192,6 +199,7 @@ def _validate(cfg: Config) -> None:
     for key, value in (
         ("train.iters", cfg.train.iters),
         ("data.batch_size", cfg.data.batch_size),
+        ("train.grad_accum", cfg.train.grad_accum),
         ("data.patch_size", cfg.data.patch_size),
         ("log.every", cfg.log.every),
         ("log.keep_last", cfg.log.keep_last),

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from irformer.engine.memory import MemoryBudgetError, default_budget, plan_restore
 from irformer.engine.precision import (
     AutocastDtype,
     Precision,
@@ -531,7 +532,8 @@ def plan_outputs(
 
 @dataclass(frozen=True)
 class RestoreFailure:
-    """An input :func:`restore_files` could not read (it went on with the others)."""
+    """An input :func:`restore_files` could not read or fit in memory (it went on with the
+    others)."""
 
     source: Path
     output: Path
@@ -588,6 +590,7 @@ def restore_files(
     on_done: Callable[[RestoredFile], None] | None = None,
     on_error: Callable[[RestoreFailure], None] | None = None,
     progress: Progress | None = None,
+    max_memory: int | Literal["default"] | None = "default",
 ) -> RestoreResult:
     """Restore image files and folders into ``out_dir``, one image at a time.
 
@@ -606,15 +609,23 @@ def restore_files(
     after each image, ``progress`` (:mod:`irformer.progress`) before the first and
     after each.
 
+    Memory: each image's path is planned within ``max_memory`` bytes
+    (:func:`irformer.engine.memory.plan_restore`; ``"default"``: half the memory
+    available, None: no limit). A path set in ``options`` (tile or exact) is
+    kept and an image it would not fit is refused like an unreadable one (named
+    at the end, with the estimates and the options that would fit); otherwise
+    the planner picks plain, exact or (for per-token norms) tiled.
+
     Alpha channels (``alpha``): ``"keep"`` (default) restores the colour channels with
     the model and resizes the alpha channel by the model's scale with MATLAB bicubic
     (:func:`~irformer.data.degradations.matlab_imresize`, rounded and clipped), as the
     bicubic baseline upscales an image; ``"drop"`` writes colour only. Inputs whose
     alpha is not written (``drop``, or a JPEG output) are listed in
     :attr:`RestoreResult.alpha_dropped` and named in one warning. Tiling a model that
-    normalises with whole-image statistics (i-LN, LN*, InstanceNorm) logs one warning:
-    each tile is normalised with its own statistics; ``chunk_windows`` (the exact path)
-    is the bounded-memory way that keeps the model's output.
+    normalises with whole-image statistics (i-LN, LN*, InstanceNorm) on request
+    (``options.tile``) logs one warning: each tile is normalised with its own
+    statistics; ``chunk_windows`` (the exact path) is the bounded-memory way that keeps
+    the model's output.
     """
     from irformer.data.io import (
         ChannelMode,
@@ -681,6 +692,8 @@ def restore_files(
             check_fp16_overflow(model=model, probe=probe[None])
             break
     prepare_model_for_precision(model, options.precision)
+    budget = default_budget() if max_memory == "default" else max_memory
+    explicit = options.tile is not None or options.chunk_windows is not None
     report_progress(progress, 0, len(pending), "restore")
     for done_count, (source, output, redo) in enumerate(pending, 1):
         try:
@@ -689,12 +702,22 @@ def restore_files(
             fail(source, output, exc)
             report_progress(progress, done_count, len(pending), "restore")
             continue
+        run_options = options
+        if budget is not None:
+            try:
+                run_options = plan_restore(
+                    model, image.shape[:2], options, max_memory=budget, explicit=explicit
+                )
+            except MemoryBudgetError as exc:
+                fail(source, output, exc)
+                report_progress(progress, done_count, len(pending), "restore")
+                continue
         grey = image.shape[2] == 3 and bool(
             np.array_equal(image[..., 0], image[..., 1])
             and np.array_equal(image[..., 0], image[..., 2])
         )
         start = time.perf_counter()
-        out, report = restore_tensor(model, image_to_tensor(image)[None], options)
+        out, report = restore_tensor(model, image_to_tensor(image)[None], run_options)
         seconds = time.perf_counter() - start
         if grey:
             out = out.mean(dim=1, keepdim=True)

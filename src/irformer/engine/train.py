@@ -13,8 +13,11 @@ Guarantees:
   state, the optimiser, scheduler and EMA are checkpointed; validation and
   hooks run with the RNGs saved and restored. A killed run resumed from its
   last checkpoint reproduces the uninterrupted run's losses bit for bit (CPU).
-* **DDP = big batch.** N ranks with batch B see the samples of one process
-  with batch N*B and average gradients, so they train the same model.
+* **DDP = big batch = accumulation.** N ranks with batch B see the samples of
+  one process with batch N*B and average gradients, so they train the same
+  model; ``train.grad_accum = k`` sums the gradients of k micro-batches per
+  step, so N ranks x k micro-batches of B train the model one process with
+  batch N*k*B trains (float rounding aside).
 * **Non-finite loss stops the run** before the optimiser step, naming the
   iteration and the last good checkpoint (never overwritten afterwards).
   Weights (and EMA) are checked for NaN/inf before every checkpoint and every
@@ -31,6 +34,7 @@ iterations on rank 0) are where :mod:`irformer.analysis` probes attach.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -223,12 +227,11 @@ def train(
     state.start_iteration = state.iteration
 
     # Data: an endless stream positioned after the samples already consumed.
-    global_batch = cfg.data.batch_size * info.world_size
     assert train_set is not None
     loader = make_loader(
         train_set,
         seed=tc.seed,
-        start=state.iteration * global_batch,
+        start=state.iteration * samples_per_iteration(cfg, info),
         batch_size=cfg.data.batch_size,
         rank=info.rank,
         world_size=info.world_size,
@@ -256,25 +259,36 @@ def train(
     it_last = state.iteration
     try:
         for it in range(state.iteration + 1, tc.iters + 1):
-            batch = next(batches)
-            lq = batch["lq"].to(info.device, non_blocking=True)
-            gt = batch["gt"].to(info.device, non_blocking=True)
-
             model.train()
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-                out = net(lq)
-                loss = F.l1_loss(out.float(), gt)
-                if feature_taps is not None:
-                    loss = loss + tc.kl_weight * feature_taps.kl_to_standard_normal()
-            loss_value = all_reduce_mean(loss.detach(), info).item()
+            optimizer.zero_grad(set_to_none=True)
+            loss_total: Tensor | None = None
+            for micro in range(tc.grad_accum):
+                batch = next(batches)
+                lq = batch["lq"].to(info.device, non_blocking=True)
+                gt = batch["gt"].to(info.device, non_blocking=True)
+                # DDP all-reduces the gradients once, after the last micro-batch.
+                last_micro = micro == tc.grad_accum - 1
+                no_sync = getattr(net, "no_sync", None)
+                sync = contextlib.nullcontext() if last_micro or no_sync is None else no_sync()
+                with sync:
+                    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                        out = net(lq)
+                        loss = F.l1_loss(out.float(), gt)
+                        if feature_taps is not None:
+                            loss = loss + tc.kl_weight * feature_taps.kl_to_standard_normal()
+                    # Mean over micro-batches of per-batch means = the mean over one
+                    # batch of their union (equal micro-batch sizes).
+                    (loss / tc.grad_accum if tc.grad_accum > 1 else loss).backward()
+                detached = loss.detach()
+                loss_total = detached if loss_total is None else loss_total + detached
+            assert loss_total is not None
+            loss_value = all_reduce_mean(loss_total / tc.grad_accum, info).item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss_value}) at iteration {it} of {cfg.name}; stopped "
                     f"before the optimiser step. Last good checkpoint: "
                     f"{last_good if last_good else 'none written yet'}"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if tc.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
@@ -325,6 +339,12 @@ def train(
 
 
 # --------------------------------------------------------------------------- building
+
+
+def samples_per_iteration(cfg: Config, info: DistInfo) -> int:
+    """Training samples one optimiser step consumes over all ranks (the global batch):
+    ``data.batch_size * world_size * train.grad_accum``."""
+    return cfg.data.batch_size * info.world_size * cfg.train.grad_accum
 
 
 def seed_everything(seed: int) -> None:
@@ -665,7 +685,7 @@ def write_checkpoint(state: TrainState) -> Path | None:
             "scheduler": state.scheduler.state_dict() if state.scheduler is not None else {},
             "rng": rngs,
             "data": {
-                "position": state.iteration * cfg.data.batch_size * info.world_size,
+                "position": state.iteration * samples_per_iteration(cfg, info),
                 "seed": cfg.train.seed,
             },
             "iteration": state.iteration,
@@ -730,10 +750,10 @@ def restore_checkpoint(
         state.scheduler.load_state_dict(ckpt["scheduler"])
     state.iteration = int(ckpt["iteration"])
     state.best = dict(ckpt.get("best", {}))
-    expected_position = state.iteration * cfg.data.batch_size * state.dist.world_size
+    expected_position = state.iteration * samples_per_iteration(cfg, state.dist)
     if ckpt["data"]["position"] != expected_position:
         logger.warning(
-            "resume: batch size or world size changed (position %d, now %d per iteration); "
+            "resume: batch size, world size or grad_accum changed (position %d, now %d); "
             "the sample stream continues from iteration %d",
             ckpt["data"]["position"],
             expected_position,
