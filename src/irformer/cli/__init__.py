@@ -35,9 +35,30 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def _version() -> str:
+    import torch
+
+    import irformer
+
+    return f"irformer {irformer.__version__} (torch {torch.__version__})"
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every sub-command parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += _all_parsers(child)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from irformer.cli.options import formatter
+
     parser = argparse.ArgumentParser(prog="irformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -47,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.register(sub)
+    for each in _all_parsers(parser):
+        each.formatter_class = formatter  # one help layout: text as written, defaults shown
     return parser
 
 
@@ -91,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_cpu_allocator()  # keep freed tensor memory mapped (see irformer.engine.runtime)
+    from irformer.cli.progress import TqdmLoggingHandler
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
+        handlers=[TqdmLoggingHandler()],
     )
     try:
         return int(args.func(args) or 0)

@@ -191,10 +191,11 @@ def estimate_peak_bytes(
 
 def holistic_statistics(model: nn.Module) -> bool:
     """Whether any norm of ``model`` pools statistics over the whole image (i-LN, LN*,
-    IN, BN): then a tile's output differs from the whole image's."""
-    from irformer.norms import BatchNorm, HolisticLayerNorm, InstanceNorm
+    IN, BN with batch statistics; :func:`irformer.norms.image_statistics_norms`): then a
+    tile's output differs from the whole image's."""
+    from irformer.norms import image_statistics_norms
 
-    return any(isinstance(m, HolisticLayerNorm | InstanceNorm | BatchNorm) for m in model.modules())
+    return bool(image_statistics_norms(model))
 
 
 def plan_restore(

@@ -29,10 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from irformer.archs import load_checkpoint_model, read_state_dict
+from irformer.archs.zoo import weights_path
 from irformer.compress.calibration import calibration_batch, patch_stream
 from irformer.compress.methods import QuantResult, method_config, quantize_model
 from irformer.compress.pack import load_packed, save_packed, storage_report
-from irformer.compress.sensitivity import level_usage, sensitivity, sensitivity_table, usage_table
+from irformer.compress.sensitivity import (
+    level_usage,
+    quantizer_groups,
+    sensitivity,
+    sensitivity_table,
+    usage_table,
+)
 from irformer.compress.stats import (
     EPS_SWEEP,
     StatsReport,
@@ -40,9 +47,11 @@ from irformer.compress.stats import (
     compare_pre_post,
     weight_tensors,
 )
-from irformer.data.benchmarks import load_benchmark
+from irformer.data.benchmarks import resolve_benchmarks
 from irformer.engine.evaluate import evaluate_benchmark
 from irformer.files import atomic_write
+from irformer.progress import Progress
+from irformer.progress import report as report_progress
 
 __all__ = [
     "ROWS_FILE",
@@ -447,8 +456,10 @@ def model_scale(model: nn.Module, meta: dict[str, Any]) -> int:
     return int(meta.get("scale") or getattr(model, "upscale", 1))
 
 
-def checkpoint_scale(path: Path, arch: str | None = None) -> int:
-    """The SR scale of a checkpoint: its irformer metadata, else its model's ``upscale``."""
+def checkpoint_scale(path: str | Path, arch: str | None = None) -> int:
+    """The SR scale of a checkpoint (a weights file or shipped model name): its irformer
+    metadata, else its model's ``upscale``."""
+    path = weights_path(path)
     _, meta = read_state_dict(path)
     if meta.get("scale"):
         return int(meta["scale"])  # type: ignore[call-overload]
@@ -457,10 +468,10 @@ def checkpoint_scale(path: Path, arch: str | None = None) -> int:
 
 
 def benchmark_evaluator(
-    names: Sequence[str], data_root: Path, scale: int, device: torch.device
+    names: str | Sequence[str], data_root: Path | None, scale: int, device: torch.device
 ) -> tuple[Evaluator, list[str]]:
     """Benchmarks resolved once; each call scores a model on all of them (PSNR, SSIM)."""
-    benches = [load_benchmark(n, data_root, task="sr", scale=scale) for n in names]
+    benches = resolve_benchmarks(names, data_root, task="sr", scale=scale)
 
     def evaluator(model: nn.Module) -> dict[str, tuple[float, float]]:
         # The model's own device: PyTorch's int8 kernels run on CPU only.
@@ -502,22 +513,26 @@ def _rows_jsonl(rows: Sequence[CompressionRow]) -> str:
 
 
 def run_experiment(
-    checkpoints: Sequence[Path],
+    checkpoints: Sequence[str | Path],
     settings: CompressionSettings,
     *,
     benchmarks: Sequence[str],
-    data_root: Path,
+    data_root: Path | None,
     device: torch.device,
     out_dir: Path,
     arch: str | None = None,
     on_row: Callable[[CompressionRow], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[CompressionRow], dict[str, str]]:
     """Every checkpoint x method x bit width into one folder; returns ``(rows, tables)``.
 
     Rows are appended to ``out_dir/rows.jsonl`` as they finish (a long run that
     dies keeps what it measured); the tables and ``results.json`` are written at
-    the end. The checkpoints must share their scale.
+    the end. The checkpoints (weights files or shipped model names,
+    :func:`irformer.archs.zoo.weights_path`) must share their scale. ``progress``
+    (:mod:`irformer.progress`) counts the rows.
     """
+    checkpoints = [weights_path(p) for p in checkpoints]
     loaded = [(p, *load_checkpoint_model(p, arch)) for p in checkpoints]
     scales = {model_scale(m, meta) for _, m, meta in loaded}
     if len(scales) != 1:
@@ -530,12 +545,18 @@ def run_experiment(
     atomic_write(rows_file, "")
     rows: list[CompressionRow] = []
     taken: set[str] = set()
+    per_model = 1 + int(settings.int8_kernel) + len(settings.methods) * len(settings.bits)
+    total, written = per_model * len(loaded), 0
+    report_progress(progress, 0, total, "compress")
 
     def finished(row: CompressionRow) -> None:
+        nonlocal written
         with rows_file.open("a") as handle:
             handle.write(json.dumps(asdict(row), default=str) + "\n")
         if on_row is not None:
             on_row(row)
+        written += 1
+        report_progress(progress, written, total, "compress")
 
     for path, model, meta in loaded:
         rows += run_compression(
@@ -627,7 +648,7 @@ def stats_markdown(report: StatsReport) -> str:
 
 
 def statistics_experiment(
-    checkpoint: Path,
+    checkpoint: str | Path,
     *,
     arch: str | None = None,
     calib: Path | None = None,
@@ -640,7 +661,7 @@ def statistics_experiment(
 ) -> str:
     """Weights (and, with ``calib``, activations) before vs after the Hadamard rotation:
     the statistical tests as markdown (also ``stats.md``/``stats.json`` in ``out_dir``)."""
-    model, meta = load_checkpoint_model(checkpoint, arch)
+    model, meta = load_checkpoint_model(weights_path(checkpoint), arch)
     tensors = weight_tensors(model)
     if calib is not None:
         batch = calibration_batch(
@@ -659,18 +680,21 @@ def statistics_experiment(
 
 
 def sensitivity_experiment(
-    checkpoint: Path,
+    checkpoint: str | Path,
     settings: CompressionSettings,
     *,
     benchmark: str,
-    data_root: Path,
+    data_root: Path | None,
     device: torch.device,
     arch: str | None = None,
     out_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> str:
     """Which quantisers cost the quality: quantise once with one method and width, then
     re-score with each group FP / quantised alone (and report each activation
-    quantiser's level usage). Returns the markdown report (also written to ``out_dir``)."""
+    quantiser's level usage). Returns the markdown report (also written to ``out_dir``);
+    ``progress`` (:mod:`irformer.progress`) counts the scoring passes."""
+    checkpoint = weights_path(checkpoint)
     model, meta = load_checkpoint_model(checkpoint, arch)
     scale = model_scale(model, meta)
     if scale < 2:
@@ -680,7 +704,10 @@ def sensitivity_experiment(
             f"compress sensitivity takes one method and one bit width, got methods "
             f"{settings.methods} and bits {settings.bits}"
         )
-    bench = load_benchmark(benchmark, data_root, task="sr", scale=scale)
+    benches = resolve_benchmarks(benchmark, data_root, task="sr", scale=scale)
+    if len(benches) != 1:
+        raise ValueError(f"compress sensitivity scores one benchmark, got {benchmark!r}")
+    bench = benches[0]
     model = model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -691,8 +718,16 @@ def sensitivity_experiment(
     )
     qmodel = result.model.eval()
 
+    passes = 2 + 2 * len(quantizer_groups(qmodel))  # all quantised, FP, two per group
+    scored = 0
+    report_progress(progress, 0, passes, "sensitivity")
+
     def psnr(m: nn.Module) -> float:
-        return evaluate_benchmark(m, bench, device=device).psnr
+        nonlocal scored
+        value = evaluate_benchmark(m, bench, device=device).psnr
+        scored += 1
+        report_progress(progress, scored, passes, "sensitivity")
+        return value
 
     scores: list[float] = []
     usage = level_usage(qmodel, lambda m: scores.append(psnr(m)))  # the all-quantised pass
