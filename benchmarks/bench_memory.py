@@ -87,13 +87,13 @@ def _restore_child(size: int, scale: int, extra: list[str]) -> dict:
         cmd += ["--scale", str(scale), *extra]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _, rusage = os.wait4(proc.pid, 0)[1:]
+        _, status, rusage = os.wait4(proc.pid, 0)
         out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
         return {
             "size": size,
             "scale": scale,
             "args": extra,
-            "returncode": proc.returncode if proc.returncode is not None else "?",
+            "returncode": os.waitstatus_to_exitcode(status),
             "peak_mb": rusage.ru_maxrss / 1024,
             "seconds": time.perf_counter() - start,
             "stderr": err.strip().splitlines()[-6:],

@@ -507,3 +507,20 @@ def test_shipped_benchmark_names_still_resolve(folders: dict[str, Path]) -> None
     assert sub.name == "Set5[:1]" and len(sub) == 1
     with pytest.raises(ValueError, match="needs a data root"):
         load_benchmark("Set5", None, task="sr", scale=2)
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    """Was: ``irformer models list | head`` ended with "error: [Errno 32] Broken pipe", exit 2."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "irformer", "models", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err
