@@ -223,9 +223,13 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None
 # --------------------------------------------------------------------------- section 1
 
 
+# Never give pytest less than this: its start-up alone (importing torch) takes seconds.
+MIN_TESTS_BOX_S = 10.0
+
+
 def run_tests(device: torch.device, clock: Clock, smoke: bool, work: Path) -> dict[str, Any]:
     """``pytest -m cuda`` in a subprocess on ``device``, read back from its JUnit XML."""
-    timeout = max(10.0, clock.left("tests"))
+    timeout = max(MIN_TESTS_BOX_S, clock.left("tests"))
     junit = work / "pytest.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
     cmd += ["--junitxml", str(junit), "-o", "junit_family=xunit1"]
@@ -246,7 +250,7 @@ def run_tests(device: torch.device, clock: Clock, smoke: bool, work: Path) -> di
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             # SIGINT: pytest stops, reports what ran and still writes the JUnit file.
-            note = f"pytest interrupted at its {timeout:.0f} s time box"
+            note = f"pytest interrupted at its {timeout:.3g} s time box"
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=20)
