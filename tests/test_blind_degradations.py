@@ -54,8 +54,8 @@ def test_blind_degradations_draw_within_their_range() -> None:
         (["data.task=car", "data.quality_range=[10, 101]"], "data.quality_range: expected"),
         (["data.quality_range=[10, 40]"], "data.quality_range: only task 'car'"),
         (["data.quality_range=[10.5, 40]"], "data.quality_range[0]: expected an integer"),
-        (["data.sigma=-5"], "data.sigma: noise std must be >= 0"),
-        (["data.task=car", "data.quality=0"], "data.quality: JPEG quality must be in 1..100"),
+        (["data.sigma=-5"], "data.sigma: must be a finite number >= 0"),
+        (["data.task=car", "data.quality=0"], "data.quality: must be a JPEG quality in 1..100"),
     ],
 )
 def test_bad_ranges_name_the_key(overrides: list[str], message: str) -> None:

@@ -215,13 +215,13 @@ def test_checkpoint_loading_goes_through_the_registry(
     ckpt.write_bytes(b"weights")
     seen = {}
 
-    def load_checkpoint_model(path: Path) -> tuple[nn.Module, dict]:
+    def load_checkpoint_model(path: Path, **kwargs: object) -> tuple[nn.Module, dict]:
         seen["path"] = path
         return TinyConv(), {"arch": "tiny"}
 
-    import irformer.engine.evaluate as evaluate_module
+    import irformer.archs.zoo as zoo
 
-    monkeypatch.setattr(evaluate_module, "load_checkpoint_model", load_checkpoint_model)
+    monkeypatch.setattr(zoo, "load_checkpoint_model", load_checkpoint_model)
     model = load_model_for_eval(ckpt)
     assert isinstance(model, TinyConv) and seen["path"] == ckpt
     assert isinstance(load_model_for_eval("bicubic", scale=3), BicubicModel)

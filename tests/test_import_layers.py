@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "irformer.errors": 0,
     "irformer.safe_load": 0,
     "irformer.tasks": 0,
+    "irformer.progress": 0,
     "irformer.execution": 0,
     "irformer.cpu_kernels": 0,
     "irformer.norms": 1,

@@ -13,7 +13,8 @@ Classes defined next to the code that raises them (all subclasses of
 ``irformer.archs.state.CheckpointMismatchError``,
 ``irformer.data.io.ImageReadError`` / ``ImageTooLargeError`` /
 ``OutputExistsError``, ``irformer.engine.train.NonFiniteLossError`` /
-``NonFiniteWeightsError``, ``irformer.experiments.norm_study.StudyExistsError``.
+``NonFiniteWeightsError``, ``irformer.experiments.norm_study.StudyExistsError``,
+``irformer.archs.zoo.UntrainedModelError``.
 """
 
 from __future__ import annotations

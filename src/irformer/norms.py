@@ -59,6 +59,11 @@ class TokenNorm(nn.Module):
     :meth:`rescale_branch` leaves the branch unchanged (plain pre-norm residual).
     """
 
+    image_statistics: bool = False
+    """Whether the statistics span the whole image (all tokens), so that a tile of
+    an image is normalised differently from the whole: tiled inference is then not
+    the model's output (see :func:`image_statistics_norms`)."""
+
     def statistics(self, x: Tensor) -> Tensor | None:
         """Statistics that :meth:`normalize` and :meth:`rescale_branch` share."""
         return None
@@ -127,6 +132,8 @@ class HolisticLayerNorm(_ChannelAffine):
     batch), biased, and computed in fp32 even under autocast; the gradient flows
     through the std as in the authors' code.
     """
+
+    image_statistics = True
 
     def __init__(self, dim: int, *, eps: float = ILN_EPS, rescale: bool = False) -> None:
         super().__init__(dim)
@@ -238,6 +245,8 @@ class RMSNorm(TokenNorm):
 class InstanceNorm(_ChannelAffine):
     """InstanceNorm: per sample and per channel, statistics over the L tokens."""
 
+    image_statistics = True
+
     def __init__(self, dim: int, *, eps: float = 1e-5) -> None:
         super().__init__(dim)
         self.eps = eps
@@ -265,6 +274,12 @@ class BatchNorm(TokenNorm):
         self.dim = dim
         self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum)
         self.use_batch_stats_in_eval = False
+
+    @property
+    def image_statistics(self) -> bool:  # type: ignore[override]
+        """Batch statistics (training, or ``use_batch_stats_in_eval``) pool every token of
+        the batch, so tiles see other values; running statistics do not."""
+        return self.training or self.use_batch_stats_in_eval
 
     def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
         b, l, c = x.shape
@@ -311,6 +326,20 @@ class ReZero(Identity):
 
     def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
         return branch * self.rezero_alpha
+
+
+def image_statistics_norms(model: nn.Module) -> list[str]:
+    """Class names of the norms in ``model`` whose statistics span the whole image
+    (LN*, i-LN, InstanceNorm; BatchNorm with batch statistics): tiles of an image see
+    other statistics than the image,
+    so tiled inference differs from the model's output (``restore --exact-chunk`` is
+    the exact bounded-memory path)."""
+    found = {
+        type(m).__name__: None
+        for m in model.modules()
+        if isinstance(m, TokenNorm) and m.image_statistics
+    }
+    return list(found)
 
 
 def build_norm(

@@ -21,8 +21,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from irformer.cli.progress import ProgressBars
 from irformer.compress.methods import METHODS, method_names
 from irformer.compress.methods.compsrt import ABLATIONS
+from irformer.data.benchmarks import DEFAULT_DATA_ROOT, default_data_root
 from irformer.experiments.compression import (
     CompressionRow,
     CompressionSettings,
@@ -33,8 +35,6 @@ from irformer.experiments.compression import (
     significance_experiment,
     statistics_experiment,
 )
-
-DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,17 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--model",
         required=True,
-        help="FP checkpoint (irformer or official); several, comma-separated, share the tables "
-        "(e.g. an LN and an i-LN model)",
+        help="FP weights file (irformer or official) or shipped model name; several, "
+        "comma-separated, share the tables (e.g. an LN and an i-LN model)",
     )
     _add_quantization_args(r)
     r.add_argument(
         "--bench",
         default="Set5,Set14,B100",
-        help="comma-separated benchmarks; NAME? is scored only where its folder exists; "
-        "'paper' = Set5,Set14,B100,Urban100?,Manga109? (CompSRT's Table 2)",
+        help="comma-separated test sets: names or NAME=HR_DIR[,LR_DIR]; NAME? is scored "
+        "only where its folder exists; 'paper' = Set5,Set14,B100,Urban100?,Manga109? "
+        "(CompSRT's Table 2)",
     )
-    r.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
+    _add_data_root(r)
     r.add_argument("--out", required=True, type=Path, help="output folder for tables and JSON")
     r.add_argument(
         "--caption",
@@ -118,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.set_defaults(func=significance_cmd)
 
     s = sub.add_parser("stats", help="Shapiro-Wilk/range/eps-band tests pre vs post Hadamard")
-    s.add_argument("checkpoint", type=Path, metavar="CKPT")
+    s.add_argument("checkpoint", metavar="CKPT", help="weights file or shipped model name")
     s.add_argument("--arch", default=None, help="preset for official files without metadata")
     s.add_argument("--calib", type=Path, default=None, help="images for activation statistics")
     s.add_argument("--calib-batch", type=int, default=32)
@@ -138,12 +139,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="which quantisers cost the quality: each group of quantisers back in FP / "
         "quantised alone, and how many levels each activation quantiser uses",
     )
-    v.add_argument("--model", required=True, type=Path, help="FP checkpoint")
+    v.add_argument("--model", required=True, help="FP weights file or shipped model name")
     _add_quantization_args(v)
-    v.add_argument("--bench", default="Set5", help="the benchmark that scores each variant")
-    v.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
+    v.add_argument(
+        "--bench",
+        default="Set5",
+        help="the one test set that scores each variant (a name or NAME=HR_DIR[,LR_DIR])",
+    )
+    _add_data_root(v)
     v.add_argument("--out", type=Path, default=None, help="write sensitivity.md/.json here")
     v.set_defaults(func=sensitivity_cmd)
+
+
+def _add_data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help=f"folder holding the benchmarks (default: {DEFAULT_DATA_ROOT} if present)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_quantization_args(p: argparse.ArgumentParser) -> None:
@@ -225,24 +240,23 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _print_row(row: CompressionRow) -> None:
+def _row_line(row: CompressionRow) -> str:
     scores = ", ".join(f"{b} {p:.2f}/{s:.4f}" for b, (p, s) in row.scores.items())
     budget = ""
     if row.dqc_checkpoint is not None:
         budget = f" DQC {row.dqc_checkpoint} it (bounds of {row.dqc_best_step}"
         budget += ")" if row.dqc_kept else ", last iterate)"
-    print(
+    return (
         f"{row.model}: {row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}{budget}: "
         f"{scores} | "
         f"{row.megabytes:.3f} MB, {row.bits_per_param:.2f} bits/param, "
-        f"{row.latency_ms:.1f} ms",
-        flush=True,
+        f"{row.latency_ms:.1f} ms"
     )
 
 
-def _data_root(args: argparse.Namespace) -> Path:
-    data_root: Path = args.data_root or DEFAULT_DATA_ROOT
-    if not data_root.is_dir():
+def _data_root(args: argparse.Namespace) -> Path | None:
+    data_root = default_data_root(args.data_root)
+    if data_root is not None and not data_root.is_dir():
         raise FileNotFoundError(f"benchmark root {data_root} does not exist (--data-root)")
     return data_root
 
@@ -293,7 +307,7 @@ def _device(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = [Path(p.strip()) for p in str(args.model).split(",") if p.strip()]
+    paths = [p.strip() for p in str(args.model).split(",") if p.strip()]
     if not paths:
         raise ValueError("--model: no checkpoint given")
     scale = checkpoint_scale(paths[0], args.arch)
@@ -309,17 +323,19 @@ def run(args: argparse.Namespace) -> int:
         eval_fused=args.eval_kernel == "fused",
         resume=args.resume,
     )
-    _, tables = run_experiment(
-        paths,
-        settings,
-        benchmarks=[n.strip() for n in args.bench.split(",") if n.strip()],
-        data_root=_data_root(args),
-        device=_device(args.device),
-        out_dir=args.out,
-        arch=args.arch,
-        on_row=_print_row,
-        caption=args.caption,
-    )
+    with ProgressBars(unit="row", disable=args.no_progress) as bars:
+        _, tables = run_experiment(
+            paths,
+            settings,
+            benchmarks=args.bench,
+            data_root=_data_root(args),
+            device=_device(args.device),
+            out_dir=args.out,
+            arch=args.arch,
+            on_row=lambda row: bars.write(_row_line(row)),
+            progress=bars,
+            caption=args.caption,
+        )
     print()
     for text in tables.values():
         print(text)
@@ -355,14 +371,16 @@ def stats(args: argparse.Namespace) -> int:
 
 
 def sensitivity_cmd(args: argparse.Namespace) -> int:
-    text = sensitivity_experiment(
-        args.model,
-        _settings(args, checkpoint_scale(args.model, args.arch)),
-        benchmark=args.bench,
-        data_root=_data_root(args),
-        device=_device(args.device),
-        arch=args.arch,
-        out_dir=args.out,
-    )
+    with ProgressBars(unit="pass", disable=args.no_progress) as bars:
+        text = sensitivity_experiment(
+            args.model,
+            _settings(args, checkpoint_scale(args.model, args.arch)),
+            benchmark=args.bench,
+            data_root=_data_root(args),
+            device=_device(args.device),
+            arch=args.arch,
+            out_dir=args.out,
+            progress=bars,
+        )
     print(text)
     return 0

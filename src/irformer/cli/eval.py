@@ -3,9 +3,16 @@
 Example::
 
     irformer eval --model bicubic --task sr --scale 4 --bench Set5,Set14,B100
+    irformer eval --model swinir_light_x4_iln --bench Set5,mine=my/HR,my/LR
     irformer eval --model runs/x4/weights.safetensors --task dn --sigma 25 --out-csv dn.csv
     irformer eval --model swinir_1_dn_iln.safetensors --task dn --sigma 15,25,50 \
         --bench CBSD68,Kodak24,McMaster
+
+``--model`` is a weights file, a shipped model's name (``irformer models list``; its
+task and scale are the file's), ``bicubic``, or a preset with ``--random-weights``.
+``--bench`` takes registered names (``B100[:20]``: the first 20 images) and your own
+paired folders ``NAME=HR_DIR[,LR_DIR]`` (without LR_DIR the inputs are made as for the
+registered sets: MATLAB bicubic, or the seeded noise / JPEG of ``--sigma`` / ``--quality``).
 
 Every noise level / JPEG quality of a comma list is one block of rows; each block
 starts with the baseline the field compares against (``bicubic`` for SR, the
@@ -26,22 +33,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from irformer.cli.options import add_precision_arguments
-from irformer.data.benchmarks import DEFAULT_BENCHMARKS, find_benchmark_dir, get_benchmark
+from irformer.cli.progress import ProgressBars
+from irformer.data.benchmarks import DEFAULT_DATA_ROOT, benchmark_names, default_data_root
 from irformer.data.io import check_folder_writable, check_writable
 from irformer.engine.evaluate import (
-    BASELINE_NAMES,
     BicubicModel,
     EvaluationResult,
     evaluate,
-    load_model_for_eval,
+    prepare_eval_model,
     write_results_csv,
     write_results_json,
 )
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
-"""Used when ``--data-root`` is omitted and this folder exists (relative to the cwd)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +55,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="checkpoint path, preset name, or 'bicubic'")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="weights file, shipped model name (`irformer models list`, e.g. "
+        "swinir_light_x4_iln), 'bicubic', or a preset with --random-weights",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow --model PRESET: a preset built with untrained, random weights",
+    )
     p.add_argument(
         "--task",
         choices=("sr", "dn", "car", "dr"),
@@ -67,7 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--bench",
         default=None,
-        help="comma-separated benchmarks (default: the paper's sets for the task that exist)",
+        help="comma-separated test sets: names (B100[:20] = the first 20 images) or your "
+        "own folders NAME=HR_DIR[,LR_DIR] (LR made with MATLAB bicubic, or the task's "
+        "noise/JPEG, when absent) (default: the paper's sets for the task that exist)",
     )
     p.add_argument(
         "--data-root",
@@ -105,42 +121,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed of the synthetic noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def _data_root(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    if DEFAULT_DATA_ROOT.is_dir():
-        return DEFAULT_DATA_ROOT
-    raise ValueError(f"--data-root is required ({DEFAULT_DATA_ROOT} does not exist)")
-
-
-def _canonical(name: str) -> str:
-    """A benchmark's canonical name, keeping a ``[:N]`` subset suffix (``b100[:20]`` ->
-    ``B100[:20]``); an unknown name is an error."""
-    base, bracket, rest = name.partition("[")
-    return get_benchmark(base).name + bracket + rest
-
-
-def _benchmarks(arg: str | None, task: str, root: Path) -> list[str]:
-    if arg:
-        names = [n.strip() for n in arg.split(",") if n.strip()]
-        if not names:
-            raise ValueError(f"--bench {arg!r} names no benchmark")
-        return [_canonical(n) for n in names]
-    found = []
-    for name in DEFAULT_BENCHMARKS[task]:
-        try:
-            find_benchmark_dir(name, root, task)
-        except FileNotFoundError:
-            logger.warning("skipping %s: not found under %s", name, root)
-            continue
-        found.append(name)
-    if not found:
-        raise FileNotFoundError(
-            f"none of the {task} benchmarks {', '.join(DEFAULT_BENCHMARKS[task])} is under {root}"
-        )
-    return found
 
 
 def _setting(result: EvaluationResult) -> tuple[str, str]:
@@ -203,29 +183,6 @@ def _levels(text: str | None, kind: type, flag: str) -> list:
     return values
 
 
-def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
-    """Fill ``--task``/``--scale`` from an irformer checkpoint's metadata; an explicit
-    value that contradicts it is an error (it would score the wrong protocol)."""
-    path = Path(args.model)
-    meta: dict[str, object] = {}
-    if path.is_file():
-        from irformer.archs import read_state_dict
-        from irformer.engine.evaluate import eval_task_of
-
-        meta = read_state_dict(path)[1]
-        if meta:
-            task, scale = eval_task_of(meta), int(meta.get("scale") or 1)  # type: ignore[call-overload]
-            if args.task is not None and args.task != task:
-                raise ValueError(f"--task {args.task}: {path} is a {task} model (metadata)")
-            if task == "sr" and args.scale is not None and args.scale != scale:
-                raise ValueError(f"--scale {args.scale}: {path} is an x{scale} model (metadata)")
-            args.task = task
-            if task == "sr":
-                args.scale = scale
-    if args.task is None:
-        args.task = "sr"
-
-
 def _save_dir(
     save_dir: Path | None, sigma: float | None, quality: int | None, several: bool
 ) -> Path | None:
@@ -237,59 +194,54 @@ def _save_dir(
 
 
 def run(args: argparse.Namespace) -> int:
-    _defaults_from_checkpoint(args)
-    if args.task == "sr" and args.scale is None:
-        raise ValueError("--task sr needs --scale (2, 3 or 4)")
-    if args.task == "dn" and args.sigma is None:
+    prepared = prepare_eval_model(
+        args.model, task=args.task, scale=args.scale, random_weights=args.random_weights
+    )
+    task, scale = prepared.task, prepared.scale
+    if task == "dn" and args.sigma is None:
         raise ValueError("--task dn needs --sigma (noise level on 0-255, e.g. 15, 25, 50)")
-    if args.task == "car" and args.quality is None:
+    if task == "car" and args.quality is None:
         raise ValueError("--task car needs --quality (JPEG quality, e.g. 10, 20, 30, 40)")
-    sigmas = _levels(args.sigma if args.task == "dn" else None, float, "--sigma")
-    qualities = _levels(args.quality if args.task == "car" else None, int, "--quality")
-    root = _data_root(args.data_root)
-    benchmarks = _benchmarks(args.bench, args.task, root)
+    sigmas = _levels(args.sigma if task == "dn" else None, float, "--sigma")
+    qualities = _levels(args.quality if task == "car" else None, int, "--quality")
+    root = default_data_root(args.data_root)
+    benchmarks = benchmark_names(args.bench, task, root)
     for out in (args.out_json, args.out_csv):
         if out is not None:  # fail before a long run, not after it
             check_writable(out, overwrite=args.overwrite)
     if args.save_dir is not None:
         check_folder_writable(args.save_dir)
-    scale = args.scale or 1
-    eff_scale = scale if args.task == "sr" else 1
-    baseline_name = BASELINE_NAMES[args.task]
-    if str(args.model).lower() == "bicubic":
-        model, name, with_baseline = BicubicModel(eff_scale), baseline_name, False
-    else:
-        model = load_model_for_eval(args.model, scale=eff_scale)  # loaded once for every level
-        name = Path(args.model).stem if Path(args.model).suffix else args.model
-        with_baseline = not args.no_baseline
+    with_baseline = not (prepared.is_baseline or args.no_baseline)
+    baseline = BicubicModel(scale)
     several = len(sigmas) * len(qualities) > 1
 
     results: list[EvaluationResult] = []
-    for sigma in sigmas:
-        for quality in qualities:
-            runs = [(BicubicModel(eff_scale), baseline_name)] if with_baseline else []
-            for net, label in [*runs, (model, name)]:
-                results.append(
-                    evaluate(
-                        net,
-                        task=args.task,
-                        benchmarks=benchmarks,
-                        data_root=root,
-                        scale=scale,
-                        sigma=sigma,
-                        quality=quality,
-                        device=args.device,
-                        precision=args.precision,
-                        autocast=args.autocast,
-                        save_dir=_save_dir(args.save_dir, sigma, quality, several)
-                        if net is model
-                        else None,
-                        overwrite=args.overwrite,
-                        seed=args.seed,
-                        progress=not args.no_progress,
-                        model_name=label,
+    with ProgressBars(disable=args.no_progress) as bars:
+        for sigma in sigmas:
+            for quality in qualities:
+                runs = [(baseline, prepared.baseline_name)] if with_baseline else []
+                for net, label in [*runs, (prepared.model, prepared.name)]:
+                    results.append(
+                        evaluate(
+                            net,
+                            task=task,
+                            benchmarks=benchmarks,
+                            data_root=root,
+                            scale=scale,
+                            sigma=sigma,
+                            quality=quality,
+                            device=args.device,
+                            precision=args.precision,
+                            autocast=args.autocast,
+                            save_dir=_save_dir(args.save_dir, sigma, quality, several)
+                            if net is prepared.model
+                            else None,
+                            overwrite=args.overwrite,
+                            seed=args.seed,
+                            progress=bars,
+                            model_name=label,
+                        )
                     )
-                )
     print(format_table(results))
     written = results[0] if len(results) == 1 else results
     if args.out_json is not None:

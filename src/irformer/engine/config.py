@@ -57,10 +57,11 @@ class DataConfig:
     """Training pairs: HR folders degraded on the fly, or paired LQ/GT folders."""
 
     train: tuple[str, ...] = DEFAULT_TRAIN_FOLDERS
-    """Ground-truth (HR / clean) image folders."""
+    """Ground-truth (HR / clean) image folders, or ``.irpack`` files (``irformer data
+    prepare --pack``)."""
     train_lq: tuple[str, ...] = ()
-    """Paired degraded folders, same file stems as ``train`` (deraining); empty =
-    degrade ``train`` on the fly."""
+    """Paired degraded folders (or packs), same file stems as ``train`` (deraining,
+    prepared LR sub-images); empty = degrade ``train`` on the fly."""
     task: Task = "sr"
     sigma: float = 15.0
     """Gaussian noise std on the 0-255 scale (``dn``); with ``sigma_range`` set, the
@@ -77,7 +78,8 @@ class DataConfig:
     """Ground-truth patch side in pixels (BasicSR's ``gt_size``); the LQ side is
     ``patch_size // scale``."""
     batch_size: int = 16
-    """Per-process batch; the global batch is ``batch_size * world_size``."""
+    """Per-process micro-batch; the global batch is
+    ``batch_size * world_size * train.grad_accum``."""
     workers: int = 2
     grayscale: bool = False
 
@@ -96,6 +98,11 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     """MultiStepLR milestones in iterations."""
     gamma: float = 0.5
+    grad_accum: int = 1
+    """Micro-batches of ``data.batch_size`` whose gradients are summed before each
+    optimiser step (gradient accumulation): fewer GPUs keep the paper's global
+    batch. k micro-batches of B train the model one batch of k*B trains (float
+    rounding aside; not with ``bn``, whose statistics are per micro-batch)."""
     grad_clip: float = 0.0
     """Max global gradient norm; 0 disables clipping (paper Table 7, "GC")."""
     kl_weight: float = 0.0
@@ -124,6 +131,9 @@ class ValConfig:
     every: int = 5000
     """Validate every N iterations; 0 disables validation."""
     benchmarks: tuple[str, ...] = ("Set5",)
+    """Test sets: names (``Set5``, ``B100[:20]``) found under ``root``, or your own
+    paired folders ``NAME=HR_DIR[,LR_DIR]`` (BasicSR's ``dataroot_gt`` / ``dataroot_lq``;
+    LR made with MATLAB bicubic, or the task's noise / JPEG, when absent)."""
     root: str = "../shared/data"
     """Folder holding the benchmark sets (``sr/Set5/HR`` etc.)."""
 
@@ -189,6 +199,7 @@ def _validate(cfg: Config) -> None:
     for key, value in (
         ("train.iters", cfg.train.iters),
         ("data.batch_size", cfg.data.batch_size),
+        ("train.grad_accum", cfg.train.grad_accum),
         ("data.patch_size", cfg.data.patch_size),
         ("log.every", cfg.log.every),
         ("log.keep_last", cfg.log.keep_last),
@@ -316,7 +327,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: cannot convert {value!r}")
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, where)
         if not isinstance(value, list | tuple):
             value = [value]  # a single folder or milestone given without brackets
         if len(args) == 2 and args[1] is Ellipsis:
@@ -326,7 +337,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, where)
         if value is None:
             return {}
         if not isinstance(value, Mapping):
@@ -375,6 +386,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
+def _yaml_value(text: str, where: str) -> Any:
+    """A YAML value given as text (``--set``); unreadable YAML is one line with the fix:
+    the usual cause is a shell splitting ``[a, b]`` at the space or expanding it."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0].strip() if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"{where}: cannot read {text!r} as YAML ({problem}); quote the whole override so "
+            f"the shell passes it as one argument: --set '{where}=[a, b]'"
+        ) from None
+
+
 def _plain(value: Any) -> Any:
     """YAML values inside ``overrides`` dicts: lists become lists, nothing else changes."""
     if isinstance(value, Mapping):
@@ -412,8 +436,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=1e-4"`` -> (["train", "lr"], "1e-4"); the value is typed later."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
+        if text.rstrip().endswith(("]", "}")):
+            raise ConfigError(
+                f"override {text!r}: expected KEY=VALUE; this looks like the end of a list "
+                "the shell split at a space: quote the whole override, "
+                "e.g. --set 'data.train=[a, b]'"
+            )
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
-    return key.strip().split("."), value.strip()
+    value = value.strip()
+    if value.count("[") != value.count("]") or value.count("{") != value.count("}"):
+        raise ConfigError(
+            f"override {text!r}: unbalanced brackets (the shell split the value at a space?); "
+            f"quote the whole override: --set '{key.strip()}=[a, b]'"
+        )
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -432,7 +468,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             last = depth == len(keys) - 1
             if cls is dict:  # inside model.overrides: free-form keys
                 if last:
-                    node[key] = yaml.safe_load(value_text) if value_text else None
+                    node[key] = _yaml_value(value_text, path) if value_text else None
                 else:
                     node = node.setdefault(key, {})
                 continue
@@ -491,3 +527,50 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def dump_config(cfg: Config) -> str:
     """YAML text of a config, sections in declaration order."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and (prefix == "" or value):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def config_differences(
+    before: Config | Mapping[str, Any], after: Config | Mapping[str, Any]
+) -> list[str]:
+    """``["model.overrides.embed_dim: 60 -> 48", ...]``: every dotted key whose value
+    differs between two configs (or their :func:`config_to_dict` forms, e.g. the one a
+    checkpoint stores), in key order. A key one side lacks reads ``(unset)``."""
+    flat = [
+        _flatten(config_to_dict(c) if isinstance(c, Config) else _plain(c)) for c in (before, after)
+    ]
+    missing = "(unset)"
+    lines = []
+    for key in sorted(set(flat[0]) | set(flat[1])):
+        a, b = flat[0].get(key, missing), flat[1].get(key, missing)
+        if a != b:
+            lines.append(f"{key}: {a!r} -> {b!r}")
+    return lines
+
+
+RUN_CONFIG_FILE = "config.yaml"
+"""The config a training run writes into its folder (what ``--resume RUN_DIR`` reads)."""
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config of the run in ``run_dir`` (its ``config.yaml``), with ``overrides``
+    applied and ``log.out_dir`` set to ``run_dir`` (so a moved folder resumes in place)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG_FILE
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume {run_dir}: no such run folder")
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {run_dir}: no {RUN_CONFIG_FILE} in it (not a training run folder); "
+            "pass --config FILE with --resume to continue it with that config"
+        )
+    cfg = load_config(path, overrides)
+    return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, out_dir=str(run_dir)))

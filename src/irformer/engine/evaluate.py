@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from irformer.archs import build_model, load_checkpoint_model
-from irformer.data.benchmarks import Benchmark, load_benchmark
+from irformer.archs.zoo import load_model
+from irformer.data.benchmarks import Benchmark, resolve_benchmarks
 from irformer.data.degradations import matlab_imresize
 from irformer.data.io import check_writable, tensor_to_image, write_image
 from irformer.engine.infer import PrecisionModel, RestoreOptions, count_nonfinite
@@ -48,18 +47,21 @@ from irformer.engine.precision import (
 from irformer.errors import DeviceUnavailableError
 from irformer.files import atomic_write
 from irformer.metrics import TASKS, compute_metrics
-from irformer.tasks import check_task
+from irformer.progress import Progress, report
+from irformer.tasks import check_task, task_from_meta
 
 __all__ = [
     "BASELINE_NAMES",
     "BenchmarkResult",
     "BicubicModel",
+    "EvalModel",
     "EvaluationResult",
     "ImageResult",
     "eval_task_of",
     "evaluate",
     "evaluate_benchmark",
     "load_model_for_eval",
+    "prepare_eval_model",
     "resolve_device",
     "write_results_csv",
     "write_results_json",
@@ -74,12 +76,7 @@ def eval_task_of(meta: Mapping[str, object]) -> str:
     """The task (``sr``/``dn``/``car``/``dr``) of a checkpoint's metadata; files of
     irformer 0.1 used other names (``denoise``...), mapped by :func:`irformer.tasks.check_task`.
     Metadata without a task: ``sr`` when the model upscales, else an error."""
-    task = meta.get("task")
-    if task is None:
-        if int(meta.get("scale") or 1) > 1:  # type: ignore[call-overload]
-            return "sr"
-        raise ValueError("the checkpoint's metadata names no task; pass --task")
-    return check_task(str(task), where="checkpoint metadata task")
+    return task_from_meta(meta)
 
 
 BASELINE_NAMES: dict[str, str] = {
@@ -115,26 +112,76 @@ class BicubicModel(nn.Module):
         return f"upscale={self.upscale}"
 
 
-def load_model_for_eval(spec: str | Path | nn.Module, *, scale: int = 1) -> nn.Module:
-    """Resolve ``--model``: a module (returned as is), ``"bicubic"``, a checkpoint path or a preset.
-
-    Checkpoints load through :func:`irformer.archs.load_checkpoint_model`; other
-    names through :func:`irformer.archs.build_model` (randomly initialised
-    weights, logged as a warning).
-    """
+def load_model_for_eval(
+    spec: str | Path | nn.Module, *, scale: int = 1, random_weights: bool = False
+) -> nn.Module:
+    """Resolve ``--model``: a module (returned as is), ``"bicubic"``, or what
+    :func:`irformer.archs.zoo.resolve_model` accepts (a weights file, a shipped model's
+    name; a preset only with ``random_weights``, as its weights are untrained)."""
     if isinstance(spec, nn.Module):
         return spec
-    text = str(spec)
-    if text.lower() == "bicubic":
+    if str(spec).lower() == "bicubic":
         return BicubicModel(scale)
-    path = Path(text)
-    if path.is_file():
-        return load_checkpoint_model(path)[0]
-    if path.suffix in (".pth", ".pt", ".ckpt", ".safetensors") or "/" in text:
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    model = build_model(text)
-    logger.warning("model %r built from its preset with untrained weights", text)
-    return model
+    loaded = load_model(spec, random_weights=random_weights)
+    if loaded.choice.kind == "preset":
+        logger.warning("model %r built from its preset with untrained (random) weights", str(spec))
+    return loaded.model
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    """A ``--model`` ready for :func:`evaluate`, with the protocol it is scored under."""
+
+    model: nn.Module
+    name: str
+    """Its label in tables: ``bicubic`` / the degraded input, a file stem, a preset."""
+    task: str
+    scale: int
+    """The SR scale (1 for the other tasks)."""
+    is_baseline: bool = False
+    """``bicubic``: the model is the baseline itself (no extra baseline rows)."""
+
+    @property
+    def baseline_name(self) -> str:
+        """The label of the baseline rows of its task (``bicubic``, ``noisy input``...)."""
+        return BASELINE_NAMES[self.task]
+
+
+def prepare_eval_model(
+    spec: str | Path,
+    *,
+    task: str | None = None,
+    scale: int | None = None,
+    random_weights: bool = False,
+) -> EvalModel:
+    """Load ``--model`` once and settle the task and scale: given values, else the
+    model's (a weights file's or shipped model's metadata, a preset's task), else ``sr``.
+    A given task or scale that the model contradicts is an error naming both.
+    ``bicubic`` is the baseline of ``task`` (:data:`BASELINE_NAMES`)."""
+    if task is not None:
+        task = check_task(task, where="--task")
+    if str(spec).lower() == "bicubic":
+        task = task or "sr"
+        if task == "sr" and scale is None:
+            raise ValueError("--task sr needs --scale (2, 3 or 4)")
+        eff = (scale or 1) if task == "sr" else 1
+        return EvalModel(BicubicModel(eff), BASELINE_NAMES[task], task, eff, is_baseline=True)
+    loaded = load_model(
+        spec,
+        task=task,
+        scale=scale if task in (None, "sr") else None,
+        random_weights=random_weights,
+    )
+    if loaded.choice.kind == "preset":
+        logger.warning("model %r built from its preset with untrained (random) weights", str(spec))
+    task = task or loaded.task
+    if task is None:
+        raise ValueError(f"{loaded.description}: the metadata names no task; pass --task")
+    if task == "sr" and loaded.scale < 2:
+        raise ValueError(f"--task sr: {loaded.description} restores at scale {loaded.scale}")
+    if task != "sr" and loaded.scale != 1:
+        raise ValueError(f"--task {task}: {loaded.description} upscales by {loaded.scale}")
+    return EvalModel(loaded.model, loaded.choice.name, task, loaded.scale)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -253,21 +300,21 @@ def evaluate_benchmark(
     autocast: AutocastDtype | None = None,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> BenchmarkResult:
     """Run ``model`` over one resolved benchmark and score every image.
 
     Greyscale sets meet a 3-channel model as replicated channels and are
     scored on the channel mean of its output; ``model`` must already be on
     ``device``, in eval mode and in the precision wanted (see :func:`evaluate`).
-    Runs under ``torch.inference_mode`` (and ``torch.autocast`` with ``autocast``).
+    Runs under ``torch.inference_mode`` (and ``torch.autocast`` with ``autocast``);
+    ``progress`` hears of every image (:mod:`irformer.progress`).
     """
     want_c = _model_in_channels(model)
     task, scale = benchmark.task, benchmark.scale
     images: list[ImageResult] = []
-    for index in tqdm(
-        range(len(benchmark)), desc=benchmark.name, unit="img", disable=not progress, leave=False
-    ):
+    report(progress, 0, len(benchmark), benchmark.name)
+    for index in range(len(benchmark)):
         item = benchmark[index]
         lq = torch.from_numpy(np.ascontiguousarray(item.lq.transpose(2, 0, 1)))[None]
         data_c = lq.shape[1]
@@ -305,6 +352,7 @@ def evaluate_benchmark(
                 overwrite=overwrite,
                 protected=benchmark.source_paths(index),
             )
+        report(progress, index + 1, len(benchmark), benchmark.name)
     result = BenchmarkResult(
         benchmark=benchmark.name,
         task=task,
@@ -331,8 +379,8 @@ def evaluate(
     model: nn.Module | str | Path,
     *,
     task: str,
-    benchmarks: Sequence[str],
-    data_root: str | Path,
+    benchmarks: str | Sequence[str],
+    data_root: str | Path | None,
     scale: int = 1,
     sigma: float | None = None,
     quality: int | None = None,
@@ -342,8 +390,9 @@ def evaluate(
     save_dir: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
-    progress: bool = False,
+    progress: Progress | None = None,
     model_name: str | None = None,
+    random_weights: bool = False,
 ) -> EvaluationResult:
     """Evaluate ``model`` on named ``benchmarks`` for ``task`` (``sr``/``dn``/``car``/``dr``).
 
@@ -362,7 +411,7 @@ def evaluate(
         raise ValueError("no benchmarks given")
     eff_scale = scale if task == "sr" else 1
     name = model_name or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
-    net = load_model_for_eval(model, scale=eff_scale)
+    net = load_model_for_eval(model, scale=eff_scale, random_weights=random_weights)
     dev = resolve_device(device)
     net = net.to(dev).eval()
     model_scale = getattr(net, "upscale", None)
@@ -371,12 +420,15 @@ def evaluate(
             f"model {name} upscales by {model_scale} but task {task!r} at scale {eff_scale} "
             f"needs {eff_scale}"
         )
-    resolved = [
-        load_benchmark(
-            b, data_root, task=task, scale=eff_scale, sigma=sigma, quality=quality, seed=seed
-        )
-        for b in benchmarks
-    ]
+    resolved = resolve_benchmarks(
+        benchmarks,
+        data_root,
+        task=task,
+        scale=eff_scale,
+        sigma=sigma,
+        quality=quality,
+        seed=seed,
+    )
     if precision != "fp32":
         cast = RestoreOptions(precision=precision, sanitize=False, locate_nonfinite=False)
         net = PrecisionModel(net, cast)

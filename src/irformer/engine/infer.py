@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from irformer.engine.memory import MemoryBudgetError, default_budget, plan_restore
 from irformer.engine.precision import (
     AutocastDtype,
     Precision,
@@ -44,8 +45,11 @@ from irformer.engine.precision import (
     prepare_model_for_precision,
 )
 from irformer.execution import execution_context
+from irformer.progress import Progress
+from irformer.progress import report as report_progress
 
 __all__ = [
+    "AlphaMode",
     "NonFiniteReport",
     "PrecisionModel",
     "RestoreFailure",
@@ -63,6 +67,7 @@ __all__ = [
     "restore_tensor",
     "run_with_precision",
     "self_ensemble",
+    "tiling_note",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +77,8 @@ DEFAULT_WINDOWS_PER_CHUNK = 256
 16k tokens, a few MB of scores per head, while keeping the GEMMs large."""
 
 Blend = Literal["mean", "ramp"]
+AlphaMode = Literal["keep", "drop"]
+"""What :func:`restore_files` does with an alpha channel (see there)."""
 ModelFn = Callable[[Tensor], Tensor]
 
 
@@ -480,11 +487,26 @@ def plan_outputs(
 
     if ext is not None and ext.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"output extension {ext!r}: expected one of {', '.join(IMAGE_SUFFIXES)}")
+    if ext is None:  # the input's own suffix: irformer must be able to write it
+        unwritable = sorted(
+            {Path(i).suffix.lower() for i in inputs if Path(i).is_file()} - set(IMAGE_SUFFIXES)
+        )
+        if unwritable:
+            raise ValueError(
+                f"cannot write {', '.join(unwritable)} files (keeping the input's suffix); "
+                f"choose an output suffix, e.g. --ext .png"
+            )
     sources: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            sources.extend(list_images(path))
+            listed = list_images(path)
+            if ext is None and any(p.suffix.lower() not in IMAGE_SUFFIXES for p in listed):
+                raise ValueError(
+                    f"{path} holds images irformer reads but cannot write in their own format "
+                    "(.webp); choose an output suffix, e.g. --ext .png"
+                )
+            sources.extend(listed)
         elif path.is_file():
             sources.append(path)
         else:
@@ -510,7 +532,8 @@ def plan_outputs(
 
 @dataclass(frozen=True)
 class RestoreFailure:
-    """An input :func:`restore_files` could not read (it went on with the others)."""
+    """An input :func:`restore_files` could not read or fit in memory (it went on with the
+    others)."""
 
     source: Path
     output: Path
@@ -525,6 +548,9 @@ class RestoreResult:
     skipped: list[tuple[Path, Path]]
     """``(source, output)`` pairs whose complete output already existed (``skip_existing``)."""
     failed: list[RestoreFailure]
+    alpha_dropped: list[Path] = field(default_factory=list)
+    """Inputs whose alpha channel is not in the output (``alpha="drop"``, or an output
+    format without alpha such as JPEG)."""
 
     @property
     def ok(self) -> bool:
@@ -560,8 +586,11 @@ def restore_files(
     skip_existing: bool = False,
     ext: str | None = ".png",
     guard: bool = True,
+    alpha: AlphaMode = "keep",
     on_done: Callable[[RestoredFile], None] | None = None,
     on_error: Callable[[RestoreFailure], None] | None = None,
+    progress: Progress | None = None,
+    max_memory: int | Literal["default"] | None = "default",
 ) -> RestoreResult:
     """Restore image files and folders into ``out_dir``, one image at a time.
 
@@ -577,20 +606,47 @@ def restore_files(
     first measures feature magnitudes on a 64x64 crop of the first readable
     image in fp32 and warns when they approach fp16's range
     (:func:`irformer.analysis.magnitudes.check_fp16_overflow`). ``on_done`` is called
-    after each image (progress display).
+    after each image, ``progress`` (:mod:`irformer.progress`) before the first and
+    after each.
+
+    Memory: each image's path is planned within ``max_memory`` bytes
+    (:func:`irformer.engine.memory.plan_restore`; ``"default"``: half the memory
+    available, None: no limit). A path set in ``options`` (tile or exact) is
+    kept and an image it would not fit is refused like an unreadable one (named
+    at the end, with the estimates and the options that would fit); otherwise
+    the planner picks plain, exact or (for per-token norms) tiled.
+
+    Alpha channels (``alpha``): ``"keep"`` (default) restores the colour channels with
+    the model and resizes the alpha channel by the model's scale with MATLAB bicubic
+    (:func:`~irformer.data.degradations.matlab_imresize`, rounded and clipped), as the
+    bicubic baseline upscales an image; ``"drop"`` writes colour only. Inputs whose
+    alpha is not written (``drop``, or a JPEG output) are listed in
+    :attr:`RestoreResult.alpha_dropped` and named in one warning. Tiling a model that
+    normalises with whole-image statistics (i-LN, LN*, InstanceNorm) on request
+    (``options.tile``) logs one warning: each tile is normalised with its own
+    statistics; ``chunk_windows`` (the exact path) is the bounded-memory way that keeps
+    the model's output.
     """
     from irformer.data.io import (
+        ChannelMode,
         ImageReadError,
         check_folder_writable,
         check_writable,
+        convert_channels,
         image_to_tensor,
         read_image,
+        split_alpha,
         write_image,
     )
 
     if overwrite and skip_existing:
         raise ValueError("overwrite and skip_existing contradict each other: pick one")
+    if alpha not in ("keep", "drop"):
+        raise ValueError(f"alpha must be 'keep' or 'drop', got {alpha!r}")
     options = options or RestoreOptions()
+    note = tiling_note(model, options)
+    if note is not None:
+        logger.warning("%s", note)
     pairs = plan_outputs(inputs, out_dir, ext=ext)
     protected = [source for source, _ in pairs]
     check_folder_writable(out_dir)
@@ -609,8 +665,12 @@ def restore_files(
         check_writable(output, overwrite=overwrite or redo, protected=protected)
         pending.append((source, output, redo))
     in_chans = getattr(model, "in_chans", 3)
-    channels = "grey" if in_chans == 1 else "rgb"
+    channels: ChannelMode = "grey" if in_chans == 1 else "rgb"
     result = RestoreResult(restored=[], skipped=skipped, failed=[])
+
+    def read(source: Path) -> tuple[np.ndarray, np.ndarray | None]:
+        colour, alpha_channel = split_alpha(read_image(source, channels="keep"))
+        return convert_channels(colour, channels, source=source), alpha_channel
 
     def fail(source: Path, output: Path, exc: Exception) -> None:
         failure = RestoreFailure(source, output, str(exc))
@@ -625,29 +685,48 @@ def restore_files(
 
         for source, _, _ in pending:
             try:
-                image = read_image(source, channels=channels)
+                image, _ = read(source)
             except unreadable:
                 continue  # reported when its turn comes
             probe = image_to_tensor(_centre_crop(image, 64))
             check_fp16_overflow(model=model, probe=probe[None])
             break
     prepare_model_for_precision(model, options.precision)
-    for source, output, redo in pending:
+    budget = default_budget() if max_memory == "default" else max_memory
+    explicit = options.tile is not None or options.chunk_windows is not None
+    report_progress(progress, 0, len(pending), "restore")
+    for done_count, (source, output, redo) in enumerate(pending, 1):
         try:
-            image = read_image(source, channels=channels)
+            image, alpha_channel = read(source)
         except unreadable as exc:
             fail(source, output, exc)
+            report_progress(progress, done_count, len(pending), "restore")
             continue
+        run_options = options
+        if budget is not None:
+            try:
+                run_options = plan_restore(
+                    model, image.shape[:2], options, max_memory=budget, explicit=explicit
+                )
+            except MemoryBudgetError as exc:
+                fail(source, output, exc)
+                report_progress(progress, done_count, len(pending), "restore")
+                continue
         grey = image.shape[2] == 3 and bool(
             np.array_equal(image[..., 0], image[..., 1])
             and np.array_equal(image[..., 0], image[..., 2])
         )
         start = time.perf_counter()
-        out, report = restore_tensor(model, image_to_tensor(image)[None], options)
+        out, report = restore_tensor(model, image_to_tensor(image)[None], run_options)
         seconds = time.perf_counter() - start
         if grey:
             out = out.mean(dim=1, keepdim=True)
         restored = _to_image(out, image.dtype)
+        if alpha_channel is not None:
+            if alpha == "keep" and output.suffix.lower() not in (".jpg", ".jpeg"):
+                restored = _with_alpha(restored, alpha_channel)
+            else:
+                result.alpha_dropped.append(source)
         write_image(output, restored, overwrite=overwrite or redo, protected=protected)
         done = RestoredFile(
             source=source,
@@ -657,11 +736,53 @@ def restore_files(
             seconds=seconds,
             report=report,
         )
-        logger.info("%s -> %s (%.2f s; %s)", source, output, seconds, report.summary())
+        # Debug only: the caller reports each image (on_done), so it is reported once.
+        logger.debug("%s -> %s (%.2f s; %s)", source, output, seconds, report.summary())
         result.restored.append(done)
         if on_done is not None:
             on_done(done)
+        report_progress(progress, done_count, len(pending), "restore")
+    if result.alpha_dropped:
+        first = result.alpha_dropped[0]
+        more = f" and {len(result.alpha_dropped) - 1} more" if len(result.alpha_dropped) > 1 else ""
+        reason = "alpha='drop'" if alpha == "drop" else "the output format has no alpha"
+        logger.warning("alpha channel not written (%s) for %s%s", reason, first, more)
     return result
+
+
+def tiling_note(model: nn.Module, options: RestoreOptions) -> str | None:
+    """The warning that tiled inference of ``model`` is not its output (None when
+    ``options`` do not tile or the model's norms are per token)."""
+    if options.tile is None:
+        return None
+    from irformer.norms import image_statistics_norms
+
+    norms = image_statistics_norms(model)
+    if not norms:
+        return None
+    return (
+        f"tiling a model with whole-image normalisation ({', '.join(norms)}): each "
+        f"{options.tile}px tile is normalised with its own statistics, so tiles disagree "
+        "with the whole image and may leave seams; --exact-chunk K gives the model's own "
+        "output in bounded memory"
+    )
+
+
+def _with_alpha(restored: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``restored`` (H, W, 1|3) with ``alpha`` (h, w, 1) resized to (H, W) by MATLAB
+    bicubic (``imresize`` on the integer image: rounded and clipped as MATLAB does);
+    grey becomes RGB (no grey+alpha output format is written)."""
+    from irformer.data.degradations import matlab_imresize
+    from irformer.data.io import quantize, to_float32
+
+    h, w = restored.shape[:2]
+    resized = alpha
+    if alpha.shape[:2] != (h, w):
+        resized = np.asarray(matlab_imresize(alpha[..., 0], size=(h, w)))[..., None]
+    if resized.dtype != restored.dtype:
+        resized = quantize(to_float32(resized), restored.dtype.type)
+    colour = np.repeat(restored, 3, axis=2) if restored.shape[2] == 1 else restored
+    return np.concatenate([colour, resized], axis=2)
 
 
 def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:

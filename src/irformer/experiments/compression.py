@@ -29,12 +29,19 @@ import torch
 from torch import Tensor, nn
 
 from irformer.archs import load_checkpoint_model, read_state_dict
+from irformer.archs.zoo import weights_path
 from irformer.compress.calibration import calibration_batch, patch_stream
 from irformer.compress.fused import fused_fake_quant
 from irformer.compress.methods import QuantResult, method_config, quantize_model
 from irformer.compress.methods.base import DistillCheckpoint, quantizer_drift, quantizer_snapshot
 from irformer.compress.pack import load_packed, save_packed, storage_report
-from irformer.compress.sensitivity import level_usage, sensitivity, sensitivity_table, usage_table
+from irformer.compress.sensitivity import (
+    level_usage,
+    quantizer_groups,
+    sensitivity,
+    sensitivity_table,
+    usage_table,
+)
 from irformer.compress.stats import (
     EPS_SWEEP,
     PairedTest,
@@ -44,9 +51,15 @@ from irformer.compress.stats import (
     paired_test,
     weight_tensors,
 )
-from irformer.data.benchmarks import find_benchmark_dir, load_benchmark
+from irformer.data.benchmarks import (
+    find_benchmark_dir,
+    resolve_benchmarks,
+    split_benchmark_list,
+)
 from irformer.engine.evaluate import evaluate_benchmark
 from irformer.files import atomic_write
+from irformer.progress import Progress
+from irformer.progress import report as report_progress
 
 __all__ = [
     "BASELINES",
@@ -664,8 +677,10 @@ def model_scale(model: nn.Module, meta: dict[str, Any]) -> int:
     return int(meta.get("scale") or getattr(model, "upscale", 1))
 
 
-def checkpoint_scale(path: Path, arch: str | None = None) -> int:
-    """The SR scale of a checkpoint: its irformer metadata, else its model's ``upscale``."""
+def checkpoint_scale(path: str | Path, arch: str | None = None) -> int:
+    """The SR scale of a checkpoint (a weights file or shipped model name): its irformer
+    metadata, else its model's ``upscale``."""
+    path = weights_path(path)
     _, meta = read_state_dict(path)
     if meta.get("scale"):
         return int(meta["scale"])  # type: ignore[call-overload]
@@ -677,11 +692,12 @@ PAPER_BENCHMARKS: tuple[str, ...] = ("Set5", "Set14", "B100", "Urban100?", "Mang
 """``--bench paper``: CompSRT's Table 2 sets; Urban100 and Manga109 where present."""
 
 
-def resolve_benchmark_names(names: Sequence[str], data_root: Path) -> list[str]:
+def resolve_benchmark_names(names: str | Sequence[str], data_root: Path | None) -> list[str]:
     """Expand ``paper`` (:data:`PAPER_BENCHMARKS`) and drop the optional names (a
-    trailing ``?``) that have no folder under ``data_root``; the others must exist."""
+    trailing ``?``) that have no folder under ``data_root``; the others must exist
+    (checked by :func:`irformer.data.benchmarks.resolve_benchmarks`)."""
     out: list[str] = []
-    for raw in names:
+    for raw in split_benchmark_list(names):
         name = raw.strip()
         if name.lower() == "paper":
             out += resolve_benchmark_names(PAPER_BENCHMARKS, data_root)
@@ -691,6 +707,8 @@ def resolve_benchmark_names(names: Sequence[str], data_root: Path) -> list[str]:
             continue
         name = name[:-1]
         try:
+            if data_root is None:
+                raise FileNotFoundError(name)
             find_benchmark_dir(_SUBSET_SUFFIX.sub("", name), data_root, "sr")
         except FileNotFoundError:
             logger.info("optional benchmark %s is not under %s: skipped", name, data_root)
@@ -703,14 +721,13 @@ _SUBSET_SUFFIX = re.compile(r"\[:\d+\]$")
 
 
 def benchmark_evaluator(
-    names: Sequence[str], data_root: Path, scale: int, device: torch.device
+    names: str | Sequence[str], data_root: Path | None, scale: int, device: torch.device
 ) -> tuple[Evaluator, list[str]]:
     """Benchmarks resolved once; each call scores a model on all of them (PSNR, SSIM).
     ``names`` may use ``paper`` and optional ``NAME?`` (:func:`resolve_benchmark_names`)."""
-    benches = [
-        load_benchmark(n, data_root, task="sr", scale=scale)
-        for n in resolve_benchmark_names(names, data_root)
-    ]
+    benches = resolve_benchmarks(
+        resolve_benchmark_names(names, data_root), data_root, task="sr", scale=scale
+    )
 
     def evaluator(model: nn.Module) -> dict[str, tuple[float, float]]:
         # The model's own device: PyTorch's int8 kernels run on CPU only.
@@ -852,16 +869,24 @@ def _rows_jsonl(rows: Sequence[CompressionRow]) -> str:
     return "".join(json.dumps(asdict(r), default=str) + "\n" for r in rows)
 
 
+def _rows_per_config(settings: CompressionSettings, method: str) -> int:
+    """Rows one (method, bits) gives: one per budget checkpoint for a distilling method."""
+    if settings.dqc_checkpoints and method_config(method, wbits=4, abits=4).dqc_iters:
+        return len(set(settings.dqc_checkpoints))
+    return 1
+
+
 def run_experiment(
-    checkpoints: Sequence[Path],
+    checkpoints: Sequence[str | Path],
     settings: CompressionSettings,
     *,
     benchmarks: Sequence[str],
-    data_root: Path,
+    data_root: Path | None,
     device: torch.device,
     out_dir: Path,
     arch: str | None = None,
     on_row: Callable[[CompressionRow], None] | None = None,
+    progress: Progress | None = None,
     caption: str = "",
 ) -> tuple[list[CompressionRow], dict[str, str]]:
     """Every checkpoint x method x bit width into one folder; returns ``(rows, tables)``
@@ -869,10 +894,13 @@ def run_experiment(
 
     Rows are appended to ``out_dir/rows.jsonl`` as they finish (a long run that
     dies keeps what it measured); the tables and ``results.json`` are written at
-    the end. The checkpoints must share their scale. With ``settings.resume`` the
-    rows already in ``rows.jsonl`` are kept and not measured again, and
-    interrupted distillations continue from ``out_dir/dqc_state``.
+    the end. The checkpoints (weights files or shipped model names,
+    :func:`irformer.archs.zoo.weights_path`) must share their scale. ``progress``
+    (:mod:`irformer.progress`) counts the rows. With ``settings.resume`` the rows
+    already in ``rows.jsonl`` are kept and not measured again, and interrupted
+    distillations continue from ``out_dir/dqc_state``.
     """
+    checkpoints = [weights_path(p) for p in checkpoints]
     loaded = [(p, *load_checkpoint_model(p, arch)) for p in checkpoints]
     scales = {model_scale(m, meta) for _, m, meta in loaded}
     if len(scales) != 1:
@@ -891,12 +919,23 @@ def run_experiment(
         atomic_write(rows_file, "")
     done = {r.key() for r in rows}
     taken: set[str] = set()
+    per_model = (
+        1
+        + int(settings.int8_kernel)
+        + len(settings.bits) * sum(_rows_per_config(settings, m) for m in settings.methods)
+    )
+    total = per_model * len(loaded)
+    written = min(len(rows), total)
+    report_progress(progress, written, total, "compress")
 
     def finished(row: CompressionRow) -> None:
+        nonlocal written
         with rows_file.open("a") as handle:
             handle.write(json.dumps(asdict(row), default=str) + "\n")
         if on_row is not None:
             on_row(row)
+        written = min(written + 1, total)  # last-iterate rows of a budget curve are extra
+        report_progress(progress, written, total, "compress")
 
     for path, model, meta in loaded:
         rows += run_compression(
@@ -1116,7 +1155,7 @@ def stats_markdown(report: StatsReport) -> str:
 
 
 def statistics_experiment(
-    checkpoint: Path,
+    checkpoint: str | Path,
     *,
     arch: str | None = None,
     calib: Path | None = None,
@@ -1129,7 +1168,7 @@ def statistics_experiment(
 ) -> str:
     """Weights (and, with ``calib``, activations) before vs after the Hadamard rotation:
     the statistical tests as markdown (also ``stats.md``/``stats.json`` in ``out_dir``)."""
-    model, meta = load_checkpoint_model(checkpoint, arch)
+    model, meta = load_checkpoint_model(weights_path(checkpoint), arch)
     tensors = weight_tensors(model)
     if calib is not None:
         batch = calibration_batch(
@@ -1148,18 +1187,21 @@ def statistics_experiment(
 
 
 def sensitivity_experiment(
-    checkpoint: Path,
+    checkpoint: str | Path,
     settings: CompressionSettings,
     *,
     benchmark: str,
-    data_root: Path,
+    data_root: Path | None,
     device: torch.device,
     arch: str | None = None,
     out_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> str:
     """Which quantisers cost the quality: quantise once with one method and width, then
     re-score with each group FP / quantised alone (and report each activation
-    quantiser's level usage). Returns the markdown report (also written to ``out_dir``)."""
+    quantiser's level usage). Returns the markdown report (also written to ``out_dir``);
+    ``progress`` (:mod:`irformer.progress`) counts the scoring passes."""
+    checkpoint = weights_path(checkpoint)
     model, meta = load_checkpoint_model(checkpoint, arch)
     scale = model_scale(model, meta)
     if scale < 2:
@@ -1169,7 +1211,10 @@ def sensitivity_experiment(
             f"compress sensitivity takes one method and one bit width, got methods "
             f"{settings.methods} and bits {settings.bits}"
         )
-    bench = load_benchmark(benchmark, data_root, task="sr", scale=scale)
+    benches = resolve_benchmarks(benchmark, data_root, task="sr", scale=scale)
+    if len(benches) != 1:
+        raise ValueError(f"compress sensitivity scores one benchmark, got {benchmark!r}")
+    bench = benches[0]
     model = model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -1180,8 +1225,16 @@ def sensitivity_experiment(
     )
     qmodel = result.model.eval()
 
+    passes = 2 + 2 * len(quantizer_groups(qmodel))  # all quantised, FP, two per group
+    scored = 0
+    report_progress(progress, 0, passes, "sensitivity")
+
     def psnr(m: nn.Module) -> float:
-        return evaluate_benchmark(m, bench, device=device).psnr
+        nonlocal scored
+        value = evaluate_benchmark(m, bench, device=device).psnr
+        scored += 1
+        report_progress(progress, scored, passes, "sensitivity")
+        return value
 
     scores: list[float] = []
     usage = level_usage(qmodel, lambda m: scores.append(psnr(m)))  # the all-quantised pass

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from irformer.files import atomic_write
+from irformer.progress import Progress
+from irformer.progress import report as report_progress
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +121,9 @@ def train_norm(
     probe_every: int,
     lr: float,
     seed: int,
-    progress: bool,
+    progress: Progress | None,
 ) -> DemoRun:
     """Train one model with the engine's loop; returns the EMA model and its records."""
-    from tqdm import tqdm
-
     from irformer.archs import build_model
     from irformer.engine.config import config_from_dict
     from irformer.engine.data import TensorPairs
@@ -158,20 +158,14 @@ def train_norm(
     model = build_model("swinir_light_x2", norm=norm, **MODEL_KWARGS)
     data = TensorPairs(train_pairs, patch_size=LR_PATCH * SCALE, scale=SCALE, length=64)
     probe = make_probe(batch, run_dir / "features.jsonl")
-    bar = tqdm(total=iters, desc=NORMS[norm], unit="it", disable=not progress, leave=True)
+    report_progress(progress, 0, iters, NORMS[norm])
 
     def tick(state: TrainState) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{state.loss:.4f}", refresh=False)
+        report_progress(progress, state.iteration, iters, NORMS[norm])
 
     start = time.perf_counter()
-    try:
-        # The demo redoes its runs: the previous demo's run folder is replaced.
-        state = train(
-            cfg, model=model, train_set=data, hooks=[probe], progress=tick, overwrite=True
-        )
-    finally:
-        bar.close()
+    # The demo redoes its runs: the previous demo's run folder is replaced.
+    state = train(cfg, model=model, train_set=data, hooks=[probe], progress=tick, overwrite=True)
     seconds = time.perf_counter() - start
     losses = [(r["iter"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
     features = [json.loads(x) for x in (run_dir / "features.jsonl").read_text().splitlines()]
@@ -299,9 +293,10 @@ def run_demo(
     probe_every: int = 50,
     lr: float = 1e-3,
     seed: int = 0,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> DemoResult:
-    """Train LN and i-LN models, evaluate against bicubic, write the report into ``out``."""
+    """Train LN and i-LN models, evaluate against bicubic, write the report into ``out``;
+    ``progress`` (:mod:`irformer.progress`) hears of every training iteration."""
     from irformer.analysis.plots import plot_per_block_curves, plot_run_overlay
     from irformer.engine.evaluate import BicubicModel
 

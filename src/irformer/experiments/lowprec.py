@@ -27,9 +27,11 @@ from torch import Tensor, nn
 from irformer.analysis.magnitudes import check_fp16_overflow
 from irformer.archs import load_checkpoint_model
 from irformer.compress.quantizers import quantize_weights_
-from irformer.data.benchmarks import load_benchmark
+from irformer.data.benchmarks import resolve_benchmarks
 from irformer.engine.evaluate import eval_task_of, evaluate_benchmark, resolve_device
 from irformer.engine.infer import NonFiniteReport, PrecisionModel, RestoreOptions
+from irformer.progress import Progress
+from irformer.progress import report as report_progress
 
 __all__ = [
     "LOWPREC_SETTINGS",
@@ -116,8 +118,8 @@ def lowprec_report(
     ckpt_ln: str | os.PathLike[str] | nn.Module,
     ckpt_iln: str | os.PathLike[str] | nn.Module,
     *,
-    benchmarks: Sequence[str] = ("Set5",),
-    data_root: str | os.PathLike[str],
+    benchmarks: str | Sequence[str] = ("Set5",),
+    data_root: str | os.PathLike[str] | None,
     task: str | None = None,
     scale: int | None = None,
     sigma: float | None = None,
@@ -129,7 +131,8 @@ def lowprec_report(
     linear_only: bool = False,
     options: RestoreOptions | None = None,
     device: str | torch.device = "cpu",
-    progress: Callable[[LowPrecRow], None] | None = None,
+    on_row: Callable[[LowPrecRow], None] | None = None,
+    progress: Progress | None = None,
 ) -> LowPrecReport:
     """The i-LN paper's Table 4 for any pair of models: settings x models x benchmarks.
 
@@ -140,7 +143,9 @@ def lowprec_report(
     (``linear_only``: Linear only) to ``granularity`` (``per_tensor`` or
     ``per_channel``) with ``symmetric`` ranges and run in fp32 (``W``). Non-finite
     outputs are counted, located, and scored as black (NaN -> 0), as the paper's
-    fp16 LN rows are. ``options`` sets tiling / exact path / ensemble.
+    fp16 LN rows are. ``options`` sets tiling / exact path / ensemble. ``on_row``
+    receives each row as it is measured; ``progress`` (:mod:`irformer.progress`)
+    counts the rows.
     """
     unknown = [s for s in settings if s not in LOWPREC_SETTINGS]
     if unknown:
@@ -156,17 +161,14 @@ def lowprec_report(
         if "scale" in meta and int(meta["scale"]) != scale:  # type: ignore[arg-type]
             raise ValueError(f"{label} model {source} has scale {meta['scale']}, expected {scale}")
     dev = resolve_device(device)
-    resolved = [
-        load_benchmark(
-            b,
-            data_root,
-            task=task,
-            scale=scale if task == "sr" else 1,
-            sigma=sigma,
-            quality=quality,
-        )
-        for b in benchmarks
-    ]
+    resolved = resolve_benchmarks(
+        benchmarks,
+        data_root,
+        task=task,
+        scale=scale if task == "sr" else 1,
+        sigma=sigma,
+        quality=quality,
+    )
     base_options = options or RestoreOptions()
     report = LowPrecReport(
         task=task,
@@ -178,6 +180,8 @@ def lowprec_report(
             "modules": "Linear" if linear_only else "Linear+Conv2d",
         },
     )
+    total = len(settings) * len(models) * len(resolved)
+    report_progress(progress, 0, total, "lowprec")
     for setting in settings:
         for label, source, base, _ in models:
             model, precision = _setting_model(
@@ -221,8 +225,9 @@ def lowprec_report(
                     row.ssim,
                     row.nonfinite_pixels,
                 )
-                if progress is not None:
-                    progress(row)
+                if on_row is not None:
+                    on_row(row)
+                report_progress(progress, len(report.rows), total, "lowprec")
     return report
 
 

@@ -411,6 +411,9 @@ def _fmt(value: float, spec: str) -> str:
 
 def table_rows(results: Sequence[RunResult], benchmarks: Sequence[str]) -> list[dict[str, str]]:
     """One row per run (two for BatchNorm: running and batch statistics)."""
+    from irformer.data.benchmarks import benchmark_label, split_benchmark_list
+
+    labels = [benchmark_label(b) for b in split_benchmark_list(benchmarks)]
     rows = []
     for r in results:
         variants = [("", r.metrics)]
@@ -421,7 +424,7 @@ def table_rows(results: Sequence[RunResult], benchmarks: Sequence[str]) -> list[
             for key, value in r.params.items():
                 if key != "norm":
                     row[key] = str(value)
-            for b in benchmarks:
+            for b in labels:
                 row[f"{b} PSNR"] = _fmt(metrics.get(f"{b}/psnr", math.nan), ".2f")
                 row[f"{b} SSIM"] = _fmt(metrics.get(f"{b}/ssim", math.nan), ".4f")
             row.update(
