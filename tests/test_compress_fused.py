@@ -29,6 +29,7 @@ from irformer.compress.methods.base import (
     quantizer_snapshot,
 )
 from irformer.compress.quantizers import ActQuantizer
+from irformer.execution import execution_context
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -120,6 +121,8 @@ def test_fused_only_inside_its_context_and_for_fp32_cpu() -> None:
         assert not fused.use_fused(x.double(), None)
         assert not fused.use_fused(x.bfloat16(), None)
         with fused.fused_fake_quant(False):
+            assert not fused.use_fused(x, None)
+        with execution_context(cpu_kernels="off"):  # the one kernel policy switches it off
             assert not fused.use_fused(x, None)
     with pytest.raises(ValueError, match="per tensor"):
         fused.rotated_fake_quantize(x, torch.ones(2), torch.zeros(1), 4, None)

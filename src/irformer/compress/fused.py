@@ -11,13 +11,21 @@ returns the straight-through gradients of the input, the step and the offset.
 
 Inside :func:`fused_fake_quant` every :class:`~irformer.compress.quantizers.ActQuantizer`
 in ``quant`` mode on an fp32 CPU tensor runs through it (NoisyQuant's noise,
-other devices and dtypes, tracing and compilation keep the eager ops). Without
+other devices and dtypes keep the eager ops; so does every graph capture --
+trace, compile, export, ONNX -- and the execution context's kernel policy
+``off``, :mod:`irformer.execution`). Without
 rotation the output equals the eager path bit for bit (same op sequence, no
 floating-point contraction); with rotation the transform sums in another
 order than a matrix product, ~1e-7 relative, which can flip a value lying
 exactly on a rounding boundary. The context is explicit (a context variable,
 nothing stored on modules): distillation opts in, evaluation stays eager unless
 its caller opts in too.
+
+Unlike the inference kernels of :mod:`irformer.cpu_kernels`, which never serve
+autograd (they have no backward), this one is a :class:`torch.autograd.Function`
+with its own backward: distillation is training, and its speed is the reason
+the kernel exists. The backward is the eager path's straight-through gradient,
+checked against it (``tests/test_compress_fused.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from torch import Tensor
 
 from irformer import cpu_kernels
 from irformer.compress.hadamard import hadamard_matrix, is_power_of_two
+from irformer.execution import current_execution, in_graph_capture
 
 __all__ = [
     "fused_fake_quant",
@@ -106,7 +115,7 @@ def use_fused(x: Tensor, rotate_size: int | None) -> bool:
     """Whether :func:`rotated_fake_quantize` serves ``x`` here and now."""
     if not _enabled.get() or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if in_graph_capture() or current_execution().kernel_policy == "off":
         return False
     if type(x) is not Tensor and not isinstance(x, torch.nn.Parameter):
         return False  # tensor subclasses (fake/functional tensors)
