@@ -8,7 +8,8 @@ and each DQC batch shape, one calibrated quantised model is distilled with
   recomputed in backward (the default before the fused kernel);
 * ``eager``: PyTorch ops, every activation kept for backward;
 * ``fused``: the fused fake-quantisation kernel (:mod:`irformer.compress.fused`),
-  activations kept (what ``irformer compress run`` now does);
+  activations kept (``irformer compress run --dqc-keep-activations``; the run's
+  default recomputes the residual groups, which bounds the memory at large batches);
 
 each for ``--warmup`` + ``--iters`` iterations of
 :func:`irformer.compress.methods.base.distill_bounds`. Reported per iteration:

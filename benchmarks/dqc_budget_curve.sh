@@ -16,7 +16,9 @@
 # Environment (defaults in brackets):
 #   OUT [/work/scratch/dqc17]   output root, one folder per stage
 #   ITERS [0,50,200,1000]       DQC budgets scored in one run per configuration
-#   BATCH [2] PATCH [32]        DQC batch and LR patch side (papers: 16 x 64)
+#   BATCH [2] PATCH [32]        DQC batch and LR patch side (papers: 16 x 64); activations
+#                               are kept for backward (~1.5x faster than recomputing the
+#                               residual groups; small at this batch)
 #   STAGES ["ln:2 iln:2 ln:4 iln:4"]   model:bits, in this order
 #   DATA [../shared/data relative to the repo]  benchmarks and the BSD200 calibration set
 #   PY [/work/main/.venv/bin/python]
@@ -54,6 +56,7 @@ for stage in $STAGES; do
         --method 2dquant,compsrt --wbits "$bits" \
         --calib "$DATA/train/BSD200" \
         --dqc-iters "$ITERS" --dqc-batch "$BATCH" --dqc-patch "$PATCH" --val-every 50 \
+        --dqc-keep-activations \
         --bench Set5,Set14 --data-root "$DATA" --latency-repeats 0 --device cpu \
         --no-progress --caption "$CAPTION" --out "$dir" --resume
     date -u +%FT%TZ > "$dir/done"
