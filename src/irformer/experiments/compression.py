@@ -52,7 +52,7 @@ from irformer.compress.stats import (
     weight_tensors,
 )
 from irformer.data.benchmarks import (
-    find_benchmark_dir,
+    benchmark_present,
     resolve_benchmarks,
     split_benchmark_list,
 )
@@ -706,18 +706,11 @@ def resolve_benchmark_names(names: str | Sequence[str], data_root: Path | None) 
             out.append(name)
             continue
         name = name[:-1]
-        try:
-            if data_root is None:
-                raise FileNotFoundError(name)
-            find_benchmark_dir(_SUBSET_SUFFIX.sub("", name), data_root, "sr")
-        except FileNotFoundError:
+        if not benchmark_present(name, data_root, "sr"):
             logger.info("optional benchmark %s is not under %s: skipped", name, data_root)
             continue
         out.append(name)
     return out
-
-
-_SUBSET_SUFFIX = re.compile(r"\[:\d+\]$")
 
 
 def benchmark_evaluator(
