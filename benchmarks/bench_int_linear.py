@@ -72,6 +72,24 @@ def psnr_on(model: torch.nn.Module, bench, scale: int, context) -> tuple[float, 
     return float(np.mean(scores)), outs
 
 
+def profile(variants: dict, size: int, top: int = 12) -> int:
+    """Top operators (self CPU time) of one forward of every variant at ``size`` px."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for name, (m, context, dtype) in variants.items():
+        with torch.inference_mode(), context():
+            m(x.to(dtype))  # warm-up
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                m(x.to(dtype))
+        print()
+        print(f"## {name}, {size} px")
+        print()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, default=WEIGHTS / "swinir_light_x4_ln.safetensors")
@@ -83,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-batch", type=int, default=8)
     parser.add_argument("--data-root", type=Path, default=DATA)
     parser.add_argument("--bench", default="Set5", help="benchmark for the PSNR check ('' skips)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="LR side: instead of the tables, where one forward of each model spends its CPU "
+        "time (torch.profiler, top operators)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -124,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.float32,
         )
     quality: list[str] = []
+    if args.profile:
+        args.bench = ""
     with tempfile.TemporaryDirectory() as tmp:
         for bits in (int(b) for b in args.bits.split(",")):
             cfg = method_config("compsrt", wbits=bits, abits=bits, dqc_iters=0)
@@ -150,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"| W{bits}A{bits} | {p_fake:.4f} | {p_int:.4f} | {p_int - p_fake:+.4f} "
                     f"| {gap:.2e} |"
                 )
+        if args.profile:
+            return profile(variants, args.profile)
         print()
         print(
             "| model | "
