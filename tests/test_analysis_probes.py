@@ -69,10 +69,12 @@ def test_entropy_layout_errors() -> None:
 
 def test_feature_stats_numbers() -> None:
     x = torch.tensor([[[1.0, -3.0], [-1.0, 1.0]]])
-    sq, mx, ent = feature_stats(x)
+    sq, mx, ent, bal = feature_stats(x)
     assert sq == pytest.approx((1 + 9 + 1 + 1) / 4)
     assert mx == 3.0
     assert ent == pytest.approx(0.5822031, abs=1e-6)
+    # m = [1, 2] -> p = [1/3, 2/3]; -sum p ln p = 0.6365142
+    assert bal == pytest.approx(0.6365142, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- a tiny model
@@ -201,7 +203,8 @@ def test_feature_probe_hook_writes_jsonl(tmp_path) -> None:
     records = read_feature_records(tmp_path)
     assert len(records) == 2 * 6
     assert [r["iter"] for r in records[:6]] == [10] * 6 and records[-1]["iter"] == 20
-    assert set(records[0]) == {"iter", "block", "kind", "sq_mean", "max_abs", "entropy"}
+    assert set(records[0]) == {
+        "iter", "block", "kind", "sq_mean", "max_abs", "entropy", "balance_entropy"}  # fmt: skip
     assert records[0]["sq_mean"] == pytest.approx(records[6]["sq_mean"])  # same weights
     assert probe.calls == 2 and probe.elapsed_s > 0
     with pytest.raises(AttributeError, match="model"):

@@ -86,17 +86,22 @@ class RunResult:
     probe_seconds: float
     probe_calls: int
     max_sq_mean: float
-    """Max over probes and blocks of the mean of x^2 (the paper's "feature magnitude")."""
+    """Max over probes and blocks of the mean square, mean of x^2 (the paper's "feature
+    magnitude"; RMS squared)."""
     max_abs: float
     """Max over probes and blocks of |x|."""
     final_sq_mean: float
     """Max over blocks of the mean of x^2 at the last probe."""
     final_entropy: float
-    """Mean over Transformer layers of the channel entropy at the last probe."""
+    """Mean over Transformer layers of the Algorithm-1 channel entropy at the last probe
+    (scale dependent: see :mod:`irformer.analysis.probes`)."""
     metrics: dict[str, float]
     """``"Set5/psnr"`` etc. of the final weights (BN: running statistics)."""
     metrics_batch_stats: dict[str, float] | None = None
     """BN only: the same with batch statistics at test time."""
+    final_balance_entropy: float = math.nan
+    """Mean over Transformer layers of the scale-invariant channel balance entropy at the
+    last probe (NaN in results written before it was recorded)."""
 
     @property
     def probe_overhead(self) -> float:
@@ -359,7 +364,14 @@ def train_and_score(
         final_entropy=sum(r["entropy"] for r in layers) / len(layers),
         metrics=metrics,
         metrics_batch_stats=metrics_bs,
+        final_balance_entropy=_layer_mean(layers, "balance_entropy"),
     )
+
+
+def _layer_mean(records: Sequence[dict[str, Any]], metric: str) -> float:
+    """Mean of ``metric`` over ``records``; NaN when the records predate the metric."""
+    values = [float(r[metric]) for r in records if metric in r]
+    return sum(values) / len(values) if values else math.nan
 
 
 def score(
