@@ -88,6 +88,7 @@ def test_norm_study_end_to_end(data_root, tmp_path) -> None:
         assert 5.0 < r.metrics["Set5/psnr"] < 60.0 and 0 < r.metrics["Set5/ssim"] <= 1
         assert r.max_sq_mean >= r.final_sq_mean > 0
         assert 0 < r.final_entropy <= math.log(8) + 1e-6
+        assert 0 < r.final_balance_entropy <= math.log(8) + 1e-6
         assert r.probe_calls == 1 + ITERS // 2  # iteration 0 + every 2nd
         assert 0 < r.probe_overhead < 1
         records = read_feature_records(out / r.label)
@@ -114,6 +115,17 @@ def test_norm_study_end_to_end(data_root, tmp_path) -> None:
         run_study(runs, out_dir=out, benchmarks=["Set5"], probe_count=2)
     again = run_study(runs, out_dir=out, benchmarks=["Set5"], probe_count=2, resume=True)
     assert [r.metrics for r in again] == [r.metrics for r in results]
+    # a result.json written before the balance entropy existed still resumes (NaN)
+    done = out / "ln" / "result.json"
+    data = json.loads(done.read_text())
+    del data["final_balance_entropy"]
+    done.write_text(json.dumps(data))
+    (old,) = run_study(runs[:1], out_dir=out, benchmarks=["Set5"], probe_count=2, resume=True)
+    assert math.isnan(old.final_balance_entropy)
+    assert (
+        "| — |"
+        in write_study_report([old], out, benchmarks=["Set5"], title="t")["table.md"].read_text()
+    )
 
 
 def test_divergence_is_reported(data_root, tmp_path, monkeypatch) -> None:

@@ -144,9 +144,7 @@ class BlockStats:
         return {"iter": iteration, **asdict(self)}
 
 
-def feature_stats(
-    x: Tensor, *, eps: float = ENTROPY_EPS
-) -> tuple[float, float, float, float]:
+def feature_stats(x: Tensor, *, eps: float = ENTROPY_EPS) -> tuple[float, float, float, float]:
     """``(sq_mean, max_abs, entropy, balance_entropy)`` of a tokens or maps tensor,
     batch-averaged (see :class:`BlockStats`)."""
     values = _stats_tensor(x, eps).cpu().tolist()

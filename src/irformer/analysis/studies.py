@@ -35,7 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from irformer.analysis.plots import (
+    has_metric,
     plot_bars,
+    plot_final_entropies,
     plot_per_block_curves,
     plot_run_overlay,
     reduce_over_blocks,
@@ -306,6 +308,9 @@ def train_and_score(
     model = build_network(cfg)
     if device is not None:
         model.to(device)
+    # The clock starts before the iteration-0 probe: probe_seconds counts it, so
+    # train_seconds must too (else the overhead fraction can exceed 1 on short runs).
+    start = time.perf_counter()
     probe.record(model, 0)
     diverged, reason, final_loss = False, "", math.nan
     last_iter = [0]
@@ -315,7 +320,6 @@ def train_and_score(
         if progress is not None:
             progress(state)
 
-    start = time.perf_counter()
     try:
         state = train(cfg, model=model, hooks=[probe], progress=track, device=device)
         final_loss = state.loss
@@ -448,7 +452,8 @@ def table_rows(results: Sequence[RunResult], benchmarks: Sequence[str]) -> list[
                 {
                     "max mean x²": _fmt(r.max_sq_mean, ".3g"),
                     "max |x|": _fmt(r.max_abs, ".3g"),
-                    "final entropy": _fmt(r.final_entropy, ".3f"),
+                    "final entropy (Alg. 1)": _fmt(r.final_entropy, ".3f"),
+                    "final balance entropy": _fmt(r.final_balance_entropy, ".3f"),
                     "final loss": _fmt(r.final_loss, ".4f"),
                     "iters": f"{r.iters_done}/{r.iters_planned}",
                     "diverged": "yes" if r.diverged else "no",
@@ -504,7 +509,12 @@ def write_study_report(
 
 
 def write_study_plots(results: Sequence[RunResult], out_dir: str | Path) -> dict[str, Path]:
-    """Overlaid magnitude/entropy curves, per-block curves and final bars of a study."""
+    """Overlaid magnitude/entropy curves, per-block curves and final bars of a study.
+
+    Both channel entropies are drawn: Algorithm 1 (``entropy*.png``) and the
+    scale-invariant balance (``balance_entropy*.png``, for runs that recorded it),
+    and ``final_entropies.png`` puts their final values side by side (Fig. 8).
+    """
     out = Path(out_dir)
     runs = {}
     for r in results:
@@ -525,18 +535,36 @@ def write_study_plots(results: Sequence[RunResult], out_dir: str | Path) -> dict
             runs, out / "entropy_per_block.png", metric="entropy"
         ),
     }
+    balanced = {label: recs for label, recs in runs.items() if has_metric(recs, "balance_entropy")}
+    if balanced:
+        paths["balance_entropy.png"] = plot_run_overlay(
+            balanced,
+            out / "balance_entropy.png",
+            metric="balance_entropy",
+            how="mean",
+            kind="layer",
+        )
+        paths["balance_entropy_per_block.png"] = plot_per_block_curves(
+            balanced, out / "balance_entropy_per_block.png", metric="balance_entropy"
+        )
     final_entropy = {r.label: r.final_entropy for r in results}
     paths["final_entropy.png"] = plot_bars(
         final_entropy,
         out / "final_entropy.png",
-        ylabel="channel entropy at the end (nats)",
+        ylabel="Alg. 1 channel entropy at the end (nats)",
         log=False,
+    )
+    paths["final_entropies.png"] = plot_final_entropies(
+        final_entropy,
+        {r.label: r.final_balance_entropy for r in results},
+        out / "final_entropies.png",
+        title="channel entropy at the end, mean over Transformer layers",
     )
     final_mag = {
         label: float(reduce_over_blocks(recs, "sq_mean", "max")[1].max())
         for label, recs in runs.items()
     }
     paths["max_magnitude.png"] = plot_bars(
-        final_mag, out / "max_magnitude.png", ylabel="max over training of mean $x^2$"
+        final_mag, out / "max_magnitude.png", ylabel="max over training of mean square $x^2$"
     )
     return paths
