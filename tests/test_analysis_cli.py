@@ -84,6 +84,9 @@ def test_analyze_run_cli(study: Path, capsys) -> None:
     assert "ln" in text and "iln" in text
     assert (out / "magnitude.png").is_file() and (out / "entropy_per_block.png").is_file()
     assert "final balance H" in text and (out / "balance_entropy.png").is_file()
+    assert main(["analyze", "run", runs[0], "--out", str(out), "--blocks"]) == 0
+    text = capsys.readouterr().out
+    assert "ln @ iter 0" in text and "ln @ iter 3" in text and "eff. ch" in text
     assert main(["analyze", "run", *runs, "--labels", "a"]) == 2  # wrong label count
     # a run recorded before the balance entropy existed still reads and plots
     old = study / "old_run"

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -36,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument("--labels", help="comma-separated labels (default: folder names)")
     p.add_argument("--out", type=Path, default=Path("analysis/runs"), help="output folder")
+    p.add_argument(
+        "--blocks",
+        action="store_true",
+        help="also print every block's numbers at each run's first and last probe",
+    )
     p.set_defaults(func=run_runs)
 
     p = sub.add_parser("bias", help="features entering the final norm vs its bias (Fig. 7)")
@@ -175,8 +181,33 @@ def run_runs(args: argparse.Namespace) -> int:
         _, bal = reduce_over_blocks(records, "balance_entropy", "mean", kind="layer")
         balance = f"{bal[-1]:>16.4f}" if bal.size else f"{'(not recorded)':>16}"
         print(f"{label:<20} {int(it[-1]):>9} {mag.max():>13.4g} {ent[-1]:>13.4f} {balance}")
+    if args.blocks:
+        for label, records in runs.items():
+            _print_block_table(label, records)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _print_block_table(label: str, records: list[dict[str, Any]]) -> None:
+    """Per block at the first and last probe: mean square, both entropies and the
+    effective channel count ``exp(balance entropy)``."""
+    import math
+
+    iters = sorted({int(r["iter"]) for r in records})
+    for at in dict.fromkeys((iters[0], iters[-1])):
+        print(f"\n{label} @ iter {at}")
+        print(
+            f"  {'block':<40} {'kind':<6} {'mean x^2':>10} {'alg1 H':>7} {'balance H':>9} "
+            f"{'eff. ch':>7}"
+        )
+        for r in records:
+            if int(r["iter"]) != at:
+                continue
+            bal = float(r.get("balance_entropy", math.nan))
+            print(
+                f"  {r['block']!s:<40} {r.get('kind', '')!s:<6} {float(r['sq_mean']):>10.4g} "
+                f"{float(r['entropy']):>7.3f} {bal:>9.3f} {math.exp(bal):>7.1f}"
+            )
 
 
 def run_bias(args: argparse.Namespace) -> int:
