@@ -140,8 +140,13 @@ def plot_per_block_curves(
     *,
     metric: str = "sq_mean",
     kind: str = "layer",
+    sharey: bool = True,
 ) -> Path:
-    """One panel per run: ``metric`` of every block vs iteration, coloured by depth (Fig. 1a)."""
+    """One panel per run: ``metric`` of every block vs iteration, coloured by depth (Fig. 1a).
+
+    ``sharey`` gives every panel the same y range, so runs compare at a glance
+    (per-panel ranges would blow a 0.01-nat wiggle up to full height).
+    """
     if not runs:
         raise ValueError("no runs to plot")
     n = len(runs)
@@ -149,8 +154,10 @@ def plot_per_block_curves(
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
     log = metric in ("sq_mean", "max_abs")
+    first = None
     for i, (label, records) in enumerate(runs.items()):
-        ax = fig.add_subplot(rows, cols, i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1, sharey=first if sharey else None)
+        first = first or ax
         series = records_by_block(records, metric, kind=kind) or records_by_block(records, metric)
         cmap = _colormap("viridis")
         for j, (_, (it, val)) in enumerate(series.items()):
