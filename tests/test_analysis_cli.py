@@ -87,6 +87,10 @@ def test_analyze_run_cli(study: Path, capsys) -> None:
     assert main(["analyze", "run", runs[0], "--out", str(out), "--blocks"]) == 0
     text = capsys.readouterr().out
     assert "ln @ iter 0" in text and "ln @ iter 3" in text and "eff. ch" in text
+    assert main(["analyze", "run", runs[0], "--out", str(out), "--blocks", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "ln @ iter 2" in text and "ln @ iter 0" not in text
+    assert main(["analyze", "run", runs[0], "--out", str(out), "--blocks", "7"]) == 2
     assert main(["analyze", "run", *runs, "--labels", "a"]) == 2  # wrong label count
     # a run recorded before the balance entropy existed still reads and plots
     old = study / "old_run"

@@ -39,8 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("analysis/runs"), help="output folder")
     p.add_argument(
         "--blocks",
-        action="store_true",
-        help="also print every block's numbers at each run's first and last probe",
+        nargs="?",
+        const="",
+        metavar="ITERS",
+        help="also print every block's numbers at each run's first and last probe, or at "
+        "the comma-separated probe iterations ITERS (e.g. 0,50,1500)",
     )
     p.set_defaults(func=run_runs)
 
@@ -181,20 +184,24 @@ def run_runs(args: argparse.Namespace) -> int:
         _, bal = reduce_over_blocks(records, "balance_entropy", "mean", kind="layer")
         balance = f"{bal[-1]:>16.4f}" if bal.size else f"{'(not recorded)':>16}"
         print(f"{label:<20} {int(it[-1]):>9} {mag.max():>13.4g} {ent[-1]:>13.4f} {balance}")
-    if args.blocks:
+    if args.blocks is not None:
+        wanted = [int(t) for t in args.blocks.split(",") if t.strip()]
         for label, records in runs.items():
-            _print_block_table(label, records)
+            _print_block_table(label, records, wanted)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
-def _print_block_table(label: str, records: list[dict[str, Any]]) -> None:
-    """Per block at the first and last probe: mean square, both entropies and the
-    effective channel count ``exp(balance entropy)``."""
+def _print_block_table(label: str, records: list[dict[str, Any]], wanted: list[int]) -> None:
+    """Per block at the ``wanted`` probes (default first and last): mean square, both
+    entropies and the effective channel count ``exp(balance entropy)``."""
     import math
 
     iters = sorted({int(r["iter"]) for r in records})
-    for at in dict.fromkeys((iters[0], iters[-1])):
+    missing = sorted(set(wanted) - set(iters))
+    if missing:
+        raise ValueError(f"{label}: no probe at iterations {missing}; probes at {iters}")
+    for at in wanted or dict.fromkeys((iters[0], iters[-1])):
         print(f"\n{label} @ iter {at}")
         print(
             f"  {'block':<40} {'kind':<6} {'mean x^2':>10} {'alg1 H':>7} {'balance H':>9} "
