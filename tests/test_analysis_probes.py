@@ -24,7 +24,8 @@ from irformer.analysis.probes import (
     rpe_smoothness,
     rpe_tables,
 )
-from irformer.archs.common import SwinTransformerBlock
+from irformer.archs.layers import ResidualGroup
+from irformer.archs.swinir import SwinTransformerBlock
 from irformer.norms import BatchNorm, build_norm
 
 # --------------------------------------------------------------------------- entropy
@@ -131,7 +132,7 @@ def test_feature_stats_numbers() -> None:
 # --------------------------------------------------------------------------- a tiny model
 
 
-class _Group(nn.Module):
+class _Group(ResidualGroup):
     """A residual group in the SwinIR convention (``residual_group`` + conv)."""
 
     def __init__(self, dim: int, depth: int, norm: str) -> None:

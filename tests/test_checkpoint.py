@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from irformer.engine import checkpoint as ck
+from irformer.errors import CheckpointReadError
 
 
 def draws() -> tuple[list[float], list[float], float, float]:
@@ -97,7 +98,7 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "c.pth"
     ck.save_checkpoint(path, {"params": {"w": torch.ones(1000)}})
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(RuntimeError, match="unreadable or truncated"):
+    with pytest.raises(CheckpointReadError, match="unreadable or truncated"):
         ck.load_checkpoint(path)
 
 

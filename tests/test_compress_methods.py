@@ -63,7 +63,7 @@ def test_wraps_every_block_linear_and_attention_operand(data) -> None:
     assert all("residual_group.blocks" in n for n in names)
     assert count_quantized(qmodel)["activation_quantizers"] == 16 + 16
     attn = qmodel.layers[0].residual_group.blocks[1].attn
-    assert all(isinstance(getattr(attn, h), ActQuantizer) for h in ("quant_q", "quant_k"))
+    assert all(isinstance(getattr(attn.operands, h), ActQuantizer) for h in ("quant_q", "quant_k"))
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # FP model untouched
     assert isinstance(qmodel.conv_first, nn.Conv2d)
     # qkv: three bound pairs (q, k, v rows), one input quantiser.
@@ -116,8 +116,8 @@ def test_rotation_sizes() -> None:
         assert blk.attn.qkv.act_quantizer.rotate_size == embed
         assert blk.attn.qkv.weight_quantizer.rotate_size == embed
         assert blk.mlp.fc2.weight_quantizer.rotate_size == 2 * embed
-        assert blk.attn.quant_q.rotate_size == head
-        assert blk.attn.quant_attn.rotate_size == 64
+        assert blk.attn.operands.quant_q.rotate_size == head
+        assert blk.attn.operands.quant_attn.rotate_size == 64
 
 
 def test_rotation_skip() -> None:
@@ -125,7 +125,7 @@ def test_rotation_skip() -> None:
     cfg = method_config("compsrt", wbits=4, abits=4, dqc_iters=0, rotation_skip=("post_softmax",))
     qmodel = quantize_model(model, cfg, torch.rand(2, 3, 16, 16)).model
     attn = qmodel.layers[0].residual_group.blocks[0].attn
-    assert attn.quant_attn.rotate_size is None and attn.quant_q.rotate_size == 8
+    assert attn.operands.quant_attn.rotate_size is None and attn.operands.quant_q.rotate_size == 8
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown roles"):
         quantize_model(
@@ -176,11 +176,11 @@ def test_ptq4vit_uses_twin_uniform(data) -> None:
     model = tiny_swinir()
     qmodel = quantize_model(model, method_config("ptq4vit", wbits=4, abits=4), calib).model
     blk = qmodel.layers[0].residual_group.blocks[0]
-    assert isinstance(blk.attn.quant_attn, TwinUniformQuantizer)
+    assert isinstance(blk.attn.operands.quant_attn, TwinUniformQuantizer)
     assert isinstance(blk.mlp.fc2.act_quantizer, TwinUniformQuantizer)
     assert isinstance(blk.attn.qkv.act_quantizer, ActQuantizer)
     # Post-softmax: R1 is finer than R2 by a power of two.
-    q = blk.attn.quant_attn
+    q = blk.attn.operands.quant_attn
     ratio = float(q.delta_r2 / q.delta_r1)
     assert ratio >= 1 and ratio == 2 ** round(torch.log2(torch.tensor(ratio)).item())
 
@@ -229,7 +229,7 @@ def test_hat_blocks_including_overlapping_attention() -> None:
     names = [n for n, _ in quant_linears(qmodel.model)]
     assert any("overlap_attn.qkv" in n for n in names) and len(names) == 12
     ocab = qmodel.model.layers[0].residual_group.overlap_attn
-    assert ocab.quant_attn.rotate_size == 256  # 12 x 12 key window -> 144 -> 256
+    assert ocab.operands.quant_attn.rotate_size == 256  # 12 x 12 key window -> 144 -> 256
     assert _rel_error(model, qmodel.model, calib) < 2e-3
 
 

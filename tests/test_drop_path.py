@@ -14,12 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from irformer.archs.common import SwinTransformerBlock, stochastic_depth_rates
+from irformer.archs import build_model
+from irformer.archs.checkpoints import prepare_state_dict
 from irformer.archs.drct import DRCT
 from irformer.archs.hat import HAT
-from irformer.archs.registry import build_model, prepare_state_dict
+from irformer.archs.layers import stochastic_depth_rates
 from irformer.archs.srformer import PSABlock
-from irformer.archs.swinir import SwinIR
+from irformer.archs.swinir import SwinIR, SwinTransformerBlock
 from irformer.norms import build_norm, drop_path, merge_residual
 
 SWINIR_TINY = {

@@ -8,25 +8,22 @@ import pytest
 import torch
 from torch import nn
 
-from irformer.archs.common import (
-    SwinTransformerBlock,
-    WindowAttention,
-    shifted_window_mask,
-    window_sdpa,
-)
-from irformer.archs.swinir import SwinIR
+from irformer.archs import attention
+from irformer.archs.attention import window_sdpa
+from irformer.archs.hat import HAB
+from irformer.archs.swinir import SwinIR, WindowAttention
+from irformer.archs.windows import shifted_window_mask
 from irformer.engine.infer import (
     RestoreOptions,
-    chunked_attention,
     forward_exact,
     forward_plain,
     forward_tiled,
-    precision_dtype,
-    prepare_model_for_precision,
     restore_tensor,
     run_with_precision,
     self_ensemble,
 )
+from irformer.engine.precision import precision_dtype, prepare_model_for_precision
+from irformer.execution import current_execution, execution_context
 
 
 def tiny_swinir(norm: str, *, scale: int = 2, gain: float = 1.0, seed: int = 0) -> SwinIR:
@@ -73,20 +70,22 @@ def test_exact_chunked_equals_plain(norm: str) -> None:
         assert torch.allclose(out, ref, atol=1e-5, rtol=0), (norm, windows)
 
 
-def test_chunked_attention_sets_and_restores_attributes() -> None:
+def test_execution_context_nests_and_restores() -> None:
+    """Chunking is a property of the call (the context), never of the modules."""
+    assert current_execution().windows_per_chunk is None
+    with execution_context(windows_per_chunk=11, tokens_per_chunk=5) as context:
+        assert current_execution() is context
+        assert context.mlp_tokens(window_size=4) == 5
+        with execution_context(cpu_kernels="off"):
+            assert current_execution().windows_per_chunk == 11  # nesting keeps chunking
+            assert current_execution().kernel_policy == "off"
+    assert current_execution().windows_per_chunk is None
+    with execution_context(windows_per_chunk=3):
+        assert current_execution().mlp_tokens(window_size=4) == 3 * 16
+    with pytest.raises(ValueError, match="windows_per_chunk"):
+        execution_context(windows_per_chunk=0).__enter__()
     model = tiny_swinir("ln")
-    blocks = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
-    attns = [m for m in model.modules() if isinstance(m, WindowAttention)]
-    assert len(blocks) == len(attns) == 4
-    blocks[0].chunk_windows = 3  # an explicit setting survives the context
-    with chunked_attention(model, windows_per_chunk=11, tokens_per_chunk=5):
-        assert all(b.chunk_windows == 11 and b.chunk_tokens == 5 for b in blocks)
-        assert all(a.chunk_windows == 11 for a in attns)
-    assert blocks[0].chunk_windows == 3
-    assert all(b.chunk_windows is None for b in blocks[1:])
-    assert all("chunk_windows" not in a.__dict__ for a in attns)
-    with pytest.raises(ValueError, match="windows_per_chunk"), chunked_attention(model, 0):
-        pass
+    assert not any(hasattr(m, "chunk_windows") for m in model.modules())
 
 
 def test_window_attention_chunked_with_mask() -> None:
@@ -94,10 +93,17 @@ def test_window_attention_chunked_with_mask() -> None:
     attn = WindowAttention(8, 4, 2).eval()
     mask = shifted_window_mask(12, 16, 4, 2, torch.device("cpu"))  # 12 windows
     x = torch.randn(2 * mask.shape[0], 16, 8)
-    with torch.no_grad():
-        ref = attn(x, mask)
-        attn.chunk_windows = 5  # chunks 5+5+2 per image, never across images
-        out = attn(x, mask)
+    geometry = {
+        "qkv": attn.qkv,
+        "proj": attn.proj,
+        "bias": attn.position_bias().detach(),
+        "heads": 2,
+        "scale": attn.scale,
+    }
+    with torch.no_grad(), execution_context(cpu_kernels="off"):
+        ref = attention._attend_windows(x, mask, None, attn.operands, **geometry)
+        # chunks 5+5+2 per image, never across images
+        out = attention._attend_windows(x, mask, 5, attn.operands, **geometry)
     assert torch.allclose(out, ref, atol=1e-6, rtol=0)
 
 
@@ -105,22 +111,22 @@ def test_window_attention_chunked_with_mask() -> None:
 def test_chunked_block_with_conv_branch(shift: int) -> None:
     """HAT's hybrid block: the conv branch joins the attention before the i-LN rescale."""
     torch.manual_seed(2)
-    conv = nn.Sequential(nn.Conv2d(12, 4, 3, 1, 1), nn.GELU(), nn.Conv2d(4, 12, 3, 1, 1))
-    block = SwinTransformerBlock(
+    block = HAB(
         12,
         3,
         window_size=4,
         shift_size=shift,
         mlp_ratio=2.0,
         norm="iln",
-        conv_branch=conv,
+        compress_ratio=3,
+        squeeze_factor=3,
         conv_scale=0.5,
     ).eval()
     x = torch.randn(2, 12 * 16, 12) * 3
     with torch.no_grad():
         ref = block(x, (12, 16))
-        block.chunk_windows = 4
-        out = block(x, (12, 16))
+        with execution_context(windows_per_chunk=4):
+            out = block(x, (12, 16))
     assert torch.allclose(out, ref, atol=1e-5, rtol=0)
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from irformer.archs.common import SwinTransformerBlock
-from irformer.archs.swinir import SwinIR
+from irformer.archs.swinir import SwinIR, SwinTransformerBlock
 from irformer.norms import (
     NORM_NAMES,
     RESCALING_NORMS,
@@ -15,6 +14,7 @@ from irformer.norms import (
     HolisticLayerNorm,
     RescaledLayerNorm,
     build_norm,
+    image_statistics_norms,
     merge_residual,
     set_batchnorm_eval_mode,
     token_std,
@@ -108,6 +108,30 @@ def test_outputs_do_not_depend_on_other_samples(name: str, train: bool) -> None:
         assert (a - b).abs().max() > 0.1
     else:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("train", [False, True])
+def test_image_statistics_flag_matches_behaviour(name: str, train: bool) -> None:
+    """``image_statistics`` (what the tiling warning and the memory planner read) is
+    True exactly when a token slice is normalised and merged differently from the
+    same tokens inside the whole image: ln_rs, like ln, uses per-token statistics
+    only (its rescale too), so tiles see the model's own numbers; LN*, i-LN, IN
+    and BN with batch statistics do not."""
+    torch.manual_seed(7)
+    x = torch.randn(1, 32, 8) * torch.rand(1, 32, 1) * 5 + 1
+    norm = build_norm(name, 8).train(train)
+    whole = _branch_output(name, x, train)[:, :10]
+    part = _branch_output(name, x[:, :10], train)
+    differs = not torch.allclose(whole, part, rtol=0, atol=1e-6)
+    assert norm.image_statistics == differs
+    model = SwinIR(
+        img_size=8, embed_dim=8, depths=(1,), num_heads=(2,), window_size=4, norm=name
+    ).train(train)
+    found = image_statistics_norms(model)
+    assert bool(found) == differs
+    if name == "ln_rs":
+        assert not found
 
 
 @pytest.mark.parametrize("name", ["ln", "iln", "in", "bn", "ln_rs"])

@@ -122,7 +122,7 @@ def test_metadata_round_trip(tmp_path, suffix) -> None:
     path = save_model_weights(tmp_path / f"m{suffix}", model, {"task": "sr"})
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
     _, meta = read_state_dict(path)
-    assert meta == {**registry.make_meta(registry.arch_specs()["swinir"], None, {
+    assert meta == {**registry.make_meta(registry.ARCHITECTURES["swinir"], None, {
         **TINY, "upscale": 2, "upsampler": "pixelshuffledirect", "norm": "iln"})}  # fmt: skip
     assert meta["norm"] == "iln" and meta["arch"] == "swinir" and meta["scale"] == 2
     loaded, loaded_meta = load_checkpoint_model(path)
@@ -235,17 +235,20 @@ def test_presets_build_and_count(monkeypatch) -> None:
     assert 11.8e6 < registry.count_parameters(classical) < 12.0e6
     assert model_meta(light)["task"] == "sr"
     with torch.device("meta"):
-        assert model_meta(build_model("swinir_car_color"))["task"] == "jpeg_car"
+        assert model_meta(build_model("swinir_car_color"))["task"] == "car"
 
 
-def test_missing_module_is_skipped(monkeypatch) -> None:
-    monkeypatch.setattr(registry, "ARCH_MODULES", ("swinir", "does_not_exist"))
-    registry.arch_specs.cache_clear()
-    try:
-        assert list(registry.arch_specs()) == ["swinir"]
-    finally:
-        monkeypatch.undo()
-        registry.arch_specs.cache_clear()
+def test_architecture_table_is_explicit() -> None:
+    """The four architectures are listed by name (no import-time discovery), each
+    preset with its task in the one task vocabulary."""
+    from irformer.tasks import TASKS
+
+    assert list(registry.ARCHITECTURES) == ["swinir", "hat", "drct", "srformer"]
+    for spec in registry.ARCHITECTURES.values():
+        assert set(spec.preset_tasks) == set(spec.presets)
+        assert set(spec.preset_tasks.values()) <= set(TASKS)
+    source = Path(registry.__file__).read_text()
+    assert "importlib" not in source and "getattr(module" not in source
 
 
 def test_describe_checkpoint(spandrel_archs, tmp_path) -> None:
@@ -270,7 +273,7 @@ def test_unreadable_files(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         read_state_dict(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=r"junk\.pth: not a loadable"):
+    with pytest.raises(ValueError, match=r"junk\.pth: not a readable PyTorch file"):
         read_state_dict(tmp_path / "junk.pth")
     torch.save({"optimizer": {"lr": 1}}, tmp_path / "opt.pth")
     with pytest.raises(ValueError, match="no state dict found"):
@@ -283,7 +286,7 @@ def test_cli_models_list_and_info(tmp_path, capsys) -> None:
     assert main(["models", "list", "--arch", "swinir", "--json"]) == 0
     rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["swinir_light_x4"]["params"] == 929_628
-    assert rows["swinir_car_gray"]["task"] == "jpeg_car"
+    assert rows["swinir_car_gray"]["task"] == "car"
     model = build_model("swinir", upscale=2, upsampler="pixelshuffledirect", norm="iln", **TINY)
     path = save_model_weights(tmp_path / "m.safetensors", model)
     assert main(["models", "info", str(path)]) == 0

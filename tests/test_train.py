@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from irformer.archs import read_state_dict
+from irformer.archs import read_state_dict, transformer_blocks
+from irformer.archs.layers import TransformerBlock
 from irformer.engine.checkpoint import list_checkpoints, load_checkpoint
 from irformer.engine.config import load_config
 from irformer.engine.data import PositionedDataset, TensorPairs, make_loader
@@ -20,14 +21,13 @@ from irformer.engine.train import (
     TrainState,
     read_metrics,
     train,
-    transformer_blocks,
 )
 from irformer.norms import build_norm, merge_residual
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TinyBlock(nn.Module):
+class TinyBlock(TransformerBlock):
     """A pre-norm token block with the norm1/norm2 layout of the real ones."""
 
     def __init__(self, dim: int, norm: str) -> None:
@@ -227,7 +227,7 @@ def test_grad_clip_kl_and_bf16_options_train(tmp_path: Path) -> None:
 
 def test_kl_regulariser_sees_every_transformer_block() -> None:
     model = TinySR()
-    assert transformer_blocks(model) == list(model.blocks)
+    assert [block for _, block in transformer_blocks(model)] == list(model.blocks)
 
 
 def test_multistep_scheduler_and_warm_start(tmp_path: Path) -> None:
@@ -239,11 +239,12 @@ def test_multistep_scheduler_and_warm_start(tmp_path: Path) -> None:
         "train.scheduler=multisteplr",
         "train.milestones=[2, 4]",
         f"train.warm_start={src.run_dir / 'checkpoints' / 'iter_00000005.pth'}",
-        "train.lr=0",
+        "train.lr=1e-30",  # lr must be > 0 (config check)
     )
     lrs = {r["iter"]: r["lr"] for r in read_metrics(state.run_dir)}
-    assert lrs[1] == 0.0
-    # lr 0: the warm-started weights are exactly the source EMA weights.
+    assert lrs[1] == 1e-30
+    # Adam's steps (about lr) are far below one ulp of the weights: the warm-started
+    # weights stay exactly the source EMA weights.
     state_dict, _ = read_state_dict(state.run_dir / "checkpoints" / "iter_00000006.pth")
     assert torch.equal(state.model.state_dict()["head.weight"], src_w["head.weight"])
     assert torch.equal(state_dict["head.weight"], src_w["head.weight"])
@@ -321,7 +322,7 @@ def test_fresh_run_in_old_folder_and_resume_cut_every_jsonl(tmp_path: Path) -> N
 
 
 def test_demo_feature_summary_and_table() -> None:
-    from irformer.cli.demo import final_features, markdown_table
+    from irformer.experiments.demo import final_features, markdown_table
 
     records = [
         {"iter": 10, "block": "a", "kind": "layer", "sq_mean": 1.0, "entropy": 3.0},

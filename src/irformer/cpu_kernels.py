@@ -19,15 +19,15 @@ small PyTorch ops per norm where LayerNorm is one. ``csrc/cpu_kernels.cpp``:
   mean and ``sqrt(var + eps)`` (two passes, fp64 totals) and the normalisation
   with the per-channel affine, one call each.
 
-Which dtypes use them is a policy, ``IRFORMER_CPU_KERNELS``:
-
-- ``all`` (default): bf16 and fp32 inference.
-- ``bf16``: bf16 only; fp32 runs PyTorch's ops.
-- ``off``: never (the eager path, e.g. for comparisons).
+Which tensors use them is decided by the execution context
+(:func:`irformer.execution.kernels_allowed`: the ``IRFORMER_CPU_KERNELS`` policy
+``all`` / ``bf16`` / ``off`` or an explicit :class:`~irformer.execution.ExecutionContext`);
+this module adds what the kernels support (window, key-window and head sizes)
+and whether the extension builds.
 
 Autograd (training) always runs PyTorch's ops. The extension is compiled with
 :mod:`torch.utils.cpp_extension` (a C++ compiler and the ``ninja`` package;
-about 30 s on first use, cached under ``TORCH_EXTENSIONS_DIR``, default
+compiled once per machine and version, cached under ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``, in a folder named after this CPU's feature
 flags, torch and Python, because it is built with ``-march=native`` against
 this torch). If the build fails, one warning names the reason and the eager
@@ -49,9 +49,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from irformer.execution import kernels_allowed
+
 log = logging.getLogger(__name__)
 
-POLICIES = ("all", "bf16", "off")
 MAX_TOKENS = 256
 MAX_KV_TOKENS = 1024
 MAX_HEAD_DIM = 64
@@ -62,23 +63,14 @@ _kernel: ModuleType | None = None
 _failure: str | None = None
 
 
-def kernel_policy() -> str:
-    """The ``IRFORMER_CPU_KERNELS`` policy; an unknown value is an error naming it."""
-    policy = os.environ.get("IRFORMER_CPU_KERNELS", "all").strip().lower()
-    if policy not in POLICIES:
-        raise ValueError(f"IRFORMER_CPU_KERNELS={policy!r} is not one of {', '.join(POLICIES)}")
-    return policy
-
-
 STALE_LOCK_SECONDS = 600
 """A build lock older than this is left over from a killed build (PyTorch's
 lock would otherwise make every later process wait for it forever)."""
 
 
-def _build_tag() -> str:
-    """Short hash of this CPU's feature flags, torch and Python: a build is only
-    loaded where it was built for (a -march=native build on a shared home
-    directory must not reach an older CPU, nor a build for another torch ABI)."""
+def machine_tag() -> str:
+    """Short hash of this CPU's feature flags, torch and Python: what a
+    ``-march=native`` build (and the exact bits of its results) depends on."""
     flags = f"{platform.machine()} torch {torch.__version__} py {platform.python_version()} "
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -89,6 +81,15 @@ def _build_tag() -> str:
     except OSError:
         pass
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def _build_tag() -> str:
+    """:func:`machine_tag` and the kernel source: a build is only loaded where it
+    was built for (a shared home directory must not hand an older CPU or another
+    torch ABI a build), and two checkouts with different kernel sources get
+    different folders instead of rebuilding each other's on every switch."""
+    source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()
+    return hashlib.sha1(f"{machine_tag()} {source}".encode()).hexdigest()[:10]
 
 
 def _build() -> ModuleType:
@@ -111,6 +112,10 @@ def _build() -> ModuleType:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
+    if (build_dir / f"{name}.so").exists():
+        log.debug("loading irformer's CPU kernels from %s", build_dir)
+    else:
+        log.info("compiling irformer's CPU kernels (once per machine and version: ~30 s)")
     return cpp_extension.load(
         name=name,
         build_directory=str(build_dir),
@@ -129,7 +134,6 @@ def load_kernel() -> ModuleType | None:
         return _kernel
     with _lock:
         if _kernel is None and _failure is None:
-            log.info("loading irformer's CPU kernels (compiled on first use: ~30 s once)")
             try:
                 _kernel = _build()
             except Exception as exc:  # any build failure means "use the eager path"
@@ -143,21 +147,11 @@ def load_kernel() -> ModuleType | None:
     return _kernel
 
 
-def _serves(x: Tensor) -> bool:
-    """CPU inference without autograd in a dtype the policy selects."""
-    if x.device.type != "cpu" or torch.is_grad_enabled():
-        return False
-    policy = kernel_policy()
-    if policy == "off" or x.dtype not in (torch.bfloat16, torch.float32):
-        return False
-    return x.dtype == torch.bfloat16 or policy == "all"
-
-
 def use_fused_attention(x: Tensor, tokens: int, head_dim: int, kv_tokens: int = 0) -> bool:
     """Whether :func:`fused_window_attention` serves attention on ``x`` (the
-    tokens fed to the qkv projection): :func:`_serves`, window, key window and
-    head sizes the kernel supports, and an extension that builds."""
-    if not _serves(x) or tokens > MAX_TOKENS or head_dim > MAX_HEAD_DIM:
+    tokens fed to the qkv projection): the execution context allows it, the
+    kernel supports the window, key window and head sizes, and the extension builds."""
+    if not kernels_allowed(x) or tokens > MAX_TOKENS or head_dim > MAX_HEAD_DIM:
         return False
     if kv_tokens > MAX_KV_TOKENS or kv_tokens % 2:
         return False
@@ -166,8 +160,8 @@ def use_fused_attention(x: Tensor, tokens: int, head_dim: int, kv_tokens: int = 
 
 def use_norm_kernels(x: Tensor) -> bool:
     """Whether :func:`holistic_stats` / :func:`holistic_normalize` serve ``x``
-    (B, L, C): :func:`_serves`, contiguous, and an extension that builds."""
-    return _serves(x) and x.dim() == 3 and x.is_contiguous() and load_kernel() is not None
+    (B, L, C): the execution context allows it, contiguous, and an extension that builds."""
+    return kernels_allowed(x) and x.dim() == 3 and x.is_contiguous() and load_kernel() is not None
 
 
 def holistic_stats(x: Tensor, eps: float) -> Tensor:

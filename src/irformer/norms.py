@@ -18,7 +18,7 @@ Tokens are ``(B, L, C)``. Parameter names (``weight``/``bias``) follow
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from irformer import cpu_kernels
 
-NORM_NAMES: tuple[str, ...] = (
+NormName = Literal[
     "ln",
     "ln_star",
     "iln",
@@ -37,7 +37,8 @@ NORM_NAMES: tuple[str, ...] = (
     "layerscale",
     "rezero",
     "ln_rs",
-)
+]
+NORM_NAMES: tuple[str, ...] = get_args(NormName)
 """Every name :func:`build_norm` accepts: the paper's Table 1 set and ``ln_rs``, the
 one Table 3 row that Table 1 lacks (per-token LN with i-LN's rescale).
 
@@ -45,7 +46,7 @@ The four rows of Table 3 are ``ln`` (idx 1), ``ln_rs`` (idx 2: rescaling, no
 spatial holisticness), ``ln_star`` (idx 3: holisticness, no rescaling) and
 ``iln`` (idx 4: both)."""
 
-RESCALING_NORMS: tuple[str, ...] = ("iln", "ln_rs")
+RESCALING_NORMS: tuple[NormName, ...] = ("iln", "ln_rs")
 """Norms whose branch is multiplied by the input's std before the residual add
 (the paper's "Rs"): their blocks carry the input scale through, and their
 post-embedding and final norms are plain affines (see :func:`build_norm`)."""
@@ -68,6 +69,11 @@ class TokenNorm(nn.Module):
     Subclasses implement :meth:`statistics` and :meth:`normalize`; the default
     :meth:`rescale_branch` leaves the branch unchanged (plain pre-norm residual).
     """
+
+    image_statistics: bool = False
+    """Whether the statistics span the whole image (all tokens), so that a tile of
+    an image is normalised differently from the whole: tiled inference is then not
+    the model's output (see :func:`image_statistics_norms`)."""
 
     def statistics(self, x: Tensor) -> Tensor | None:
         """Statistics that :meth:`normalize` and :meth:`rescale_branch` share."""
@@ -184,6 +190,8 @@ class HolisticLayerNorm(_ChannelAffine):
     through the std as in the authors' code.
     """
 
+    image_statistics = True
+
     def __init__(self, dim: int, *, eps: float = ILN_EPS, rescale: bool = False) -> None:
         super().__init__(dim)
         self.eps = eps
@@ -294,6 +302,8 @@ class RMSNorm(TokenNorm):
 class InstanceNorm(_ChannelAffine):
     """InstanceNorm: per sample and per channel, statistics over the L tokens."""
 
+    image_statistics = True
+
     def __init__(self, dim: int, *, eps: float = 1e-5) -> None:
         super().__init__(dim)
         self.eps = eps
@@ -321,6 +331,12 @@ class BatchNorm(TokenNorm):
         self.dim = dim
         self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum)
         self.use_batch_stats_in_eval = False
+
+    @property
+    def image_statistics(self) -> bool:  # type: ignore[override]
+        """Batch statistics (training, or ``use_batch_stats_in_eval``) pool every token of
+        the batch, so tiles see other values; running statistics do not."""
+        return self.training or self.use_batch_stats_in_eval
 
     def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
         b, l, c = x.shape
@@ -367,6 +383,20 @@ class ReZero(Identity):
 
     def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
         return branch * self.rezero_alpha
+
+
+def image_statistics_norms(model: nn.Module) -> list[str]:
+    """Class names of the norms in ``model`` whose statistics span the whole image
+    (LN*, i-LN, InstanceNorm; BatchNorm with batch statistics): tiles of an image see
+    other statistics than the image,
+    so tiled inference differs from the model's output (``restore --exact-chunk`` is
+    the exact bounded-memory path)."""
+    found = {
+        type(m).__name__: None
+        for m in model.modules()
+        if isinstance(m, TokenNorm) and m.image_statistics
+    }
+    return list(found)
 
 
 def build_norm(

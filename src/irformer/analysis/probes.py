@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from irformer.archs.common import SwinTransformerBlock
+from irformer.archs.layers import ResidualGroup, TransformerBlock
+from irformer.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -166,23 +167,12 @@ def _stats_tensor(x: Tensor, eps: float) -> Tensor:
 
 # --------------------------------------------------------------------------- block discovery
 
-BLOCK_TYPES: dict[str, BlockKind] = {
-    # Transformer layers (one attention + one MLP merge each)
-    "SwinTransformerBlock": "layer",  # common.py (SwinIR, DRCT) and subclasses
-    "HAB": "layer",  # HAT: hybrid attention block
-    "OCAB": "layer",  # HAT: overlapping cross-attention block
-    "PSABlock": "layer",  # SRFormer: permuted self-attention block
-    "SRFormerBlock": "layer",
-    # residual groups
-    "RSTB": "group",  # SwinIR, SRFormer
-    "RHAG": "group",  # HAT
-    "RDG": "group",  # DRCT: residual dense group
-    "PSAGroup": "group",
-}
-"""Class name -> block kind. Names (not classes) so that the probes need not import
-every architecture; a module is also a ``layer`` if it subclasses
-:class:`~irformer.archs.common.SwinTransformerBlock` and a ``group`` if it has a
-``residual_group`` attribute (the SwinIR/HAT convention)."""
+BLOCK_TYPES: dict[str, BlockKind] = {}
+"""Class name -> block kind, for models built outside irformer. irformer's own are
+found by type: every :class:`~irformer.archs.layers.TransformerBlock` is a
+``layer`` and every :class:`~irformer.archs.layers.ResidualGroup` a ``group``
+(the same blocks :func:`irformer.archs.transformer_blocks` gives training and
+compression)."""
 
 
 def register_block_type(class_name: str, kind: BlockKind) -> None:
@@ -194,14 +184,14 @@ def register_block_type(class_name: str, kind: BlockKind) -> None:
 
 def block_kind(module: nn.Module) -> BlockKind | None:
     """``layer``/``group`` for a module the probes measure, None otherwise."""
+    if isinstance(module, TransformerBlock):
+        return "layer"
+    if isinstance(module, ResidualGroup):
+        return "group"
     for cls in type(module).__mro__:
         kind = BLOCK_TYPES.get(cls.__name__)
         if kind is not None:
             return kind
-    if isinstance(module, SwinTransformerBlock):
-        return "layer"
-    if isinstance(getattr(module, "residual_group", None), nn.Module):
-        return "group"
     return None
 
 
@@ -405,7 +395,7 @@ def truncate_records(path: Path, last_iteration: int) -> None:
             continue
         if int(rec.get("iter", 0)) <= last_iteration:
             kept.append(line + "\n")
-    path.write_text("".join(kept))
+    atomic_write(path, "".join(kept))
 
 
 def read_feature_records(path: str | Path) -> list[dict[str, Any]]:

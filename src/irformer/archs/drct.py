@@ -30,32 +30,28 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from irformer.archs.common import (
+from irformer.archs.layers import (
     PatchEmbed,
     PatchUnEmbed,
-    SwinTransformerBlock,
-    add_input_stem,
-    add_reconstruction_head,
+    ResidualGroup,
+    RestorationTransformer,
     check_model_args,
     count_indexed,
-    deep_features,
+    detect_head,
     init_linear_weights,
-    input_stats,
     residual_conv,
-    restore_forward,
     stochastic_depth_rates,
 )
+from irformer.archs.spec import ArchSpec
+from irformer.archs.swinir import SwinTransformerBlock
 from irformer.norms import build_norm
 
-ARCH_NAME = "drct"
 DRCT_UPSAMPLERS: tuple[str, ...] = ("pixelshuffle", "pixelshuffledirect", "")
 """Reconstruction heads: the official one plus SwinIR's light and same-size heads."""
 RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "identity")
 BLOCKS_PER_GROUP = 5
 GROUP_RESIDUAL_SCALE = 0.2
 """The official RDG output: ``0.2 * dense branch + input`` (ESRGAN's residual scaling)."""
-SIZE_DEPENDENT_BUFFERS: tuple[str, ...] = ("attn_mask", "relative_position_index")
-"""Buffer names official DRCT files carry that irformer derives instead of storing."""
 
 
 def dense_block_heads(width: int, num_heads: int) -> int:
@@ -63,7 +59,7 @@ def dense_block_heads(width: int, num_heads: int) -> int:
     return num_heads - width % num_heads
 
 
-class RDG(nn.Module):
+class RDG(ResidualGroup):
     """Residual dense group: five densely connected Swin blocks (tokens in and out)."""
 
     def __init__(
@@ -121,7 +117,7 @@ class RDG(nn.Module):
         return features[-1] * GROUP_RESIDUAL_SCALE + x
 
 
-class DRCT(nn.Module):
+class DRCT(RestorationTransformer):
     """DRCT with a pluggable norm; keyword arguments follow the official constructor.
 
     ``img_size`` is the training patch size; as in the official code, a patch
@@ -130,6 +126,8 @@ class DRCT(nn.Module):
     all five blocks of group ``i`` share the ramp's value at ``sum(depths[:i])``
     (official quirks).
     """
+
+    channels_last = False
 
     def __init__(
         self,
@@ -154,7 +152,6 @@ class DRCT(nn.Module):
         stdnorm: bool = False,
         drop_path_rate: float = 0.1,
     ) -> None:
-        super().__init__()
         check_model_args(
             upsampler=upsampler,
             valid_upsamplers=DRCT_UPSAMPLERS,
@@ -164,10 +161,7 @@ class DRCT(nn.Module):
             upscale=upscale,
         )
         shifted = img_size > window_size
-        self.window_size = window_size if shifted else img_size
-
-        add_input_stem(
-            self,
+        super().__init__(
             in_chans=in_chans,
             embed_dim=embed_dim,
             upscale=upscale,
@@ -176,7 +170,7 @@ class DRCT(nn.Module):
             norm=norm,
             patch_norm=patch_norm,
             stdnorm=stdnorm,
-            stats=input_stats(in_chans, stdnorm),
+            window_size=window_size if shifted else img_size,
         )
         self.layers = nn.ModuleList(
             RDG(
@@ -197,24 +191,8 @@ class DRCT(nn.Module):
         )
         self.norm = build_norm(norm, embed_dim, role="final")
         self.conv_after_body = residual_conv(embed_dim, resi_connection, RESI_CONNECTIONS)
-
-        add_reconstruction_head(
-            self,
-            upsampler,
-            embed_dim=embed_dim,
-            num_feat=num_feat,
-            in_chans=in_chans,
-            upscale=upscale,
-        )
+        self.add_reconstruction_head(embed_dim=embed_dim, num_feat=num_feat)
         self.apply(init_linear_weights)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
-        return deep_features(self, x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_chans, H, W) in [0, 1] -> (B, in_chans, H*upscale, W*upscale)."""
-        return restore_forward(self, x, "DRCT", channels_last=False)
 
 
 # --------------------------------------------------------------------------- presets
@@ -248,8 +226,6 @@ PRESETS: dict[str, dict[str, object]] = {
 
 PRESET_TASKS: dict[str, str] = dict.fromkeys(PRESETS, "sr")
 """Preset name -> task (every DRCT preset is bicubic SR)."""
-
-MODEL_CLASS = DRCT
 
 
 # --------------------------------------------------------------------------- detection
@@ -296,19 +272,14 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     mask = state_dict.get("layers.0.swin2.attn_mask")
     if mask is not None:
         kwargs["img_size"] = math.isqrt(int(mask.shape[0])) * window
-    if "conv_before_upsample.0.weight" in state_dict:
-        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
-        kwargs["num_feat"] = num_feat
-        kwargs["upsampler"] = "pixelshuffle"
-        convs = [state_dict[k] for k in keys if k.startswith("upsample.") and k.endswith(".weight")]
-        if len(convs) == 1 and int(convs[0].shape[0]) == 9 * num_feat:
-            kwargs["upscale"] = 3
-        else:
-            kwargs["upscale"] = 2 ** len(convs)
-    elif "upsample.0.weight" in state_dict:
-        kwargs["upsampler"] = "pixelshuffledirect"
-        kwargs["upscale"] = math.isqrt(int(state_dict["upsample.0.weight"].shape[0]) // in_chans)
-    else:
-        kwargs["upsampler"] = ""
-        kwargs["upscale"] = 1
+    kwargs.update(detect_head(state_dict, in_chans))
     return kwargs
+
+
+SPEC = ArchSpec(
+    name="drct",
+    model_class=DRCT,
+    presets=PRESETS,
+    preset_tasks=PRESET_TASKS,
+    detect=detect,
+)

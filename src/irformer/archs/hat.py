@@ -10,9 +10,9 @@ official checkpoints load unchanged. Differences that do not change outputs:
 
 - the official model stores ``relative_position_index_SA`` / ``_OCA`` as
   persistent top-level buffers; here they are non-persistent (derived from
-  ``window_size`` and ``overlap_ratio``), and the registry's loader
-  (:func:`irformer.archs.registry.prepare_state_dict`) checks an official
-  file's copies against them and drops them (:data:`OFFICIAL_BUFFER_KEYS`);
+  ``window_size`` and ``overlap_ratio``), and the model's load hook
+  (:mod:`irformer.archs.state`) checks an official file's copies against them
+  and drops them;
 - the shifted-window mask is cached per input size, attention runs through the
   fused SDPA kernel, and feature maps are channels-last so token <-> map
   transposes are views;
@@ -31,8 +31,9 @@ overlapping block its projection output and its MLP output (all through
 :func:`irformer.norms.merge_residual`); the post-embedding and final norms are
 per-channel affines (``role="embed"/"final"``). ``stdnorm`` divides the input
 by the DF2K RGB std after subtracting the mean (0.2842 for grey input, as in
-the authors' code). The authors' names: ``HAT-mini`` is the paper's HAT_1,
-``HAT-dagger`` its HAT†.
+the authors' code). How attention executes (fused kernels, the exact chunked
+path, quantised operands) is :mod:`irformer.archs.attention`'s business. The
+authors' names: ``HAT-mini`` is the paper's HAT_1, ``HAT-dagger`` its HAT†.
 
 Stochastic depth: ``drop_path_rate`` (official default 0.1, which the official
 and the i-LN training configs keep) ramps linearly over the hybrid blocks; the
@@ -49,43 +50,31 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from irformer.archs.common import (
+from irformer.archs.attention import AttentionOperands, mlp_residual, overlapping_window_attention
+from irformer.archs.layers import (
     DF2K_RGB_STD,
     UPSAMPLERS,
-    ActivationQuantizer,
     Mlp,
     PatchEmbed,
     PatchUnEmbed,
-    SwinTransformerBlock,
-    add_input_stem,
-    add_reconstruction_head,
+    ResidualGroup,
+    RestorationTransformer,
+    TransformerBlock,
     check_model_args,
     count_indexed,
-    deep_features,
+    detect_head,
     init_linear_weights,
-    pad_to_multiple,
-    relative_position_index,
-    restore_forward,
+    residual_conv,
     stochastic_depth_rates,
-    window_partition,
-    window_reverse,
-    window_sdpa,
 )
-from irformer.archs.common import input_stats as shared_input_stats
-from irformer.archs.common import residual_conv as shared_residual_conv
-from irformer.cpu_kernels import fused_window_attention, use_fused_attention
-from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, build_norm, merge_residual
+from irformer.archs.spec import ArchSpec
+from irformer.archs.swinir import SwinTransformerBlock
+from irformer.archs.windows import overlap_relative_position_index, relative_position_index
+from irformer.norms import TokenNorm, build_norm, merge_residual
 
-ARCH_NAME = "hat"
 RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "identity")
-OFFICIAL_BUFFER_KEYS: tuple[str, ...] = (
-    "relative_position_index_SA",
-    "relative_position_index_OCA",
-)
-"""Top-level buffers that official HAT files carry (non-persistent here)."""
 
 
 # --------------------------------------------------------------------------- blocks
@@ -128,36 +117,58 @@ class CAB(nn.Module):
         return self.cab(x)
 
 
-def _grid_coords(side: int) -> Tensor:
-    """(2, side*side) row/column coordinates in row-major order."""
-    axis = torch.arange(side)
-    return torch.stack(torch.meshgrid(axis, axis, indexing="ij")).flatten(1)
+class HAB(SwinTransformerBlock):
+    """Hybrid attention block: a Swin block whose attention branch is joined by
+    ``conv_scale * CAB(norm1(x))`` before the merge (the i-LN HAT rescales the sum)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float,
+        norm: str,
+        compress_ratio: int,
+        squeeze_factor: int,
+        conv_scale: float,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim,
+            num_heads,
+            window_size=window_size,
+            shift_size=shift_size,
+            mlp_ratio=mlp_ratio,
+            norm=norm,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            drop_path=drop_path,
+            # Built before the block's own layers (the random initialisation draws
+            # in irformer's original order); registered where the official HAB has it.
+            conv_block=CAB(dim, compress_ratio=compress_ratio, squeeze_factor=squeeze_factor),
+        )
+        self.conv_scale = conv_scale
+
+    def parallel_branch(self, y: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """``conv_scale * CAB(y)`` as tokens; y: (B, H*W, C)."""
+        h, w = x_size
+        b, _, c = y.shape
+        conv = self.conv_block(y.view(b, h, w, c).permute(0, 3, 1, 2))
+        return self.conv_scale * conv.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
-def overlap_relative_position_index(window_size: int, overlap_size: int) -> Tensor:
-    """(ws*ws, ows*ows) index into OCAB's ``(ws + ows - 1)**2`` bias table.
-
-    Reproduces the official ``calculate_rpi_oca`` exactly, including its offset
-    (``ws - ows + 1``), which leaves some indices negative: they wrap around the
-    table, one distinct entry per relative offset, and trained tables depend on it.
-    """
-    ws, ows = window_size, overlap_size
-    ori = _grid_coords(ws)
-    ext = _grid_coords(ows)
-    rel = (ext[:, None, :] - ori[:, :, None]).permute(1, 2, 0) + (ws - ows + 1)
-    return rel[:, :, 0] * (ws + ows - 1) + rel[:, :, 1]
-
-
-class OCAB(nn.Module):
+class OCAB(TransformerBlock):
     """Overlapping cross-attention block: windowed queries attend to enlarged key/value windows.
 
     Queries come from ``ws x ws`` windows, keys/values from the co-centred
     ``ows x ows`` windows (``ows = ws + int(ws * overlap_ratio)``), zero-padded at
-    the border *after* the qkv projection as the official ``nn.Unfold`` does (so
-    border windows attend to zero keys; kept for fidelity). Both residual merges
-    go through :func:`merge_residual` (i-LN rescales the projection output and
-    the MLP output). ``quant_q/k/attn/v`` hooks select an explicit matmul path,
-    as in :class:`irformer.archs.common.WindowAttention`.
+    the border *after* the qkv projection as the official ``nn.Unfold`` does.
+    Both residual merges go through :func:`merge_residual` (i-LN rescales the
+    projection output and the MLP output).
     """
 
     def __init__(
@@ -186,6 +197,8 @@ class OCAB(nn.Module):
         self.num_heads = num_heads
         self.window_size = window_size
         self.overlap_win_size = window_size + overlap
+        self.key_tokens = self.overlap_win_size**2
+        """Keys each query attends to (the post-softmax row length)."""
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         table_side = window_size + self.overlap_win_size - 1
         self.relative_position_bias_table = nn.Parameter(torch.zeros(table_side**2, num_heads))
@@ -200,16 +213,7 @@ class OCAB(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm2: TokenNorm = build_norm(norm, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.quant_q: ActivationQuantizer | None = None
-        self.quant_k: ActivationQuantizer | None = None
-        self.quant_attn: ActivationQuantizer | None = None
-        self.quant_v: ActivationQuantizer | None = None
-
-    chunk_windows: int | None = None
-    """Query windows per attention chunk (None: the whole image at once). Set by
-    :func:`irformer.engine.infer.chunked_attention`; the output is unchanged."""
-    chunk_tokens: int | None = None
-    """Tokens per MLP chunk (None: ``chunk_windows * window_size**2``)."""
+        self.operands = AttentionOperands()
 
     def position_bias(self) -> Tensor:
         """(heads, ws*ws, ows*ows) relative position bias."""
@@ -219,116 +223,23 @@ class OCAB(nn.Module):
 
     def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
         """x: (B, H*W, C) with ``x_size = (H, W)`` multiples of the window size."""
-        h, w = x_size
-        b, _, c = x.shape
-        ws = self.window_size
         stats = self.norm1.statistics(x)
-        y = self.norm1.normalize(x, stats).view(b, h, w, c)
-        n_rows = h // ws
-        rows_per_chunk = n_rows
-        if self.chunk_windows is not None:
-            rows_per_chunk = max(1, self.chunk_windows // max(1, b * (w // ws)))
-        if self.chunk_windows is None and self._uses_cpu_kernel(y):
-            # Whole map in one kernel call (no unfold copies, no score tensors).
-            attended = fused_window_attention(
-                self.qkv(y),
-                self.position_bias(),
-                None,
-                None,
-                self.num_heads,
-                self.scale,
-                window=ws,
-                kv_window=self.overlap_win_size,
-            )
-            x = merge_residual(x, self.proj(attended).view(b, h * w, c), self.norm1, stats)
-        elif rows_per_chunk >= n_rows:
-            branch = self.proj(self._attend_rows(y, 0, n_rows)).view(b, h * w, c)
-            x = merge_residual(x, branch, self.norm1, stats)
-        else:
-            # Bounded memory: a slab of window rows at a time, whole-image norm stats.
-            x4 = x.view(b, h, w, c)
-            out = torch.empty_like(x)
-            out4 = out.view(b, h, w, c)
-            for r0 in range(0, n_rows, rows_per_chunk):
-                r1 = min(n_rows, r0 + rows_per_chunk)
-                rows = slice(r0 * ws, r1 * ws)
-                branch = self.proj(self._attend_rows(y, r0, r1))
-                out4[:, rows] = merge_residual(x4[:, rows], branch, self.norm1, stats)
-            x = out
-        del y
-        return self._mlp_residual(x)
-
-    def _uses_cpu_kernel(self, y: Tensor) -> bool:
-        """Whether the fused CPU kernel (:mod:`irformer.cpu_kernels`) serves ``y``."""
-        d = self.dim // self.num_heads
-        return not self.quantized and use_fused_attention(
-            y, self.window_size**2, d, self.overlap_win_size**2
+        y = self.norm1.normalize(x, stats)
+        branch = overlapping_window_attention(
+            y,
+            x_size,
+            qkv=self.qkv,
+            proj=self.proj,
+            bias=self.position_bias(),
+            heads=self.num_heads,
+            scale=self.scale,
+            window_size=self.window_size,
+            overlap_window_size=self.overlap_win_size,
+            operands=self.operands,
         )
-
-    def _attend_rows(self, y: Tensor, r0: int, r1: int) -> Tensor:
-        """Cross-attention of query window rows ``r0:r1``: y (B, H, W, C) -> (B, n, W, C).
-
-        Only the rows the enlarged windows reach are projected; rows and columns
-        outside the image are zeros after the projection, as the official
-        ``nn.Unfold`` padding makes them.
-        """
-        b, h, w, c = y.shape
-        ws, ows = self.window_size, self.overlap_win_size
-        heads, d = self.num_heads, c // self.num_heads
-        pad = (ows - ws) // 2
-        top, bottom = r0 * ws - pad, r1 * ws + pad
-        qkv = self.qkv(y[:, max(top, 0) : min(bottom, h)]).view(b, -1, w, 3, c)
-        n = (r1 - r0) * ws
-        first = r0 * ws - max(top, 0)
-        q = window_partition(qkv[:, first : first + n, :, 0], ws)
-        q = q.view(-1, ws * ws, heads, d).transpose(1, 2)
-        kv = F.pad(qkv[..., 1:, :], (0, 0, 0, 0, pad, pad, max(0, -top), max(0, bottom - h)))
-        # (B, nH, nW, 2, C, ows, ows): overlapping windows as a strided view.
-        kv = kv.unfold(1, ows, ws).unfold(2, ows, ws)
-        kv = kv.permute(3, 0, 1, 2, 5, 6, 4).reshape(2, -1, ows * ows, heads, d)
-        k, v = kv.transpose(2, 3).unbind(0)
-        out = self._attention(q, k, v, self.position_bias())
-        return window_reverse(out.transpose(1, 2).reshape(-1, ws, ws, c), ws, n, w)
-
-    def _mlp_residual(self, x: Tensor) -> Tensor:
-        """The MLP half, over slices of tokens when chunking (same result)."""
-        stats = self.norm2.statistics(x)
-        tokens = self.chunk_tokens
-        if tokens is None and self.chunk_windows is not None:
-            tokens = self.chunk_windows * self.window_size**2
-        if tokens is None or tokens >= x.shape[1]:
-            return merge_residual(x, self.mlp(self.norm2.normalize(x, stats)), self.norm2, stats)
-        # IN and BN pool over tokens inside normalize(): normalise the whole map.
-        pooled = isinstance(self.norm2, (InstanceNorm, BatchNorm))
-        y = self.norm2.normalize(x, stats) if pooled else None
-        out = torch.empty_like(x)
-        for s in range(0, x.shape[1], tokens):
-            e = s + tokens
-            part = y[:, s:e] if y is not None else self.norm2.normalize(x[:, s:e], stats)
-            out[:, s:e] = merge_residual(x[:, s:e], self.mlp(part), self.norm2, stats)
-        return out
-
-    @property
-    def quantized(self) -> bool:
-        return any(
-            q is not None for q in (self.quant_q, self.quant_k, self.quant_attn, self.quant_v)
-        )
-
-    def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """q: (B*nW, heads, ws², d); k, v: (B*nW, heads, ows², d); bias: (heads, ws², ows²)."""
-        if not self.quantized:
-            return window_sdpa(q, k, v, bias.unsqueeze(0), self.scale)
-        q = q * self.scale
-        if self.quant_q is not None:
-            q = self.quant_q(q)
-        if self.quant_k is not None:
-            k = self.quant_k(k)
-        attn = (q @ k.transpose(-2, -1) + bias.unsqueeze(0)).softmax(dim=-1)
-        if self.quant_attn is not None:
-            attn = self.quant_attn(attn)
-        if self.quant_v is not None:
-            v = self.quant_v(v)
-        return attn @ v
+        del y  # the exact path's memory bound counts on it
+        x = merge_residual(x, branch, self.norm1, stats)
+        return mlp_residual(x, self.norm2, self.mlp, drop_prob=0.0, window_size=self.window_size)
 
 
 class AttenBlocks(nn.Module):
@@ -354,20 +265,20 @@ class AttenBlocks(nn.Module):
         super().__init__()
         if len(drop_path) != depth:
             raise ValueError(f"{depth} blocks need {depth} drop-path rates, got {len(drop_path)}")
-        # The hybrid attention block (HAB) is a Swin block with a CAB conv branch;
-        # the OCAB has no stochastic depth (as in the official code).
+        # The OCAB has no stochastic depth (as in the official code).
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(
+            HAB(
                 dim,
                 num_heads,
                 window_size=window_size,
                 shift_size=window_size // 2 if i % 2 else 0,
                 mlp_ratio=mlp_ratio,
                 norm=norm,
+                compress_ratio=compress_ratio,
+                squeeze_factor=squeeze_factor,
+                conv_scale=conv_scale,
                 qkv_bias=qkv_bias,
                 qk_scale=qk_scale,
-                conv_branch=CAB(dim, compress_ratio=compress_ratio, squeeze_factor=squeeze_factor),
-                conv_scale=conv_scale,
                 drop_path=drop_path[i],
             )
             for i in range(depth)
@@ -389,7 +300,7 @@ class AttenBlocks(nn.Module):
         return self.overlap_attn(x, x_size)
 
 
-class RHAG(nn.Module):
+class RHAG(ResidualGroup):
     """Residual hybrid attention group: blocks -> conv -> + input (tokens in and out)."""
 
     def __init__(
@@ -426,7 +337,7 @@ class RHAG(nn.Module):
             norm=norm,
             drop_path=drop_path,
         )
-        self.conv = residual_conv(dim, resi_connection)
+        self.conv = residual_conv(dim, resi_connection, RESI_CONNECTIONS)
         self.patch_embed = PatchEmbed(dim, None)
         self.patch_unembed = PatchUnEmbed()
 
@@ -436,15 +347,10 @@ class RHAG(nn.Module):
         return self.patch_embed(self.conv(self.patch_unembed(y, x_size))) + x
 
 
-def residual_conv(dim: int, resi_connection: str) -> nn.Module:
-    """The conv closing each group and the body (official HAT: '1conv' or 'identity')."""
-    return shared_residual_conv(dim, resi_connection, RESI_CONNECTIONS)
-
-
 # --------------------------------------------------------------------------- model
 
 
-class HAT(nn.Module):
+class HAT(RestorationTransformer):
     """HAT with a pluggable norm; keyword arguments follow the official constructor.
 
     ``upsampler``: ``pixelshuffle`` (HAT's only head; upscale 2^n or 3, or 1),
@@ -452,6 +358,8 @@ class HAT(nn.Module):
     real-world heads), ``""`` (same-size restoration, upscale 1: SwinIR's head,
     the network predicts a residual added to the input). Any input size: the
     input is reflect-padded to a multiple of ``window_size`` and cropped back.
+    With ``stdnorm``, grey input is divided by 0.2842 (the red-channel std, as
+    the authors' i-LN HAT code does).
     """
 
     def __init__(
@@ -479,7 +387,6 @@ class HAT(nn.Module):
         stdnorm: bool = False,
         drop_path_rate: float = 0.1,
     ) -> None:
-        super().__init__()
         check_model_args(
             upsampler=upsampler,
             valid_upsamplers=UPSAMPLERS,
@@ -488,16 +395,25 @@ class HAT(nn.Module):
             num_heads=num_heads,
             upscale=upscale,
         )
-        if upsampler == "nearest+conv" and upscale not in (2, 4, 8):
-            raise ValueError(f"nearest+conv supports upscale 2, 4 or 8, got {upscale}")
         if window_size < 2:
             raise ValueError(
                 f"window_size must be >= 2 (shifts are window_size // 2), got {window_size}"
             )
-        self.window_size = window_size
+        super().__init__(
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            upscale=upscale,
+            upsampler=upsampler,
+            img_range=img_range,
+            norm=norm,
+            patch_norm=patch_norm,
+            stdnorm=stdnorm,
+            window_size=window_size,
+            grey_std=DF2K_RGB_STD[0],
+        )
         self.overlap_ratio = overlap_ratio
         # Official files carry these two (persistent there); kept here only so
-        # the loader can validate a file's copies against this configuration.
+        # the load hook can validate a file's copies against this configuration.
         self.register_buffer(
             "relative_position_index_SA", relative_position_index(window_size), persistent=False
         )
@@ -507,19 +423,6 @@ class HAT(nn.Module):
                 window_size, window_size + int(window_size * overlap_ratio)
             ),
             persistent=False,
-        )
-
-        add_input_stem(
-            self,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            upscale=upscale,
-            upsampler=upsampler,
-            img_range=img_range,
-            norm=norm,
-            patch_norm=patch_norm,
-            stdnorm=stdnorm,
-            stats=input_stats(in_chans, stdnorm),
         )
         self.layers = nn.ModuleList(
             RHAG(
@@ -543,39 +446,9 @@ class HAT(nn.Module):
             )
         )
         self.norm = build_norm(norm, embed_dim, role="final")
-        self.conv_after_body = residual_conv(embed_dim, resi_connection)
-
-        add_reconstruction_head(
-            self,
-            upsampler,
-            embed_dim=embed_dim,
-            num_feat=num_feat,
-            in_chans=in_chans,
-            upscale=upscale,
-        )
+        self.conv_after_body = residual_conv(embed_dim, resi_connection, RESI_CONNECTIONS)
+        self.add_reconstruction_head(embed_dim=embed_dim, num_feat=num_feat)
         self.apply(init_linear_weights)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
-        return deep_features(self, x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_chans, H, W) in [0, 1] (or [0, 255]-scaled via img_range)."""
-        return restore_forward(self, x, "HAT", channels_last=True)
-
-
-def input_stats(in_chans: int, stdnorm: bool) -> tuple[Tensor, Tensor]:
-    """(1, C, 1, 1) mean and std the input is normalised with.
-
-    As :func:`irformer.archs.common.input_stats`, except that grey input with
-    ``stdnorm`` uses std 0.2842 (the red-channel std, as the authors' i-LN HAT
-    code does).
-    """
-    return shared_input_stats(in_chans, stdnorm, grey_std=DF2K_RGB_STD[0])
-
-
-reflect_pad_to_multiple = pad_to_multiple
-"""Former name of :func:`irformer.archs.common.pad_to_multiple` (same behaviour)."""
 
 
 # --------------------------------------------------------------------------- presets
@@ -621,17 +494,13 @@ PRESETS: dict[str, dict[str, object]] = {
 except for ``hat_dagger_*``, which is i-LN by definition."""
 
 
-def _preset_task(name: str) -> str:
-    for marker, task in (("_dn", "denoise"), ("_car", "jpeg_car"), ("_derain", "derain")):
-        if name.endswith(marker):
-            return task
-    return "sr"
-
-
-PRESET_TASKS: dict[str, str] = {name: _preset_task(name) for name in PRESETS}
-"""Preset name -> task (``sr``, ``denoise``, ``jpeg_car``, ``derain``)."""
-
-MODEL_CLASS = HAT
+PRESET_TASKS: dict[str, str] = {
+    **{name: "sr" for name in PRESETS},
+    "hat_1_dn": "dn",
+    "hat_1_derain": "dr",
+    "hat_1_car": "car",
+}
+"""Preset name -> task (:data:`irformer.tasks.TASKS`)."""
 
 
 # --------------------------------------------------------------------------- detection
@@ -728,23 +597,14 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     if norm is not None:
         kwargs["norm"] = norm
 
-    if "conv_before_upsample.0.weight" in state_dict:
-        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
-        kwargs["num_feat"] = num_feat
-        if "conv_up1.weight" in state_dict:
-            kwargs["upsampler"] = "nearest+conv"
-            kwargs["upscale"] = 2 ** sum(f"conv_up{i}.weight" in state_dict for i in (1, 2, 3))
-        else:
-            kwargs["upsampler"] = "pixelshuffle"
-            convs = [k for k in keys if k.startswith("upsample.") and k.endswith(".weight")]
-            if len(convs) == 1 and int(state_dict[convs[0]].shape[0]) == 9 * num_feat:
-                kwargs["upscale"] = 3
-            else:
-                kwargs["upscale"] = 2 ** len(convs)
-    elif "upsample.0.weight" in state_dict:
-        kwargs["upsampler"] = "pixelshuffledirect"
-        kwargs["upscale"] = math.isqrt(int(state_dict["upsample.0.weight"].shape[0]) // in_chans)
-    else:
-        kwargs["upsampler"] = ""
-        kwargs["upscale"] = 1
+    kwargs.update(detect_head(state_dict, in_chans))
     return kwargs
+
+
+SPEC = ArchSpec(
+    name="hat",
+    model_class=HAT,
+    presets=PRESETS,
+    preset_tasks=PRESET_TASKS,
+    detect=detect,
+)

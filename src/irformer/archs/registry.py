@@ -1,195 +1,60 @@
-"""The one door to every architecture: presets, ``build_model``, checkpoint I/O.
+"""The one door to every architecture: the table of the four, presets, ``build_model``.
 
-Each architecture module ``irformer.archs.<arch>`` defines ``ARCH_NAME``,
-``PRESETS`` (preset name -> constructor kwargs), its model class (``MODEL_CLASS``
-or the class named like ``ARCH_NAME``) and optionally ``PRESET_TASKS``
-(preset -> task), ``SIZE_DEPENDENT_BUFFERS`` (buffer names official files carry
-that depend on the training patch or window size) and
-``detect(state_dict) -> dict | None`` (constructor kwargs read from key names and
-shapes); ``OFFICIAL_BUFFER_KEYS`` is read as a synonym of
-``SIZE_DEPENDENT_BUFFERS``. Modules are imported lazily; one that is missing or
-fails to import is skipped (with a warning) so that the others stay usable.
-
-Checkpoints: official files (``params_ema`` / ``params`` / bare state dict,
-``.pth`` or ``.safetensors``) and irformer's own, which carry metadata
-``{"arch", "preset", "norm", "scale", "task", "version", "model_kwargs"}`` under
-the key ``"irformer"`` (a dict entry in ``.pth``, a JSON string in the
-safetensors metadata). i-LN keeps LayerNorm's key names, so without that marker
-an i-LN file is indistinguishable from a vanilla one: marked files are always
-rebuilt with their own norm, and loading one into a model with another norm is
-an error.
+:data:`ARCHITECTURES` lists the architecture modules' specs explicitly (each
+module ends with ``SPEC = ArchSpec(...)``). A name is either an architecture
+(its constructor defaults) or a preset (paper or official hyper-parameters);
+preset names are unique across architectures. Checkpoint files are read and
+written by :mod:`irformer.archs.checkpoints`.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
-import json
-import logging
-import os
-import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 import irformer
+from irformer.archs import drct, hat, srformer, swinir
+from irformer.archs.spec import ArchSpec
 
-logger = logging.getLogger(__name__)
-
-ARCH_MODULES: tuple[str, ...] = ("swinir", "hat", "drct", "srformer")
-"""Architecture modules gathered, in detection order (most specific first is not
-needed: a detection is only accepted when the model it builds has exactly the
-file's keys and shapes)."""
-
-DEFAULT_SIZE_DEPENDENT_BUFFERS: tuple[str, ...] = (
-    "attn_mask",
-    "relative_position_index",
-    "relative_position_index_SA",
-    "relative_position_index_OCA",
-)
-"""Buffers official Swin-style files carry; derived from sizes, never learned."""
-
-META_KEY = "irformer"
-META_FIELDS: tuple[str, ...] = (
-    "arch",
-    "preset",
-    "norm",
-    "scale",
-    "task",
-    "version",
-    "model_kwargs",
-)
-PARAM_KEYS: tuple[str, ...] = ("params_ema", "params", "state_dict", "model")
-"""Where state dicts live in a checkpoint dict, in order of preference (BasicSR's
-EMA weights first: they are the ones evaluated)."""
-
-DetectFn = Callable[[Mapping[str, Tensor]], "dict[str, object] | None"]
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.name: spec for spec in (swinir.SPEC, hat.SPEC, drct.SPEC, srformer.SPEC)
+}
+"""Architecture name -> spec, in the order detection tries them."""
 
 
-class CheckpointMismatchError(ValueError):
-    """A state dict does not fit the model: lists missing/unexpected/reshaped keys."""
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What the registry knows about one architecture module."""
-
-    name: str
-    model_class: type[nn.Module]
-    presets: Mapping[str, Mapping[str, object]]
-    preset_tasks: Mapping[str, str] = field(default_factory=dict)
-    detect: DetectFn | None = None
-    size_dependent_buffers: tuple[str, ...] = ()
-
-    def defaults(self) -> dict[str, object]:
-        """The constructor's keyword defaults."""
-        params = inspect.signature(self.model_class).parameters.values()
-        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
-
-@dataclass(frozen=True)
-class Detection:
-    """An architecture recognised from a state dict's keys and shapes."""
-
-    arch: str
-    model_kwargs: dict[str, object]
-    presets: tuple[str, ...]
-    """Presets whose hyper-parameters agree with the file (first = best)."""
-    exact: bool
-    """True when a model built from ``model_kwargs`` has exactly the file's keys/shapes."""
-
-    def describe(self) -> str:
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in sorted(self.model_kwargs.items()))
-        preset = f"preset {' or '.join(map(repr, self.presets))}" if self.presets else "no preset"
-        return f"{self.arch} ({preset}; {kwargs})"
-
-
-# --------------------------------------------------------------------------- gathering
-
-
-def _find_model_class(module: Any, arch: str) -> type[nn.Module] | None:
-    cls = getattr(module, "MODEL_CLASS", None)
-    if cls is not None:
-        return cls
-    for value in vars(module).values():
-        if (
-            inspect.isclass(value)
-            and issubclass(value, nn.Module)
-            and value.__module__ == module.__name__
-            and value.__name__.lower() == arch.lower()
-        ):
-            return value
-    return None
-
-
-@functools.cache
-def arch_specs() -> dict[str, ArchSpec]:
-    """Every architecture whose module imports, keyed by ``ARCH_NAME``."""
-    specs: dict[str, ArchSpec] = {}
-    for module_name in ARCH_MODULES:
-        qualified = f"irformer.archs.{module_name}"
-        try:
-            module = importlib.import_module(qualified)
-        except ModuleNotFoundError as exc:
-            if exc.name == qualified:
-                logger.debug("architecture module %s is absent", qualified)
-                continue
-            logger.warning("skipping %s: %s", qualified, exc)
-            continue
-        except Exception as exc:  # a half-written module must not break the others
-            logger.warning("skipping %s: import failed: %s: %s", qualified, type(exc).__name__, exc)
-            continue
-        arch = getattr(module, "ARCH_NAME", module_name)
-        cls = _find_model_class(module, arch)
-        presets = getattr(module, "PRESETS", None)
-        if cls is None or not isinstance(presets, Mapping):
-            logger.warning("skipping %s: it lacks a model class or a PRESETS dict", qualified)
-            continue
-        specs[arch] = ArchSpec(
-            name=arch,
-            model_class=cls,
-            presets=presets,
-            preset_tasks=getattr(module, "PRESET_TASKS", {}),
-            detect=getattr(module, "detect", None),
-            size_dependent_buffers=tuple(getattr(module, "SIZE_DEPENDENT_BUFFERS", ()))
-            + tuple(getattr(module, "OFFICIAL_BUFFER_KEYS", ())),
-        )
-    names = [p for spec in specs.values() for p in spec.presets]
-    clashes = sorted({p for p in names if names.count(p) > 1} | (set(names) & set(specs)))
+def _check_unique_names() -> None:
+    names = [p for spec in ARCHITECTURES.values() for p in spec.presets]
+    clashes = sorted({p for p in names if names.count(p) > 1} | (set(names) & set(ARCHITECTURES)))
     if clashes:
         raise RuntimeError(f"preset names defined twice or equal to an arch name: {clashes}")
-    return specs
+
+
+_check_unique_names()
 
 
 def list_archs() -> list[str]:
-    """Names of the architectures available."""
-    return list(arch_specs())
+    """Names of the architectures."""
+    return list(ARCHITECTURES)
 
 
 def list_presets(arch: str | None = None) -> list[str]:
     """Preset names, of one architecture or of all."""
-    specs = arch_specs()
     if arch is not None:
-        if arch not in specs:
-            raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(specs)}")
-        return list(specs[arch].presets)
-    return [p for spec in specs.values() for p in spec.presets]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHITECTURES)}")
+        return list(ARCHITECTURES[arch].presets)
+    return [p for spec in ARCHITECTURES.values() for p in spec.presets]
 
 
 def resolve(name: str) -> tuple[ArchSpec, str | None, dict[str, object]]:
     """``(arch spec, preset or None, preset kwargs)`` for a preset or an arch name."""
-    specs = arch_specs()
-    if name in specs:
-        return specs[name], None, {}
-    for spec in specs.values():
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name], None, {}
+    for spec in ARCHITECTURES.values():
         if name in spec.presets:
             return spec, name, dict(spec.presets[name])
-    valid = ", ".join([*specs, *list_presets()])
+    valid = ", ".join([*ARCHITECTURES, *list_presets()])
     raise ValueError(f"unknown model name {name!r}; valid archs and presets: {valid}")
 
 
@@ -201,31 +66,29 @@ def preset_kwargs(name: str) -> dict[str, object]:
     return kwargs
 
 
-# --------------------------------------------------------------------------- building
-
-
-def _jsonable(value: object) -> object:
+def jsonable(value: object) -> object:
+    """Tuples as lists, mapping keys as strings: what a JSON round trip gives back."""
     if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     return value
 
 
-def _same(a: object, b: object) -> bool:
-    return _jsonable(a) == _jsonable(b)
-
-
-def _task(spec: ArchSpec, preset: str | None, scale: int) -> str:
-    if preset is not None and preset in spec.preset_tasks:
-        return spec.preset_tasks[preset]
-    return "sr" if scale > 1 else "restoration"
+def same_value(a: object, b: object) -> bool:
+    """Equal after a JSON round trip (``(6, 6) == [6, 6]``)."""
+    return jsonable(a) == jsonable(b)
 
 
 def make_meta(
     spec: ArchSpec, preset: str | None, model_kwargs: Mapping[str, object]
 ) -> dict[str, object]:
-    """The irformer metadata describing a model built from ``model_kwargs``."""
+    """The irformer metadata describing a model built from ``model_kwargs``.
+
+    ``task`` is the preset's; a model built from an architecture name is
+    ``sr`` when it upscales, else unknown (None) unless the caller records one
+    (training does).
+    """
     full = {**spec.defaults(), **model_kwargs}
     scale = int(full.get("upscale", 1) or 1)  # type: ignore[arg-type]
     return {
@@ -235,11 +98,18 @@ def make_meta(
         "scale": scale,
         "task": _task(spec, preset, scale),
         "version": irformer.__version__,
-        "model_kwargs": _jsonable(dict(model_kwargs)),
+        "model_kwargs": jsonable(dict(model_kwargs)),
     }
 
 
-def _instantiate(spec: ArchSpec, kwargs: Mapping[str, object]) -> nn.Module:
+def _task(spec: ArchSpec, preset: str | None, scale: int) -> str | None:
+    if preset is not None:
+        return spec.preset_tasks[preset]
+    return "sr" if scale > 1 else None
+
+
+def instantiate(spec: ArchSpec, kwargs: Mapping[str, object]) -> nn.Module:
+    """``spec.model_class(**kwargs)``; a wrong keyword names the valid ones."""
     try:
         return spec.model_class(**kwargs)
     except TypeError as exc:
@@ -251,17 +121,17 @@ def build_model(name: str, **overrides: object) -> nn.Module:
     """Build a preset or an architecture (with its defaults), overriding any kwarg.
 
     The model gets an ``irformer_meta`` dict (see :func:`model_meta`), which
-    :func:`save_model_weights` writes next to the weights.
+    :func:`irformer.archs.checkpoints.save_model_weights` writes next to the weights.
     """
     spec, preset, kwargs = resolve(name)
     kwargs.update(overrides)
-    model = _instantiate(spec, kwargs)
+    model = instantiate(spec, kwargs)
     model.irformer_meta = make_meta(spec, preset, kwargs)
     return model
 
 
 def model_meta(model: nn.Module) -> dict[str, object]:
-    """The metadata recorded by :func:`build_model` / :func:`load_checkpoint_model`."""
+    """The metadata recorded by :func:`build_model` / ``load_checkpoint_model``."""
     meta = getattr(model, "irformer_meta", None)
     if not isinstance(meta, Mapping):
         raise ValueError(
@@ -273,442 +143,3 @@ def model_meta(model: nn.Module) -> dict[str, object]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# --------------------------------------------------------------------------- saving
-
-
-def save_model_weights(
-    path: str | os.PathLike[str], model: nn.Module, meta: Mapping[str, object] | None = None
-) -> Path:
-    """Write inference weights with irformer metadata, atomically.
-
-    ``meta`` defaults to the model's own (:func:`model_meta`); given fields
-    override it. ``.safetensors``: metadata key ``"irformer"`` holds the JSON;
-    ``.pth``: ``{"params": state_dict, "irformer": meta}`` (BasicSR-readable).
-    The file appears complete or not at all (temp file + ``os.replace``).
-    """
-    path = Path(path)
-    own = getattr(model, "irformer_meta", None)
-    full = {**(own if isinstance(own, Mapping) else {}), **(meta or {})}
-    missing = [k for k in ("arch", "norm", "scale", "model_kwargs") if k not in full]
-    if missing:
-        raise ValueError(f"metadata for {path} lacks {', '.join(missing)}")
-    full.setdefault("version", irformer.__version__)
-    full = {k: _jsonable(v) for k, v in full.items()}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        data = save(state, metadata={META_KEY: json.dumps(full, sort_keys=True)})
-        writer: Callable[[Any], None] = lambda handle: handle.write(data)  # noqa: E731
-    elif path.suffix == ".pth":
-        writer = lambda handle: torch.save({"params": state, META_KEY: full}, handle)  # noqa: E731
-    else:
-        raise ValueError(f"weights path {path}: expected a .safetensors or .pth suffix")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            writer(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_state_dict(
-    path: str | os.PathLike[str], *, param_key: str | None = None
-) -> tuple[dict[str, Tensor], dict[str, object]]:
-    """``(state_dict, irformer metadata or {})`` from a ``.pth`` or ``.safetensors`` file.
-
-    Never unpickles arbitrary objects (``weights_only=True``). Picks
-    ``param_key`` if given, else the first of :data:`PARAM_KEYS` present, else
-    the file itself when it is a bare state dict; strips a DDP ``module.`` prefix.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    meta: dict[str, object] = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get(META_KEY)
-            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        if text:
-            try:
-                meta = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: unreadable irformer metadata: {exc}") from exc
-        if param_key is not None:
-            raise ValueError(f"{path}: param_key={param_key!r} does not apply to safetensors")
-    else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a loadable weights-only torch file: {exc}") from exc
-        state = _pick_state(ckpt, param_key, path)
-        if isinstance(ckpt, Mapping) and isinstance(ckpt.get(META_KEY), Mapping):
-            meta = dict(ckpt[META_KEY])
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state, meta
-
-
-def _pick_state(ckpt: object, param_key: str | None, path: Path) -> dict[str, Tensor]:
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    if param_key is not None:
-        if not isinstance(ckpt.get(param_key), Mapping):
-            raise ValueError(
-                f"{path}: no state dict under {param_key!r}; keys: {', '.join(map(str, ckpt))}"
-            )
-        return dict(ckpt[param_key])
-    for key in PARAM_KEYS:
-        if isinstance(ckpt.get(key), Mapping) and ckpt[key]:
-            return dict(ckpt[key])
-    tensors = {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
-    if tensors and len(tensors) >= len(ckpt) - (META_KEY in ckpt):
-        return tensors
-    raise ValueError(
-        f"{path}: no state dict found (looked for {', '.join(PARAM_KEYS)} or a bare state dict); "
-        f"keys: {', '.join(map(str, list(ckpt)[:10]))}"
-    )
-
-
-# --------------------------------------------------------------------------- matching
-
-
-def _size_dependent_names(spec: ArchSpec | None) -> tuple[str, ...]:
-    extra = spec.size_dependent_buffers if spec is not None else ()
-    return DEFAULT_SIZE_DEPENDENT_BUFFERS + extra
-
-
-def prepare_state_dict(
-    model: nn.Module, state: Mapping[str, Tensor], spec: ArchSpec | None = None
-) -> dict[str, Tensor]:
-    """Drop size-dependent buffers official files carry, validating the ones we derive.
-
-    A file key that is not in ``model.state_dict()`` but names one of the
-    model's non-persistent buffers must equal it (a different
-    ``relative_position_index`` means a different window layout); other
-    size-dependent buffers (``attn_mask`` for the training patch) are dropped.
-    """
-    own = model.state_dict()
-    buffers = dict(model.named_buffers())
-    names = _size_dependent_names(spec)
-    kept: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key in own:
-            kept[key] = value
-            continue
-        last = key.rsplit(".", 1)[-1]
-        if key in buffers and isinstance(value, Tensor):
-            buf = buffers[key]
-            if buf.device.type != "meta" and (
-                buf.shape != value.shape or not torch.equal(buf.cpu(), value.to(buf.dtype))
-            ):
-                raise CheckpointMismatchError(
-                    f"buffer {key!r} in the file (shape {tuple(value.shape)}) differs from the "
-                    f"model's (shape {tuple(buf.shape)}): a different window size?"
-                )
-            continue
-        if last in names:
-            continue
-        kept[key] = value
-    return kept
-
-
-def state_mismatch(
-    model: nn.Module, state: Mapping[str, Tensor]
-) -> tuple[list[str], list[str], list[str]]:
-    """``(missing, unexpected, shape mismatches)`` of ``state`` against ``model``."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    return missing, unexpected, reshaped
-
-
-def _preview(keys: list[str], limit: int = 8) -> str:
-    """The first ``limit`` keys, shallowest first (``upsample.0.weight`` says more
-    about a wrong preset than the hundredth block key)."""
-    keys = sorted(keys, key=lambda k: k.count("."))
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _matching_presets(spec: ArchSpec, kwargs: Mapping[str, object]) -> tuple[str, ...]:
-    """Presets agreeing with detected kwargs (those agreeing on img_size first)."""
-    defaults = spec.defaults()
-    exact, loose = [], []
-    for name, preset in spec.presets.items():
-        full = {**defaults, **preset}
-        if all(_same(full.get(k), v) for k, v in kwargs.items() if k != "img_size"):
-            same_size = "img_size" not in kwargs or _same(full.get("img_size"), kwargs["img_size"])
-            (exact if same_size else loose).append(name)
-    return tuple(exact + loose)
-
-
-def detect_architecture(state: Mapping[str, Tensor]) -> Detection | None:
-    """Recognise the architecture and hyper-parameters of a state dict.
-
-    Every module's ``detect`` is tried; a candidate is *exact* when a model built
-    from it (on the meta device, nothing allocated) has exactly the file's keys
-    and shapes. The first exact candidate wins, else the first candidate.
-    """
-    first: Detection | None = None
-    for spec in arch_specs().values():
-        if spec.detect is None:
-            continue
-        try:
-            kwargs = spec.detect(state)
-        except (KeyError, IndexError, ValueError, TypeError) as exc:
-            logger.debug("%s.detect failed: %s", spec.name, exc)
-            continue
-        if kwargs is None:
-            continue
-        kwargs = dict(kwargs)
-        exact = False
-        try:
-            with torch.device("meta"):
-                probe = spec.model_class(**kwargs)
-            cleaned = prepare_state_dict(probe, state, spec)
-            exact = not any(state_mismatch(probe, cleaned))
-        except (ValueError, TypeError, RuntimeError) as exc:
-            logger.debug("%s detection %s does not build: %s", spec.name, kwargs, exc)
-        found = Detection(spec.name, kwargs, _matching_presets(spec, kwargs), exact)
-        if exact:
-            return found
-        first = first or found
-    return first
-
-
-def load_state_into(
-    model: nn.Module,
-    state: Mapping[str, Tensor],
-    *,
-    spec: ArchSpec | None = None,
-    source: str = "state dict",
-) -> None:
-    """Strictly load ``state`` into ``model``; a mismatch names keys and the right preset."""
-    cleaned = prepare_state_dict(model, state, spec)
-    missing, unexpected, reshaped = state_mismatch(model, cleaned)
-    if missing or unexpected or reshaped:
-        lines = [f"{source} does not fit {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_preview(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
-        if reshaped:
-            lines.append(f"  shape mismatches ({len(reshaped)}): {_preview(reshaped, 4)}")
-        found = detect_architecture(state)
-        if found is not None:
-            lines.append(f"  the file looks like {found.describe()}")
-            if found.presets:
-                lines.append(f"  try: build_model({found.presets[0]!r})")
-        else:
-            lines.append("  no known architecture matches the file's keys")
-        raise CheckpointMismatchError("\n".join(lines))
-    model.load_state_dict(cleaned, strict=True)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _model_norm(model: nn.Module) -> str | None:
-    meta = getattr(model, "irformer_meta", None)
-    if isinstance(meta, Mapping) and "norm" in meta:
-        return str(meta["norm"])
-    norm = getattr(model, "norm_name", None)
-    return str(norm) if isinstance(norm, str) else None
-
-
-def check_meta_compatible(model: nn.Module, file_meta: Mapping[str, object], source: str) -> None:
-    """Refuse to load a marked file into a model of another arch, norm or scale."""
-    if not file_meta:
-        return
-    own = getattr(model, "irformer_meta", None)
-    own = own if isinstance(own, Mapping) else {}
-    norm = _model_norm(model)
-    if norm is None:
-        if file_meta.get("norm", "ln") != "ln":
-            raise ValueError(
-                f"{source} was trained with norm {file_meta['norm']!r}; the model's norm is "
-                "unknown (build it with build_model or use load_checkpoint_model)"
-            )
-    elif "norm" in file_meta and file_meta["norm"] != norm:
-        raise ValueError(
-            f"{source} was trained with norm {file_meta['norm']!r} but the model uses "
-            f"{norm!r}; its outputs would be wrong (i-LN keeps LayerNorm's key names)"
-        )
-    for key in ("arch", "scale"):
-        if key in own and key in file_meta and not _same(own[key], file_meta[key]):
-            raise ValueError(
-                f"{source} is {key}={file_meta[key]!r} but the model is {key}={own[key]!r}"
-            )
-    file_kwargs = file_meta.get("model_kwargs")
-    own_kwargs = own.get("model_kwargs")
-    if isinstance(file_kwargs, Mapping) and isinstance(own_kwargs, Mapping):
-        spec = arch_specs().get(str(own.get("arch")))
-        defaults = spec.defaults() if spec is not None else {}
-        a, b = {**defaults, **file_kwargs}, {**defaults, **own_kwargs}
-        differ = sorted(k for k in set(a) | set(b) if not _same(a.get(k), b.get(k)))
-        if differ:
-            detail = ", ".join(f"{k}: file {a.get(k)!r} vs model {b.get(k)!r}" for k in differ)
-            raise ValueError(f"{source} was built with other hyper-parameters: {detail}")
-
-
-def load_weights(
-    model: nn.Module, path: str | os.PathLike[str], *, param_key: str | None = None
-) -> dict[str, object]:
-    """Load a weights file into an existing model (checked against its metadata)."""
-    state, meta = read_state_dict(path, param_key=param_key)
-    check_meta_compatible(model, meta, str(path))
-    own = getattr(model, "irformer_meta", None)
-    arch = own.get("arch") if isinstance(own, Mapping) else None
-    load_state_into(model, state, spec=arch_specs().get(str(arch)), source=str(path))
-    return meta
-
-
-def load_checkpoint_model(
-    path: str | os.PathLike[str],
-    name: str | None = None,
-    *,
-    param_key: str | None = None,
-    **overrides: object,
-) -> tuple[nn.Module, dict[str, object]]:
-    """Build the model a checkpoint needs and load it: ``(model in eval mode, meta)``.
-
-    - irformer files: rebuilt from their metadata (arch, kwargs, norm). ``name``
-      and ``overrides`` may only repeat what the file says; a different norm,
-      scale or any other hyper-parameter is an error.
-    - official files (no metadata): ``name`` (preset or arch) + ``overrides``
-      if given, else the architecture detected from the keys and shapes. They
-      are taken as ``norm="ln"`` unless ``norm`` is overridden.
-    A file that does not fit raises :class:`CheckpointMismatchError` listing the
-    missing/unexpected keys and the preset that matches the file.
-    """
-    source = str(path)
-    state, file_meta = read_state_dict(path, param_key=param_key)
-    if file_meta:
-        spec, preset, kwargs = _from_meta(file_meta, source)
-        _check_request(spec, name, overrides, kwargs, preset, source)
-        kwargs = {**kwargs, **overrides}
-        meta = {**make_meta(spec, preset, kwargs), **_kept_fields(file_meta)}
-    elif name is not None:
-        spec, preset, kwargs = resolve(name)
-        kwargs.update(overrides)
-        meta = make_meta(spec, preset, kwargs)
-    else:
-        found = detect_architecture(state)
-        if found is None:
-            raise CheckpointMismatchError(
-                f"{source}: no known architecture matches its keys "
-                f"({_preview(list(state), 5)}); known: {', '.join(list_archs())}"
-            )
-        spec = arch_specs()[found.arch]
-        kwargs = {**found.model_kwargs, **overrides}
-        meta = make_meta(spec, found.presets[0] if found.presets else None, kwargs)
-    if not file_meta and meta["norm"] != "ln":
-        logger.warning(
-            "%s has no irformer metadata; loading it as norm=%r on your word", source, meta["norm"]
-        )
-    model = _instantiate(spec, kwargs)
-    model.irformer_meta = meta
-    load_state_into(model, state, spec=spec, source=source)
-    return model.eval(), meta
-
-
-def _kept_fields(file_meta: Mapping[str, object]) -> dict[str, object]:
-    """File metadata worth carrying over (task/version as written at save time)."""
-    return {k: file_meta[k] for k in ("task", "version") if k in file_meta}
-
-
-def _from_meta(
-    meta: Mapping[str, object], source: str
-) -> tuple[ArchSpec, str | None, dict[str, object]]:
-    arch = meta.get("arch")
-    specs = arch_specs()
-    if arch not in specs:
-        raise ValueError(f"{source}: metadata arch {arch!r} is unknown; known: {', '.join(specs)}")
-    kwargs = meta.get("model_kwargs")
-    if not isinstance(kwargs, Mapping):
-        raise ValueError(f"{source}: irformer metadata lacks model_kwargs")
-    kwargs = dict(kwargs)
-    if (
-        "norm" in meta
-        and kwargs.get("norm", specs[str(arch)].defaults().get("norm")) != meta["norm"]
-    ):
-        raise ValueError(
-            f"{source}: metadata norm {meta['norm']!r} disagrees with model_kwargs norm "
-            f"{kwargs.get('norm')!r}"
-        )
-    preset = meta.get("preset")
-    return specs[str(arch)], str(preset) if preset else None, kwargs
-
-
-def _check_request(
-    spec: ArchSpec,
-    name: str | None,
-    overrides: Mapping[str, object],
-    file_kwargs: Mapping[str, object],
-    file_preset: str | None,
-    source: str,
-) -> None:
-    """A marked file decides its own architecture: the caller may only agree.
-
-    ``name`` agrees when it is the file's own preset (whatever was overridden
-    at build time) or a preset/arch whose kwargs equal the file's.
-    """
-    defaults = spec.defaults()
-    file_full = {**defaults, **file_kwargs}
-    wanted: dict[str, object] = dict(overrides)
-    if name is not None and name != file_preset:
-        req_spec, _, req_kwargs = resolve(name)
-        if req_spec.name != spec.name:
-            raise ValueError(f"{source} holds a {spec.name!r} model, not {req_spec.name!r}")
-        wanted = {**req_kwargs, **wanted}
-    differ = sorted(k for k, v in wanted.items() if not _same(file_full.get(k), v))
-    if differ:
-        detail = ", ".join(f"{k}={wanted[k]!r} (file: {file_full.get(k)!r})" for k in differ)
-        raise ValueError(f"{source} was saved with other settings than requested: {detail}")
-
-
-def describe_checkpoint(
-    path: str | os.PathLike[str], *, param_key: str | None = None
-) -> dict[str, Any]:
-    """What a weights file holds: metadata, detected arch, parameter count."""
-    state, meta = read_state_dict(path, param_key=param_key)
-    found = detect_architecture(state)
-    n_params = sum(
-        v.numel()
-        for k, v in state.items()
-        if isinstance(v, Tensor) and k.rsplit(".", 1)[-1] not in DEFAULT_SIZE_DEPENDENT_BUFFERS
-    )
-    return {
-        "path": str(path),
-        "meta": meta,
-        "detected": None
-        if found is None
-        else {
-            "arch": found.arch,
-            "presets": list(found.presets),
-            "exact": found.exact,
-            "model_kwargs": _jsonable(found.model_kwargs),
-        },
-        "tensors": len(state),
-        "parameters": n_params,
-        "megabytes": sum(v.numel() * v.element_size() for v in state.values()) / 2**20,
-    }

@@ -18,121 +18,47 @@ window multiple (as the official ``check_image_size``) and cropped back.
 Parameter keys and shapes in ``ln`` mode equal the official implementation's
 (``layers.{i}.residual_group.blocks.{j}.attn.{q,kv,proj,relative_position_bias_table}``,
 ``...mlp.dwconv.depthwise_conv.0``, SwinIR's head and tails), so official
-checkpoints load unchanged; ``attn_mask`` and ``aligned_relative_position_index``
-are non-persistent and cached per size. Both residual merges of every PSA block
-go through :func:`irformer.norms.merge_residual` (i-LN), the post-embedding and
-final norms through ``build_norm(role="embed"/"final")``.
+checkpoints load with ``load_state_dict``; ``attn_mask`` and
+``aligned_relative_position_index`` are derived per size instead of stored.
+Both residual merges of every PSA block go through
+:func:`irformer.norms.merge_residual` (i-LN), the post-embedding and final
+norms through ``build_norm(role="embed"/"final")``. The PSA geometry and its
+execution live in :func:`irformer.archs.attention.permuted_window_attention`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from irformer.archs import swinir
-from irformer.archs.common import (
-    MASK_VALUE,
+from irformer.archs.attention import AttentionOperands, permuted_window_attention
+from irformer.archs.layers import (
     UPSAMPLERS,
-    PatchEmbed,
-    PatchUnEmbed,
-    add_input_stem,
-    add_reconstruction_head,
+    RestorationTransformer,
+    TransformerBlock,
     check_model_args,
     count_indexed,
-    deep_features,
+    detect_head,
     init_linear_weights,
-    input_stats,
-    relative_position_index,
     residual_conv,
-    restore_forward,
     stochastic_depth_rates,
-    window_partition,
-    window_reverse,
 )
+from irformer.archs.spec import ArchSpec
+from irformer.archs.swinir import RSTB
+from irformer.archs.windows import aligned_relative_position_index
 from irformer.norms import TokenNorm, build_norm, merge_residual
 
-ARCH_NAME = "srformer"
 RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "3conv")
 """SwinIR's group/body closing convs (the official SRFormer reuses them)."""
-SIZE_DEPENDENT_BUFFERS: tuple[str, ...] = ("attn_mask", "aligned_relative_position_index")
-"""Buffer names official SRFormer files carry that irformer derives instead of storing."""
 FFN_KERNEL = 5
 """Depthwise kernel of the ConvFFN (official)."""
 
-ActivationQuantizer = Callable[[Tensor], Tensor]
-
-
-def aligned_relative_position_index(window_size: int) -> Tensor:
-    """(ws*ws, (ws/2)^2) index into the ``(ws-1)^2``-row bias table.
-
-    Every full-resolution query pixel takes the relative position of the 2x2
-    block it belongs to (the official "aligned" index).
-    """
-    p = window_size // 2
-    index = relative_position_index(p)  # (p*p, p*p) between half-resolution tokens
-    # Query pixel (2i + a, 2j + b) shares the row of half-resolution token (i, j).
-    index = index.view(p, 1, p, 1, p * p).expand(p, 2, p, 2, p * p)
-    return index.reshape(window_size * window_size, p * p)
-
-
-def _region_labels(h: int, w: int, window: int, shift: int) -> Tensor:
-    """(1, h, w, 1) labels of the 3x3 regions a cyclic shift wraps together (Swin)."""
-    labels = torch.zeros(1, h, w, 1)
-    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    region = 0
-    for hs in slices:
-        for ws in slices:
-            labels[:, hs, ws, :] = region
-            region += 1
-    return labels
-
-
-@lru_cache(maxsize=64)
-def _permuted_window_mask_cpu(h: int, w: int, window_size: int, shift_size: int) -> Tensor:
-    n = window_size * window_size
-    p = window_size // 2
-    queries = window_partition(_region_labels(h, w, window_size, shift_size), window_size)
-    # The official code writes ``-shift // 2``, i.e. ``-ceil(shift / 2)``.
-    keys = window_partition(_region_labels(h // 2, w // 2, p, (shift_size + 1) // 2), p)
-    diff = queries.view(-1, n, 1) - keys.view(-1, 1, p * p)
-    return diff.ne(0).float() * MASK_VALUE
-
-
-_DEVICE_MASKS: dict[tuple[int, int, int, int, str], Tensor] = {}
-
-
-def permuted_window_mask(
-    h: int, w: int, window_size: int, shift_size: int, device: torch.device
-) -> Tensor:
-    """(nW, ws*ws, (ws/2)^2) additive mask for shifted PSA on an ``h x w`` map.
-
-    Cached per (size, window, shift, device): every block of a model shares one.
-    """
-    if device.type == "cpu":
-        return _permuted_window_mask_cpu(h, w, window_size, shift_size)
-    key = (h, w, window_size, shift_size, str(device))
-    mask = _DEVICE_MASKS.get(key)
-    if mask is None:
-        if len(_DEVICE_MASKS) > 64:
-            _DEVICE_MASKS.clear()
-        mask = _permuted_window_mask_cpu(h, w, window_size, shift_size).to(device)
-        _DEVICE_MASKS[key] = mask
-    return mask
-
 
 class PermutedWindowAttention(nn.Module):
-    """PSA (official class ``PSA``): full-resolution queries, 2x2-folded keys/values.
-
-    Fused path: ``scaled_dot_product_attention`` with bias and mask folded into
-    one additive mask. Setting any of ``quant_q``/``quant_k``/``quant_attn``/
-    ``quant_v`` (compression) switches to the explicit matmul path, as in
-    :class:`irformer.archs.common.WindowAttention`.
-    """
+    """PSA (official class ``PSA``): full-resolution queries, 2x2-folded keys/values."""
 
     def __init__(
         self,
@@ -152,6 +78,8 @@ class PermutedWindowAttention(nn.Module):
         self.dim = dim
         self.window_size = window_size
         self.permuted_window_size = window_size // 2
+        self.key_tokens = self.permuted_window_size**2
+        """Keys each query attends to (the post-softmax row length)."""
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         p = self.permuted_window_size
@@ -165,10 +93,7 @@ class PermutedWindowAttention(nn.Module):
         self.kv = nn.Linear(dim, dim // 2, bias=qkv_bias)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.quant_q: ActivationQuantizer | None = None
-        self.quant_k: ActivationQuantizer | None = None
-        self.quant_attn: ActivationQuantizer | None = None
-        self.quant_v: ActivationQuantizer | None = None
+        self.operands = AttentionOperands()
 
     def position_bias(self) -> Tensor:
         """(heads, ws*ws, (ws/2)^2) relative position bias."""
@@ -177,67 +102,21 @@ class PermutedWindowAttention(nn.Module):
         bias = self.relative_position_bias_table[index]
         return bias.view(n, n // 4, -1).permute(2, 0, 1)
 
-    @property
-    def quantized(self) -> bool:
-        return any(
-            q is not None for q in (self.quant_q, self.quant_k, self.quant_attn, self.quant_v)
-        )
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: (B*nW, ws*ws, C) window tokens; mask: (nW, ws*ws, (ws/2)^2) additive or None."""
-        bw, n, c = x.shape
-        heads, p = self.num_heads, self.permuted_window_size
-        # kv channels are [k (C/4) | v (C/4)]; each 2x2 pixel block folds into one token.
-        kv = self.kv(x).view(bw, p, 2, p, 2, 2, c // 4).permute(0, 1, 3, 5, 2, 4, 6)
-        kv = kv.reshape(bw, n // 4, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
-        q = self.q(x).view(bw, n, heads, c // heads).transpose(1, 2)
-        bias = self.position_bias()
-        if self.quantized:
-            out = self._explicit_attention(q, k, v, bias, mask)
-        else:
-            out = self._fused_attention(q, k, v, bias, mask)
-        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
-
-    def _fused_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
-    ) -> Tensor:
-        bw, heads, n, d = q.shape
-        m = k.shape[2]
-        if mask is None:
-            add = bias.unsqueeze(0).to(q.dtype)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=self.scale)
-        nw = mask.shape[0]
-        add = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nw * heads, n, m).to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.reshape(bw // nw, nw * heads, n, d),
-            k.reshape(bw // nw, nw * heads, m, d),
-            v.reshape(bw // nw, nw * heads, m, d),
-            attn_mask=add,
+    def forward(self, x: Tensor, x_size: tuple[int, int], shift: int = 0) -> Tensor:
+        """x: (B, H*W, C) normalised tokens -> (B, H*W, C); windows shifted by ``shift``."""
+        return permuted_window_attention(
+            x,
+            x_size,
+            q_proj=self.q,
+            kv_proj=self.kv,
+            proj=self.proj,
+            bias=self.position_bias(),
+            heads=self.num_heads,
             scale=self.scale,
+            window_size=self.window_size,
+            shift_size=shift,
+            operands=self.operands,
         )
-        return out.view(bw, heads, n, d)
-
-    def _explicit_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
-    ) -> Tensor:
-        q = q * self.scale
-        if self.quant_q is not None:
-            q = self.quant_q(q)
-        if self.quant_k is not None:
-            k = self.quant_k(k)
-        attn = q @ k.transpose(-2, -1) + bias.unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            bw, heads, n, m = attn.shape
-            attn = attn.view(bw // nw, nw, heads, n, m) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(bw, heads, n, m)
-        attn = attn.softmax(dim=-1)
-        if self.quant_attn is not None:
-            attn = self.quant_attn(attn)
-        if self.quant_v is not None:
-            v = self.quant_v(v)
-        return attn @ v
 
 
 class DepthwiseConv(nn.Module):
@@ -279,8 +158,12 @@ class ConvFFN(nn.Module):
         return self.fc2(x + self.dwconv(x, x_size))
 
 
-class PSABlock(nn.Module):
-    """Pre-norm (shifted) permuted window attention + ConvFFN; merges via ``merge_residual``."""
+class PSABlock(TransformerBlock):
+    """Pre-norm (shifted) permuted window attention + ConvFFN; merges via ``merge_residual``.
+
+    The ConvFFN's depthwise conv needs whole rows of the map, so the exact
+    path runs it whole (it chunks only token-wise MLPs).
+    """
 
     def __init__(
         self,
@@ -311,87 +194,26 @@ class PSABlock(nn.Module):
 
     def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
         """x: (B, H*W, C) with ``x_size = (H, W)`` multiples of the window size."""
-        h, w = x_size
-        b, _, c = x.shape
         stats = self.norm1.statistics(x)
-        y = self.norm1.normalize(x, stats)
-        branch = self._window_attention(y.view(b, h, w, c))
+        branch = self.attn(self.norm1.normalize(x, stats), x_size, self.shift_size)
         x = merge_residual(x, branch, self.norm1, stats, drop_prob=self.drop_path)
         stats = self.norm2.statistics(x)
         branch = self.mlp(self.norm2.normalize(x, stats), x_size)
         return merge_residual(x, branch, self.norm2, stats, drop_prob=self.drop_path)
 
-    def _window_attention(self, y: Tensor) -> Tensor:
-        """y: (B, H, W, C) normalised tokens -> (B, H*W, C) attention branch."""
-        b, h, w, c = y.shape
-        ws, shift = self.window_size, self.shift_size
-        mask = None
-        if shift:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-            mask = permuted_window_mask(h, w, ws, shift, y.device)
-        windows = window_partition(y, ws).reshape(-1, ws * ws, c)
-        out = window_reverse(self.attn(windows, mask).view(-1, ws, ws, c), ws, h, w)
-        if shift:
-            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
-        return out.reshape(b, h * w, c)
 
-
-class BasicLayer(swinir.BasicLayer):
-    """A stack of PSA blocks alternating regular and shifted windows."""
-
-    block_class = PSABlock
-
-
-class PSAGroup(nn.Module):
-    """Residual group (official ``PSA_Group``): blocks -> conv -> + input."""
-
-    def __init__(
-        self,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        *,
-        window_size: int,
-        shifted: bool,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        qk_scale: float | None,
-        norm: str,
-        resi_connection: str,
-        drop_path: Sequence[float],
-    ) -> None:
-        super().__init__()
-        self.residual_group = BasicLayer(
-            dim,
-            depth,
-            num_heads,
-            window_size=window_size,
-            shifted=shifted,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            norm=norm,
-            drop_path=drop_path,
-        )
-        self.conv = residual_conv(dim, resi_connection, RESI_CONNECTIONS)
-        self.patch_embed = PatchEmbed(dim, None)
-        self.patch_unembed = PatchUnEmbed()
-
-    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
-        """x: (B, H*W, C) -> (B, H*W, C)."""
-        y = self.residual_group(x, x_size)
-        return self.patch_embed(self.conv(self.patch_unembed(y, x_size))) + x
-
-
-class SRFormer(nn.Module):
+class SRFormer(RestorationTransformer):
     """SRFormer with a pluggable norm; keyword arguments follow the official constructor.
 
     ``upsampler``: ``pixelshuffle`` (classical SR), ``pixelshuffledirect``
     (SRFormer-light), ``nearest+conv`` (real-world SR, x4 only as in the
     official code), ``""`` (same-size restoration; the network predicts a
     residual added to the input). ``img_size`` is the training patch size: as in
-    the official code, one no larger than the window disables shifting.
+    the official code, one no larger than the window disables shifting. The
+    residual groups (official ``PSA_Group``) are SwinIR's RSTB with PSA blocks.
     """
+
+    channels_last = False
 
     def __init__(
         self,
@@ -415,7 +237,6 @@ class SRFormer(nn.Module):
         stdnorm: bool = False,
         drop_path_rate: float = 0.1,
     ) -> None:
-        super().__init__()
         check_model_args(
             upsampler=upsampler,
             valid_upsamplers=UPSAMPLERS,
@@ -431,13 +252,10 @@ class SRFormer(nn.Module):
             )
         if upsampler == "nearest+conv" and upscale != 4:
             raise ValueError(f"SRFormer's nearest+conv upsampler is x4 only, got upscale {upscale}")
-        self.window_size = window_size
         # Official quirk: the training patch is padded to a window multiple, and
         # a patch of one window disables the shift (the window itself stays).
         shifted = img_size > window_size
-
-        add_input_stem(
-            self,
+        super().__init__(
             in_chans=in_chans,
             embed_dim=embed_dim,
             upscale=upscale,
@@ -446,10 +264,10 @@ class SRFormer(nn.Module):
             norm=norm,
             patch_norm=patch_norm,
             stdnorm=stdnorm,
-            stats=input_stats(in_chans, stdnorm),
+            window_size=window_size,
         )
         self.layers = nn.ModuleList(
-            PSAGroup(
+            RSTB(
                 embed_dim,
                 depth,
                 heads,
@@ -461,6 +279,8 @@ class SRFormer(nn.Module):
                 norm=norm,
                 resi_connection=resi_connection,
                 drop_path=rates,
+                block=PSABlock,
+                resi_connections=RESI_CONNECTIONS,
             )
             for depth, heads, rates in zip(
                 depths, num_heads, stochastic_depth_rates(drop_path_rate, depths), strict=True
@@ -468,24 +288,8 @@ class SRFormer(nn.Module):
         )
         self.norm = build_norm(norm, embed_dim, role="final")
         self.conv_after_body = residual_conv(embed_dim, resi_connection, RESI_CONNECTIONS)
-
-        add_reconstruction_head(
-            self,
-            upsampler,
-            embed_dim=embed_dim,
-            num_feat=num_feat,
-            in_chans=in_chans,
-            upscale=upscale,
-        )
+        self.add_reconstruction_head(embed_dim=embed_dim, num_feat=num_feat)
         self.apply(init_linear_weights)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
-        return deep_features(self, x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_chans, H, W) in [0, 1] -> (B, in_chans, H*upscale, W*upscale)."""
-        return restore_forward(self, x, "SRFormer", channels_last=False)
 
 
 # --------------------------------------------------------------------------- presets
@@ -529,8 +333,6 @@ PRESETS: dict[str, dict[str, object]] = {
 
 PRESET_TASKS: dict[str, str] = dict.fromkeys(PRESETS, "sr")
 """Preset name -> task (every SRFormer preset is bicubic SR)."""
-
-MODEL_CLASS = SRFormer
 
 
 # --------------------------------------------------------------------------- detection
@@ -583,25 +385,14 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     mask = state_dict.get("layers.0.residual_group.blocks.1.attn_mask")
     if mask is not None:
         kwargs["img_size"] = math.isqrt(int(mask.shape[0])) * window
-    if "conv_before_upsample.0.weight" in state_dict:
-        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
-        kwargs["num_feat"] = num_feat
-        if "conv_up1.weight" in state_dict:
-            kwargs["upsampler"] = "nearest+conv"
-            kwargs["upscale"] = 4
-        else:
-            kwargs["upsampler"] = "pixelshuffle"
-            convs = [
-                state_dict[k] for k in keys if k.startswith("upsample.") and k.endswith(".weight")
-            ]
-            if len(convs) == 1 and int(convs[0].shape[0]) == 9 * num_feat:
-                kwargs["upscale"] = 3
-            else:
-                kwargs["upscale"] = 2 ** len(convs)
-    elif "upsample.0.weight" in state_dict:
-        kwargs["upsampler"] = "pixelshuffledirect"
-        kwargs["upscale"] = math.isqrt(int(state_dict["upsample.0.weight"].shape[0]) // in_chans)
-    else:
-        kwargs["upsampler"] = ""
-        kwargs["upscale"] = 1
+    kwargs.update(detect_head(state_dict, in_chans))
     return kwargs
+
+
+SPEC = ArchSpec(
+    name="srformer",
+    model_class=SRFormer,
+    presets=PRESETS,
+    preset_tasks=PRESET_TASKS,
+    detect=detect,
+)

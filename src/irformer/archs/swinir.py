@@ -1,15 +1,22 @@
 """SwinIR (Liang et al., 2021): classical, lightweight, real-world SR, denoising, JPEG CAR.
 
+The blocks as in the official ``network_swinir.py``: :class:`WindowAttention`
+(window multi-head self-attention with relative position bias),
+:class:`SwinTransformerBlock` (pre-norm, alternately shifted windows, MLP),
+:class:`BasicLayer` (a stack of blocks), :class:`RSTB` (blocks -> conv -> +
+input) and :class:`SwinIR`. Where the official block writes
+``shortcut + drop_path(x)``, irformer's calls the one residual-merge point
+:func:`irformer.norms.merge_residual`, which is where i-LN rescales the branch;
+how the attention and MLP halves execute (fused kernels, the exact chunked
+path, quantised operands) is :mod:`irformer.archs.attention`'s business.
+
 Parameter keys and shapes in ``ln`` mode equal the official implementation's
 (``conv_first``, ``patch_embed.norm``, ``layers.{i}.residual_group.blocks.{j}``,
 ``layers.{i}.conv``, ``norm``, ``conv_after_body``, the upsampler heads), so
-official checkpoints load unchanged. Differences that do not change outputs:
-
-- the shifted-window mask and the relative position index are non-persistent
-  and cached per input size (the official code stores the mask for its
-  training patch size and rebuilds it for every other size on every call);
-- the token <-> feature-map transposes are views (channels-last feature maps),
-  so the convolutions between the residual groups run in channels-last.
+official checkpoints load with ``load_state_dict``. Differences that do not
+change outputs: the shifted-window mask and the relative position index are
+derived per input size instead of stored; the token <-> feature-map
+transposes are views (channels-last feature maps).
 
 ``norm`` picks any :data:`irformer.norms.NORM_NAMES` entry; in ``iln`` and ``ln_rs``
 mode the post-embedding and final norms become per-channel affines (see
@@ -25,40 +32,141 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from irformer.archs.common import (
+from irformer.archs.attention import AttentionOperands, mlp_residual, shifted_window_attention
+from irformer.archs.layers import (
     UPSAMPLERS,
+    Mlp,
     PatchEmbed,
     PatchUnEmbed,
-    SwinTransformerBlock,
-    add_input_stem,
-    add_reconstruction_head,
+    ResidualGroup,
+    RestorationTransformer,
+    TransformerBlock,
     check_model_args,
     count_indexed,
-    deep_features,
+    detect_head,
     init_linear_weights,
-    input_stats,
-    restore_forward,
+    residual_conv,
     stochastic_depth_rates,
 )
-from irformer.archs.common import residual_conv as shared_residual_conv
-from irformer.norms import build_norm
+from irformer.archs.spec import ArchSpec
+from irformer.archs.windows import relative_position_index
+from irformer.norms import TokenNorm, build_norm, merge_residual
 
-ARCH_NAME = "swinir"
 RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "3conv")
 
 
-def residual_conv(dim: int, resi_connection: str) -> nn.Module:
-    """The conv closing each residual group and the body (official '1conv'/'3conv')."""
-    return shared_residual_conv(dim, resi_connection, RESI_CONNECTIONS)
+class WindowAttention(nn.Module):
+    """Multi-head self-attention within (shifted) windows, with relative position bias."""
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.window_size = window_size
+        self.key_tokens = window_size * window_size
+        """Keys each query attends to (the post-softmax row length)."""
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads)
+        )
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window_size), persistent=False
+        )
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.operands = AttentionOperands()
+
+    def position_bias(self) -> Tensor:
+        """(heads, N, N) relative position bias."""
+        n = self.window_size * self.window_size
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: Tensor, x_size: tuple[int, int], shift: int = 0) -> Tensor:
+        """x: (B, H*W, C) normalised tokens -> (B, H*W, C); windows shifted by ``shift``."""
+        return shifted_window_attention(
+            x,
+            x_size,
+            qkv=self.qkv,
+            proj=self.proj,
+            bias=self.position_bias(),
+            heads=self.num_heads,
+            scale=self.scale,
+            window_size=self.window_size,
+            shift_size=shift,
+            operands=self.operands,
+        )
+
+
+class SwinTransformerBlock(TransformerBlock):
+    """Pre-norm (shifted) window attention + MLP; both merges via ``merge_residual``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float,
+        norm: str,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop_path: float = 0.0,
+        conv_block: nn.Module | None = None,
+    ) -> None:
+        """``conv_block``: HAT's channel-attention branch (see :class:`irformer.archs.hat.HAB`),
+        registered between ``attn`` and ``norm2`` as in the official HAT key order."""
+        super().__init__()
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size {shift_size} must be in [0, window_size={window_size})")
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.drop_path = drop_path
+        """Stochastic-depth rate of both branches (training only; no parameters)."""
+        self.norm1: TokenNorm = build_norm(norm, dim)
+        self.attn = WindowAttention(
+            dim, window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale
+        )
+        if conv_block is not None:
+            self.conv_block = conv_block
+        self.norm2: TokenNorm = build_norm(norm, dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def parallel_branch(self, y: Tensor, x_size: tuple[int, int]) -> Tensor | None:
+        """A branch run beside the attention on the same normalised tokens, joining
+        it before the merge (None here; HAT's hybrid block adds its conv branch)."""
+        return None
+
+    def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
+        """x: (B, H*W, C) with ``x_size = (H, W)`` multiples of the window size."""
+        stats = self.norm1.statistics(x)
+        y = self.norm1.normalize(x, stats)
+        side = self.parallel_branch(y, x_size)
+        branch = self.attn(y, x_size, self.shift_size)
+        del y  # the exact path's memory bound counts on it
+        x = merge_residual(x, branch, self.norm1, stats, drop_prob=self.drop_path, side=side)
+        return mlp_residual(
+            x, self.norm2, self.mlp, drop_prob=self.drop_path, window_size=self.window_size
+        )
 
 
 class BasicLayer(nn.Module):
-    """A stack of Swin blocks alternating regular and shifted windows.
+    """A stack of ``block`` blocks alternating regular and shifted windows.
 
-    ``block_class`` is the one thing other Swin-style groups change (SRFormer's PSA blocks).
+    ``block`` is SwinIR's :class:`SwinTransformerBlock`; SRFormer passes its PSA block.
     """
-
-    block_class: type[nn.Module] = SwinTransformerBlock
 
     def __init__(
         self,
@@ -73,12 +181,13 @@ class BasicLayer(nn.Module):
         qk_scale: float | None,
         norm: str,
         drop_path: Sequence[float],
+        block: type[TransformerBlock] = SwinTransformerBlock,
     ) -> None:
         super().__init__()
         if len(drop_path) != depth:
             raise ValueError(f"{depth} blocks need {depth} drop-path rates, got {len(drop_path)}")
         self.blocks = nn.ModuleList(
-            self.block_class(
+            block(
                 dim,
                 num_heads,
                 window_size=window_size,
@@ -98,7 +207,7 @@ class BasicLayer(nn.Module):
         return x
 
 
-class RSTB(nn.Module):
+class RSTB(ResidualGroup):
     """Residual Swin Transformer Block: blocks -> conv -> + input (tokens in and out)."""
 
     def __init__(
@@ -115,6 +224,8 @@ class RSTB(nn.Module):
         norm: str,
         resi_connection: str,
         drop_path: Sequence[float],
+        block: type[TransformerBlock] = SwinTransformerBlock,
+        resi_connections: tuple[str, ...] = RESI_CONNECTIONS,
     ) -> None:
         super().__init__()
         self.residual_group = BasicLayer(
@@ -128,8 +239,9 @@ class RSTB(nn.Module):
             qk_scale=qk_scale,
             norm=norm,
             drop_path=drop_path,
+            block=block,
         )
-        self.conv = residual_conv(dim, resi_connection)
+        self.conv = residual_conv(dim, resi_connection, resi_connections)
         self.patch_embed = PatchEmbed(dim, None)
         self.patch_unembed = PatchUnEmbed()
 
@@ -139,7 +251,7 @@ class RSTB(nn.Module):
         return self.patch_embed(self.conv(self.patch_unembed(y, x_size))) + x
 
 
-class SwinIR(nn.Module):
+class SwinIR(RestorationTransformer):
     """SwinIR with a pluggable norm; keyword arguments follow the official constructor.
 
     ``upsampler``: ``pixelshuffle`` (classical SR), ``pixelshuffledirect``
@@ -173,7 +285,6 @@ class SwinIR(nn.Module):
         stdnorm: bool = False,
         drop_path_rate: float = 0.1,
     ) -> None:
-        super().__init__()
         check_model_args(
             upsampler=upsampler,
             valid_upsamplers=UPSAMPLERS,
@@ -185,10 +296,7 @@ class SwinIR(nn.Module):
         # Official quirk: with a training patch no larger than the window, every
         # block uses one window covering the patch and no shift.
         shifted = img_size > window_size
-        self.window_size = window_size if shifted else img_size
-
-        add_input_stem(
-            self,
+        super().__init__(
             in_chans=in_chans,
             embed_dim=embed_dim,
             upscale=upscale,
@@ -197,7 +305,7 @@ class SwinIR(nn.Module):
             norm=norm,
             patch_norm=patch_norm,
             stdnorm=stdnorm,
-            stats=input_stats(in_chans, stdnorm),
+            window_size=window_size if shifted else img_size,
         )
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, img_size * img_size, embed_dim))
@@ -221,30 +329,9 @@ class SwinIR(nn.Module):
             )
         )
         self.norm = build_norm(norm, embed_dim, role="final")
-        self.conv_after_body = residual_conv(embed_dim, resi_connection)
-
-        if upsampler == "nearest+conv" and upscale not in (2, 4, 8):
-            raise ValueError(f"nearest+conv supports upscale 2, 4 or 8, got {upscale}")
-        add_reconstruction_head(
-            self,
-            upsampler,
-            embed_dim=embed_dim,
-            num_feat=num_feat,
-            in_chans=in_chans,
-            upscale=upscale,
-        )
+        self.conv_after_body = residual_conv(embed_dim, resi_connection, RESI_CONNECTIONS)
+        self.add_reconstruction_head(embed_dim=embed_dim, num_feat=num_feat)
         self.apply(init_linear_weights)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) shallow features -> (B, C, H, W) deep features."""
-        return deep_features(self, x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_chans, H, W) in [0, 1], any H and W -> (B, in_chans, s*H, s*W).
-
-        ``img_range=255`` (the official JPEG models) rescales internally only.
-        """
-        return restore_forward(self, x, "SwinIR", channels_last=True)
 
 
 # --------------------------------------------------------------------------- presets
@@ -325,22 +412,19 @@ PRESETS: dict[str, dict[str, object]] = {
 """Preset name -> constructor kwargs (``norm``/``stdnorm`` are left to the caller)."""
 
 
-def _preset_task(name: str) -> str:
-    for marker, task in (
-        ("realsr", "real_sr"),
-        ("_dn", "denoise"),
-        ("car", "jpeg_car"),
-        ("derain", "derain"),
-    ):
-        if marker in name:
-            return task
-    return "sr"
-
-
-PRESET_TASKS: dict[str, str] = {name: _preset_task(name) for name in PRESETS}
-"""Preset name -> task (``sr``, ``real_sr``, ``denoise``, ``jpeg_car``, ``derain``)."""
-
-MODEL_CLASS = SwinIR
+PRESET_TASKS: dict[str, str] = {
+    **{name: "sr" for name in PRESETS if name.startswith(("swinir_classical", "swinir_light"))},
+    "swinir_realsr_x4": "sr",
+    "swinir_realsr_large_x4": "sr",
+    "swinir_dn_color": "dn",
+    "swinir_dn_gray": "dn",
+    "swinir_car_color": "car",
+    "swinir_car_gray": "car",
+    "swinir_1_dn": "dn",
+    "swinir_1_derain": "dr",
+    "swinir_1_car": "car",
+}
+"""Preset name -> task (:data:`irformer.tasks.TASKS`; real-world SR is ``sr``)."""
 
 
 # --------------------------------------------------------------------------- detection
@@ -403,28 +487,14 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     # work on [0, 255] (spandrel uses the same rule).
     kwargs["img_range"] = 255.0 if window == 7 else 1.0
 
-    if "conv_before_upsample.0.weight" in state_dict:
-        kwargs["num_feat"] = int(state_dict["conv_before_upsample.0.weight"].shape[0])
-        if "conv_up1.weight" in state_dict:
-            kwargs["upsampler"] = "nearest+conv"
-            kwargs["upscale"] = 2 ** sum(f"conv_up{i}.weight" in state_dict for i in (1, 2, 3))
-        else:
-            kwargs["upsampler"] = "pixelshuffle"
-            convs = [
-                state_dict[k]
-                for k in sorted(keys)
-                if k.startswith("upsample.") and k.endswith(".weight")
-            ]
-            num_feat = int(kwargs["num_feat"])
-            if len(convs) == 1 and int(convs[0].shape[0]) == 9 * num_feat:
-                kwargs["upscale"] = 3
-            else:
-                kwargs["upscale"] = 2 ** len(convs)
-    elif "upsample.0.weight" in state_dict:
-        kwargs["upsampler"] = "pixelshuffledirect"
-        out = int(state_dict["upsample.0.weight"].shape[0])
-        kwargs["upscale"] = math.isqrt(out // in_chans)
-    else:
-        kwargs["upsampler"] = ""
-        kwargs["upscale"] = 1
+    kwargs.update(detect_head(state_dict, in_chans))
     return kwargs
+
+
+SPEC = ArchSpec(
+    name="swinir",
+    model_class=SwinIR,
+    presets=PRESETS,
+    preset_tasks=PRESET_TASKS,
+    detect=detect,
+)

@@ -1,13 +1,45 @@
 """``irformer restore``: restore image files and folders with a model.
 
-irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET | --scale 2|4]
+irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_NAME | --scale 2|4 | --task dn|car]
     [--tile N [--tile-overlap M] [--tile-blend mean|ramp] | --exact-chunk K]
-    [--ensemble] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda] [--overwrite]
+    [--ensemble] [--precision fp32|bf16|fp16] [--autocast bf16|fp16] [--device auto|cpu|cuda]
+    [--alpha keep|drop] [--overwrite | --skip-existing]
+
+Without --model, the shipped i-LN reference model of the task runs: x2 or x4
+super-resolution (``--scale``), colour denoising (``--task dn``) or JPEG artifact
+removal (``--task car``). The dn and car models are blind (trained on noise sigma
+0-50 and JPEG quality 10-40), so they take no noise level or quality.
+``--model`` takes a weights file or a shipped model's name (``irformer models
+list``, e.g. ``swinir_light_x4_ln``); a preset name (random weights) only with
+``--random-weights``.
+
+Alpha channels: ``--alpha keep`` (default) restores the colour and resizes the
+alpha channel by the model's scale with MATLAB bicubic; ``--alpha drop`` writes
+colour only, with a one-line notice (as does a JPEG output, which has no alpha).
+WebP inputs are read when Pillow reads them; outputs are PNG unless ``--ext``.
+
+Greyscale images (and RGB files whose three channels are equal) given to a colour
+model are replicated to three channels and the output's channel mean is written:
+grey in, grey out.
 
 Large images: ``--tile`` splits the input into overlapping tiles (fine for LN
-models; i-LN models normalise with whole-image statistics, so tiles disagree);
-``--exact-chunk K`` runs the whole image with attention in chunks of K windows,
-in bounded memory, with the same result as an unlimited-memory pass.
+models; i-LN models normalise with whole-image statistics, so tiles disagree,
+and tiling one warns); ``--exact-chunk K`` runs the whole image with attention in
+chunks of K windows, in bounded memory, with the same result as an
+unlimited-memory pass.
+
+Memory: before each image, the peak of each path is estimated and the run
+keeps within ``--max-memory`` (default: half of the memory available at
+start): the plain pass if it fits, else the exact path, else (LN-type models
+only) tiles; a model with whole-image statistics (i-LN) is never tiled
+unasked. An image no path fits is refused, naming the estimates and what
+would fit. With ``--tile``/``--exact-chunk`` the path is yours, still checked.
+
+Folders: an input that cannot be read is reported and skipped; the others are
+restored, the unreadable ones are listed at the end and the exit status is 1.
+``--skip-existing`` makes a rerun skip outputs that are complete (decodable and
+``scale`` times the input's size) and redo incomplete ones. Inputs are never
+overwritten; existing outputs only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -17,15 +49,11 @@ import logging
 import sys
 from pathlib import Path
 
-from torch import nn
+from irformer.archs.zoo import DEFAULT_TASK_WEIGHTS
+from irformer.cli.options import add_precision_arguments, formatter
+from irformer.cli.progress import ProgressBars
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-"""Reference checkpoints shipped with the package (``irformer/weights``)."""
-
-DEFAULT_WEIGHTS_STEM = "swinir_light_x{scale}_iln"
-"""Preferred default (formatted with the scale) when the weights folder holds several."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,14 +61,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "restore",
         help="restore image files/folders (tiling, exact large-image path, x8 ensemble, bf16/fp16)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=formatter,
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR", help="output folder")
     p.add_argument(
         "--model",
-        help="checkpoint (.pth/.safetensors) or preset name (untrained weights); "
-        "default: the reference checkpoint in irformer/weights, when present",
+        help="weights file (.pth/.safetensors) or shipped model name (`irformer models "
+        "list`); default: the shipped i-LN model of --task/--scale",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow --model PRESET: a preset built with untrained, random weights",
     )
     p.add_argument(
         "--scale",
@@ -48,6 +81,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="SR scale; without --model it picks the shipped reference checkpoint "
         "(2 or 4, default 2), with --model it must match the checkpoint's",
+    )
+    p.add_argument(
+        "--task",
+        choices=tuple(DEFAULT_TASK_WEIGHTS),
+        default=None,
+        help="sr (super-resolution), dn (colour denoising) or car (JPEG artifact removal); "
+        "without --model it picks the shipped i-LN model of the task (default sr), with "
+        "--model it must match the checkpoint's. The shipped dn/car models are blind "
+        "(noise sigma 0-50, JPEG quality 10-40): no --sigma/--quality is needed",
     )
     p.add_argument("--param-key", help="state-dict key in a .pth (params_ema, params, ...)")
     large = p.add_mutually_exclusive_group()
@@ -59,16 +101,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="exact bounded-memory path: window attention in chunks of K windows",
     )
     p.add_argument("--tile-overlap", type=int, default=32, metavar="M", help="tile overlap")
-    p.add_argument("--tile-blend", choices=("mean", "ramp"), default="mean")
+    p.add_argument(
+        "--max-memory",
+        default="default",
+        metavar="SIZE",
+        help="memory budget, e.g. 8G or 500M, or 'none' (default: half the available memory)",
+    )
+    p.add_argument(
+        "--tile-blend", choices=("mean", "ramp"), default="mean", help="how overlaps are blended"
+    )
     p.add_argument("--ensemble", action="store_true", help="x8 self-ensemble (flips, rotations)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    add_precision_arguments(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--ext",
         default=".png",
         help="output suffix (.png, .tif, .bmp, .jpg) or 'keep' for the input's own",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip inputs whose output exists and is complete (decodes, right size); "
+        "redo incomplete ones",
+    )
+    p.add_argument(
+        "--alpha",
+        choices=("keep", "drop"),
+        default="keep",
+        help="alpha channels: keep (resized with MATLAB bicubic beside the restored colour) "
+        "or drop (colour only, one notice)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--no-guard",
         action="store_true",
@@ -77,55 +142,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def default_checkpoint(weights_dir: Path = WEIGHTS_DIR, *, scale: int = 2) -> Path | None:
-    """The shipped reference checkpoint for ``scale``: ``DEFAULT_WEIGHTS_STEM``, or the
-    folder's only checkpoint (its scale is checked when it is loaded)."""
-    if not weights_dir.is_dir():
-        return None
-    files = sorted(
-        p for p in weights_dir.iterdir() if p.suffix in (".safetensors", ".pth") and p.is_file()
-    )
-    for p in files:
-        if p.stem == DEFAULT_WEIGHTS_STEM.format(scale=scale):
-            return p
-    return files[0] if len(files) == 1 else None
-
-
-def load_model(
-    spec: str | None, *, param_key: str | None = None, scale: int | None = None
-) -> tuple[nn.Module, str]:
-    """``(model in eval mode, description)`` for ``--model`` (or the default checkpoint
-    for ``scale``); a model whose scale differs from a given ``scale`` is an error."""
-    from irformer.archs import build_model, load_checkpoint_model
-
-    if spec is None:
-        path = default_checkpoint(scale=scale or 2)
-        if path is None:
-            raise ValueError(
-                f"no reference checkpoint for scale {scale or 2} in {WEIGHTS_DIR} to default "
-                "to; pass --model CKPT_OR_PRESET"
-            )
-        spec = str(path)
-    path = Path(spec)
-    if path.is_file():
-        kwargs = {"param_key": param_key} if param_key else {}
-        model, meta = load_checkpoint_model(path, **kwargs)
-        described = f"{path} ({meta.get('arch')}, norm={meta.get('norm')})"
-    elif path.suffix in (".pth", ".pt", ".safetensors") or "/" in spec:
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    else:
-        model = build_model(spec)
-        logger.warning("model %r built from its preset with untrained (random) weights", spec)
-        described = f"preset {spec} (untrained)"
-    own = int(getattr(model, "upscale", 1))
-    if scale is not None and own != scale:
-        raise ValueError(f"--scale {scale} but {described} restores at scale {own}")
-    return model.eval(), described
-
-
 def run(args: argparse.Namespace) -> int:
+    from irformer.archs.zoo import load_model
     from irformer.engine.evaluate import resolve_device
     from irformer.engine.infer import RestoredFile, RestoreOptions, restore_files
+    from irformer.engine.memory import parse_memory_size
 
     options = RestoreOptions(
         tile=args.tile,
@@ -134,31 +155,54 @@ def run(args: argparse.Namespace) -> int:
         chunk_windows=args.exact_chunk,
         ensemble=args.ensemble,
         precision=args.precision,
+        autocast=args.autocast,
     )
-    model, described = load_model(args.model, param_key=args.param_key, scale=args.scale)
+    loaded = load_model(
+        args.model,
+        task=args.task,
+        scale=args.scale,
+        param_key=args.param_key,
+        random_weights=args.random_weights,
+    )
     device = resolve_device(args.device)
-    model = model.to(device)
-    print(f"model: {described}; device {device}; precision {args.precision}", file=sys.stderr)
+    model = loaded.model.to(device)
+    print(
+        f"model: {loaded.description}; device {device}; precision {args.precision}",
+        file=sys.stderr,
+    )
+    bars = ProgressBars(disable=args.no_progress)
 
     def show(done: RestoredFile) -> None:
         h, w = done.output_size
         note = "" if done.report.finite else f"  WARNING {done.report.summary()}"
-        print(f"{done.source} -> {done.output} ({w}x{h}, {done.seconds:.2f} s){note}")
+        bars.write(f"{done.source} -> {done.output} ({w}x{h}, {done.seconds:.2f} s){note}")
 
-    results = restore_files(
-        model,
-        args.inputs,
-        args.out,
-        options,
-        overwrite=args.overwrite,
-        ext=None if args.ext == "keep" else args.ext,
-        guard=not args.no_guard,
-        on_done=show,
-    )
-    bad = sum(not r.report.finite for r in results)
+    budget = "default" if args.max_memory == "default" else parse_memory_size(args.max_memory)
+    with bars:
+        result = restore_files(
+            model,
+            args.inputs,
+            args.out,
+            options,
+            overwrite=args.overwrite,
+            skip_existing=args.skip_existing,
+            max_memory=budget,
+            ext=None if args.ext == "keep" else args.ext,
+            guard=not args.no_guard,
+            alpha=args.alpha,
+            on_done=show,
+            progress=bars,
+        )
+    bad = sum(not r.report.finite for r in result.restored)
     print(
-        f"restored {len(results)} image(s) into {args.out}"
+        f"restored {len(result.restored)} image(s) into {args.out}"
+        + (f"; {len(result.skipped)} complete output(s) skipped" if result.skipped else "")
         + (f"; {bad} with non-finite pixels (written as black)" if bad else ""),
         file=sys.stderr,
     )
+    if result.failed:
+        print(f"irformer restore: {len(result.failed)} input(s) not restored:", file=sys.stderr)
+        for failed in result.failed:
+            print(f"  {failed.source}: {failed.error}", file=sys.stderr)
+        return 1
     return 0

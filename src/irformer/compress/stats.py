@@ -238,7 +238,7 @@ def weight_tensors(model: nn.Module, *, split_qkv: bool = True) -> list[tuple[st
     ``split_qkv`` counts q, k and v separately, as the paper's 144 weight
     tensors of SwinIR-light (24 blocks x 6) do.
     """
-    from irformer.compress.methods.base import transformer_blocks
+    from irformer.archs import transformer_blocks
 
     out: list[tuple[str, str, Tensor]] = []
     for block_name, block in transformer_blocks(model):

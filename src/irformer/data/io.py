@@ -16,6 +16,13 @@ degradations and metrics agree on. Conversions are explicit and documented:
 Decoding goes through Pillow, which raises on truncated files (OpenCV silently
 returns a partly grey JPEG). Pillow reduces 16-bit colour to 8 bits, so 16-bit
 colour PNG/TIFF files are decoded with OpenCV after Pillow has validated them.
+
+Size limit: a file whose header declares more than :func:`max_image_pixels`
+pixels (default :data:`DEFAULT_MAX_IMAGE_PIXELS`, Pillow's own warning
+threshold; environment variable ``IRFORMER_MAX_IMAGE_PIXELS``, ``0`` = no limit)
+is refused with :class:`ImageTooLargeError` before any pixel is decoded, by
+every reader here (:func:`read_image`, :func:`image_size`). A 300 KB PNG can
+declare 10000x10000 pixels; Pillow alone only warns below twice its limit.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import os
 import re
+import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -34,18 +44,29 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from irformer.errors import IrformerError, OutputNotWritableError
+from irformer.files import atomic_write
+
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS_ENV",
+    "READ_SUFFIXES",
     "AlphaDroppedWarning",
     "ChannelMode",
     "ImageReadError",
+    "ImageTooLargeError",
     "OutputExistsError",
+    "check_folder_writable",
     "check_writable",
+    "convert_channels",
     "image_size",
     "image_to_tensor",
     "list_images",
+    "max_image_pixels",
     "quantize",
     "read_image",
+    "split_alpha",
     "tensor_to_image",
     "to_float32",
     "write_image",
@@ -54,19 +75,50 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
-"""File suffixes (lower case) that :func:`list_images` and :func:`write_image` accept."""
+"""File suffixes (lower case) that :func:`write_image` writes and :func:`list_images` lists."""
 
-_PIL_FORMATS = frozenset({"PNG", "BMP", "TIFF", "JPEG", "MPO"})
+
+def _pillow_reads_webp() -> bool:
+    from PIL import features
+
+    return bool(features.check("webp"))
+
+
+WEBP_READABLE: bool = _pillow_reads_webp()
+"""Whether this Pillow decodes WebP (built with libwebp): then ``.webp`` files are read
+(never written); else :func:`list_images` names them as skipped."""
+
+READ_SUFFIXES: tuple[str, ...] = IMAGE_SUFFIXES + ((".webp",) if WEBP_READABLE else ())
+"""File suffixes :func:`list_images` lists for reading."""
+
+UNREADABLE_SUFFIXES: tuple[str, ...] = (".gif", ".heic", ".heif", ".avif", ".jxl", ".webp")
+"""Image formats irformer does not read (``.webp`` only without Pillow's WebP support):
+:func:`list_images` names the files it skips."""
+
+_PIL_FORMATS = frozenset(
+    {"PNG", "BMP", "TIFF", "JPEG", "MPO"} | ({"WEBP"} if WEBP_READABLE else set())
+)
 _WRITE_16BIT_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 
 ChannelMode = Literal["rgb", "grey", "keep"]
 
 
-class ImageReadError(ValueError):
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+"""Largest image (height x width) read without ``IRFORMER_MAX_IMAGE_PIXELS``:
+Pillow's decompression-bomb threshold (about 9459 x 9459; 0.27 GB as 8-bit RGB)."""
+
+MAX_IMAGE_PIXELS_ENV = "IRFORMER_MAX_IMAGE_PIXELS"
+
+
+class ImageReadError(IrformerError, ValueError):
     """A file could not be decoded as a supported image; the message names the path."""
 
 
-class OutputExistsError(FileExistsError, ValueError):
+class ImageTooLargeError(ImageReadError):
+    """An image declares more pixels than :func:`max_image_pixels` allows."""
+
+
+class OutputExistsError(IrformerError, FileExistsError, ValueError):
     """Refusal to overwrite an existing output or an input file."""
 
 
@@ -80,18 +132,40 @@ def _natural_key(path: Path) -> list[object]:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder`` (suffix in :data:`IMAGE_SUFFIXES`), naturally sorted.
+    """Image files directly inside ``folder`` (suffix in :data:`READ_SUFFIXES`), naturally sorted.
 
     Raises ``FileNotFoundError`` when the folder is missing and ``ValueError``
-    when it holds no images, so a wrong ``--data-root`` fails loudly.
+    when it holds no images, so a wrong ``--data-root`` fails loudly. Files of an
+    image format irformer cannot read (:data:`UNREADABLE_SUFFIXES`) are named in
+    one warning, not skipped silently.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    entries = [p for p in folder.iterdir() if p.is_file()]
+    files = [p for p in entries if p.suffix.lower() in READ_SUFFIXES]
+    skipped = sorted(
+        (p for p in entries if p.suffix.lower() in UNREADABLE_SUFFIXES and p not in files),
+        key=_natural_key,
+    )
+    if skipped:
+        shown = ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        logger.warning(
+            "skipping %d file(s) in %s that irformer cannot read (%s): %s",
+            len(skipped),
+            folder,
+            "; ".join(sorted({_unreadable_reason(p.suffix.lower()) for p in skipped})),
+            shown,
+        )
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in folder {folder}")
+        raise ValueError(f"no images ({', '.join(READ_SUFFIXES)}) found in folder {folder}")
     return sorted(files, key=_natural_key)
+
+
+def _unreadable_reason(suffix: str) -> str:
+    if suffix == ".webp":
+        return "this Pillow was built without WebP support"
+    return f"{suffix} is not supported; convert to PNG"
 
 
 def _check_readable_file(path: Path) -> None:
@@ -103,11 +177,57 @@ def _check_readable_file(path: Path) -> None:
         raise ImageReadError(f"empty file, expected an image: {path}")
 
 
+def max_image_pixels() -> int | None:
+    """The pixel limit in force: ``IRFORMER_MAX_IMAGE_PIXELS`` if set (``0`` or
+    ``none``: no limit), else :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if text.lower() == "none":
+        return None
+    try:
+        limit = int(text.replace("_", ""))
+    except ValueError:
+        raise IrformerError(
+            f"{MAX_IMAGE_PIXELS_ENV}={text!r}: expected a whole number of pixels (0 = no limit)"
+        ) from None
+    if limit < 0:
+        raise IrformerError(f"{MAX_IMAGE_PIXELS_ENV}={text!r}: must be >= 0 (0 = no limit)")
+    return limit or None
+
+
+@contextmanager
+def _pixel_limit() -> Iterator[int | None]:
+    """Replace Pillow's decompression-bomb check (a warning up to twice its limit,
+    then its own error) by irformer's one limit, checked by :func:`_check_pixels`."""
+    limit = max_image_pixels()
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield limit
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_pixels(path: Path, im: Image.Image, limit: int | None) -> None:
+    w, h = im.size
+    if limit is not None and w * h > limit:
+        raise ImageTooLargeError(
+            f"{path}: {w}x{h} = {w * h:,} pixels exceeds irformer's limit of {limit:,} "
+            f"(a decompression bomb, or a genuinely huge image: raise the limit with "
+            f"{MAX_IMAGE_PIXELS_ENV}=N, 0 for none)"
+        )
+
+
 def _open_validated(path: Path, data: bytes) -> Image.Image:
     """Open and fully decode with Pillow so truncation and corruption raise here."""
     try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
+        with _pixel_limit() as limit:
+            im = Image.open(io.BytesIO(data))
+            _check_pixels(path, im, limit)
+            im.load()
+    except ImageReadError:
+        raise
     except UnidentifiedImageError as exc:
         raise ImageReadError(f"not a readable image file: {path}") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
@@ -115,6 +235,7 @@ def _open_validated(path: Path, data: bytes) -> Image.Image:
     if im.format not in _PIL_FORMATS:
         raise ImageReadError(
             f"unsupported image format {im.format} in {path}; expected PNG, BMP, TIFF or JPEG"
+            + (" or WebP" if WEBP_READABLE else "")
         )
     return im
 
@@ -181,6 +302,22 @@ def _convert_channels(arr: np.ndarray, channels: ChannelMode, path: Path) -> np.
     raise ValueError(f"channels must be 'rgb', 'grey' or 'keep', got {channels!r}")
 
 
+def split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(colour, alpha)`` of an ``(H, W, C)`` image: grey+alpha and RGBA give their last
+    channel as ``(H, W, 1)`` alpha; grey and RGB give ``alpha=None``."""
+    if image.ndim == 3 and image.shape[2] in (2, 4):
+        return image[..., :-1], image[..., -1:]
+    return image, None
+
+
+def convert_channels(
+    image: np.ndarray, channels: ChannelMode, *, source: str | Path = ""
+) -> np.ndarray:
+    """An image read with ``channels="keep"`` converted as :func:`read_image` would
+    (see the module docstring; an alpha channel is dropped with a warning)."""
+    return _convert_channels(image, channels, Path(source))
+
+
 def read_image(path: str | Path, *, channels: ChannelMode = "rgb") -> np.ndarray:
     """Read an image file into ``(H, W, C)`` ``uint8`` or ``uint16`` (bit depth kept).
 
@@ -208,9 +345,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     _check_readable_file(path)
     try:
-        with Image.open(path) as im:
+        with _pixel_limit() as limit, Image.open(path) as im:
             if im.format not in _PIL_FORMATS:
                 raise ImageReadError(f"unsupported image format {im.format} in {path}")
+            _check_pixels(path, im, limit)
             w, h = im.size
     except UnidentifiedImageError as exc:
         raise ImageReadError(f"not a readable image file: {path}") from exc
@@ -289,6 +427,31 @@ def check_writable(
     return path
 
 
+def check_folder_writable(folder: str | Path) -> Path:
+    """Create ``folder`` (with parents) and prove a file can be written in it.
+
+    Called before a long job (training, a folder restore) so a read-only or
+    foreign output folder fails at once, not after the work. Creates and
+    deletes one empty temporary file; raises :class:`OutputNotWritableError`
+    naming the folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".irformer-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise OutputNotWritableError(
+            f"output folder {folder}: a file of that name (or in its path) is in the way"
+        ) from None
+    except OSError as exc:
+        raise OutputNotWritableError(
+            f"output folder {folder} is not writable: {exc.strerror or exc}"
+        ) from None
+    return folder
+
+
 def write_image(
     path: str | Path,
     image: np.ndarray,
@@ -333,6 +496,6 @@ def write_image(
     ok, buf = cv2.imencode(suffix, np.ascontiguousarray(bgr), params)
     if not ok:
         raise RuntimeError(f"OpenCV failed to encode {path}")
-    path.write_bytes(buf.tobytes())
+    atomic_write(path, buf.tobytes())
     logger.debug("wrote %s", path)
     return path

@@ -6,8 +6,9 @@ exact resume needs: optimiser, scheduler, every RNG state, the data position
 and the iteration. Only tensors and plain containers are stored, so loading
 never unpickles arbitrary objects.
 
-Writes go to a temporary file in the same directory followed by
-``os.replace``: a run killed mid-write leaves the previous checkpoint intact.
+Writes go through :func:`irformer.files.atomic_write` (a temporary file in the
+same directory, then a rename): a run killed mid-write leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +26,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from irformer.errors import CheckpointReadError
+from irformer.files import atomic_write
+from irformer.safe_load import torch_load_weights_only
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
+ATOMIC_TEMP_PATTERN = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+"""Temporary files of the atomic writes below (``.<name>.<8 random chars>.tmp``):
+left behind only when the process was killed mid-write."""
+SKIPPED_SUFFIX = ".skipped"
+"""Appended to a checkpoint that ``--resume`` found unusable, so that neither a
+later resume nor pruning takes it for the newest checkpoint."""
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -36,35 +46,8 @@ def checkpoint_name(iteration: int) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file next to ``path``, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write bytes atomically (same temp-file + rename scheme)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`irformer.files.atomic_write` (complete or not at all)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 # --------------------------------------------------------------------------- RNG
@@ -140,10 +123,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError) as exc:
-        raise RuntimeError(f"checkpoint {path} is unreadable or truncated: {exc}") from exc
+    ckpt = torch_load_weights_only(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise CheckpointReadError(
+            f"{path}: expected a training checkpoint dict, got {type(ckpt).__name__}"
+        )
+    return ckpt
 
 
 def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
@@ -172,6 +157,77 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
+
+
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` holding a NaN or inf."""
+    return [
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+
+
+def checkpoint_problem(ckpt: Mapping[str, Any]) -> str | None:
+    """Why a loaded training checkpoint cannot be resumed from (None if it can)."""
+    missing = [k for k in ("params", "optimizer", "rng", "data", "iteration") if k not in ckpt]
+    if missing:
+        return f"not a training checkpoint (lacks {', '.join(missing)})"
+    for key in ("params", "params_ema"):
+        bad = nonfinite_tensors(ckpt.get(key) or {})
+        if bad:
+            return f"{len(bad)} tensors of {key} are non-finite (first: {bad[0]})"
+    return None
+
+
+def newest_usable_checkpoint(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+    """``(path, checkpoint, skipped)``: the newest ``iter_*.pth`` that loads and holds
+    finite weights, and the newer ones passed over with the reason for each.
+
+    A run killed at the wrong moment or a full disk can leave a truncated newest
+    checkpoint; an older complete one is a better place to resume than nowhere.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            ckpt = load_checkpoint(path, map_location)
+        except CheckpointReadError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        problem = checkpoint_problem(ckpt)
+        if problem is not None:
+            skipped.append((path, f"{path}: {problem}"))
+            continue
+        return path, ckpt, skipped
+    return None, None, skipped
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename an unusable checkpoint to ``<name>.skipped`` (kept, but never resumed
+    from or counted by :func:`prune_checkpoints` again)."""
+    path = Path(path)
+    target = path.with_name(path.name + SKIPPED_SUFFIX)
+    os.replace(path, target)
+    return target
+
+
+def remove_orphaned_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes in ``directory``.
+
+    Only called when resuming, when no write of this run can be in flight; the
+    files can be as large as a checkpoint each.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [p for p in directory.iterdir() if p.is_file() and ATOMIC_TEMP_PATTERN.match(p.name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 # --------------------------------------------------------------------------- export

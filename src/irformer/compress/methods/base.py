@@ -1,14 +1,15 @@
 """What every post-training quantisation method shares: where quantisers go,
 calibration, and bound distillation (DQC).
 
-Quantised, as in 2DQuant/CompSRT: in every Transformer block (any module with
-a :class:`~irformer.archs.common.WindowAttention` child, or carrying the
-``quant_*`` hooks itself like HAT's OCAB) every ``nn.Linear``
-(qkv, proj, fc1, fc2) gets a weight quantiser and an input-activation
-quantiser (:class:`QuantLinear`), and the window attention's four matmul
-operands (q after the ``1/sqrt(d)`` scaling, k, the post-softmax map, v) get
-activation quantisers through the ``quant_*`` hooks of ``WindowAttention``.
-Convolutions, norms, softmax, GELU, biases and the position bias stay FP32.
+Quantised, as in 2DQuant/CompSRT: in every Transformer block
+(:func:`irformer.archs.transformer_blocks`) every ``nn.Linear`` (qkv, proj,
+fc1, fc2; SRFormer's q, kv) is swapped for a :class:`QuantLinear` (weight
+quantiser + input-activation quantiser), and every attention's
+:class:`~irformer.archs.attention.AttentionOperands` for
+:class:`QuantizedOperands`, whose quantisers ``quant_q``, ``quant_k``,
+``quant_attn``, ``quant_v`` take the four matmul operands (q after the
+``1/sqrt(d)`` scaling, k, the post-softmax map, v). Convolutions, norms,
+softmax, GELU, biases and the position bias stay FP32.
 
 The fused ``qkv`` projection is one ``nn.Linear`` in SwinIR. Its weight is
 quantised with three bound pairs (rows of q, k and v separately, ``qkv_split``,
@@ -33,7 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from irformer.archs.common import WindowAttention
+from irformer.archs import transformer_blocks
+from irformer.archs.attention import AttentionOperands
+from irformer.archs.layers import ResidualGroup
 from irformer.compress.hadamard import RotationMode, hadamard_size
 from irformer.compress.quantizers import (
     OBSERVER_SAMPLE,
@@ -49,6 +52,7 @@ __all__ = [
     "DistillLog",
     "QuantConfig",
     "QuantLinear",
+    "QuantizedOperands",
     "act_quantizers",
     "attach_quantizers",
     "attention_modules",
@@ -60,13 +64,12 @@ __all__ = [
     "prepare_quantized_copy",
     "quant_linears",
     "residual_groups",
-    "transformer_blocks",
 ]
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_OPERANDS: tuple[str, ...] = ("quant_q", "quant_k", "quant_attn", "quant_v")
-"""WindowAttention hooks: q, k, post-softmax map, v (before the two matmuls)."""
+""":class:`QuantizedOperands`' quantisers: q, k, post-softmax map, v (before the two matmuls)."""
 
 
 @dataclass(frozen=True)
@@ -162,33 +165,44 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def _has_attention_hooks(module: nn.Module) -> bool:
-    return all(hasattr(module, hook) for hook in ATTENTION_OPERANDS)
+class QuantizedOperands(AttentionOperands):
+    """Fake-quantises the four operands of an attention's two matmuls.
 
+    Swapped in for an attention module's plain ``operands`` by
+    :func:`attach_quantizers`; :func:`irformer.archs.attention.attend` then runs
+    the explicit matmul path through these quantisers.
+    """
 
-def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Transformer blocks, in order: modules owning a WindowAttention (SwinIR/HAT
-    blocks) and attention blocks carrying the ``quant_*`` hooks themselves
-    (HAT's overlapping cross-attention block)."""
-    blocks = []
-    for name, module in model.named_modules():
-        if isinstance(module, WindowAttention):
-            continue
-        owns = any(isinstance(child, WindowAttention) for child in module.children())
-        if owns or _has_attention_hooks(module):
-            blocks.append((name, module))
-    return blocks
+    quantizes = True
+
+    def __init__(
+        self, quant_q: nn.Module, quant_k: nn.Module, quant_attn: nn.Module, quant_v: nn.Module
+    ) -> None:
+        super().__init__()
+        self.quant_q = quant_q
+        self.quant_k = quant_k
+        self.quant_attn = quant_attn
+        self.quant_v = quant_v
+
+    def q(self, t: Tensor) -> Tensor:
+        return self.quant_q(t)
+
+    def k(self, t: Tensor) -> Tensor:
+        return self.quant_k(t)
+
+    def attn(self, t: Tensor) -> Tensor:
+        return self.quant_attn(t)
+
+    def v(self, t: Tensor) -> Tensor:
+        return self.quant_v(t)
 
 
 def attention_modules(block: nn.Module, block_name: str) -> list[tuple[str, nn.Module]]:
-    """The module(s) of a block whose ``quant_*`` hooks feed the attention matmuls."""
-    owns = any(isinstance(c, WindowAttention) for c in block.children())
-    if _has_attention_hooks(block) and not owns:
-        return [(block_name, block)]
+    """The attention module(s) of a block: those owning an ``operands`` child."""
     return [
-        (f"{block_name}.{n}".strip("."), m)
-        for n, m in block.named_children()
-        if isinstance(m, WindowAttention)
+        (f"{block_name}.{name}".strip("."), module)
+        for name, module in block.named_modules()
+        if isinstance(getattr(module, "operands", None), AttentionOperands)
     ]
 
 
@@ -198,7 +212,7 @@ def residual_groups(model: nn.Module) -> list[tuple[str, nn.Module]]:
     groups = []
     for name, module in model.named_modules():
         sub = getattr(module, "residual_group", None)
-        if isinstance(sub, nn.Module):
+        if isinstance(module, ResidualGroup) and isinstance(sub, nn.Module):
             groups.append((f"{name}.residual_group" if name else "residual_group", sub))
     return groups
 
@@ -239,9 +253,7 @@ def attach_quantizers(
         raise ValueError(f"rotation_skip names unknown roles {sorted(unknown)}; valid: {ACT_ROLES}")
     blocks = transformer_blocks(model)
     if not blocks:
-        raise ValueError(
-            f"{type(model).__name__} has no Transformer blocks with a WindowAttention to quantise"
-        )
+        raise ValueError(f"{type(model).__name__} has no Transformer blocks to quantise")
 
     def make_act(name: str, role: str, width: int) -> nn.Module:
         if act_factory is not None:
@@ -272,12 +284,14 @@ def attach_quantizers(
         if cfg.quantize_attention:
             for prefix, module in attention_modules(block, block_name):
                 head_dim = module.dim // module.num_heads
-                # Keys/values of HAT's OCAB come from enlarged windows.
-                tokens = getattr(module, "overlap_win_size", module.window_size) ** 2
-                module.quant_q = make_act(f"{prefix}.quant_q", "q", head_dim)
-                module.quant_k = make_act(f"{prefix}.quant_k", "k", head_dim)
-                module.quant_attn = make_act(f"{prefix}.quant_attn", "post_softmax", tokens)
-                module.quant_v = make_act(f"{prefix}.quant_v", "v", head_dim)
+                tokens = module.key_tokens  # each query's keys: the post-softmax row length
+                name = f"{prefix}.operands"
+                module.operands = QuantizedOperands(
+                    make_act(f"{name}.quant_q", "q", head_dim),
+                    make_act(f"{name}.quant_k", "k", head_dim),
+                    make_act(f"{name}.quant_attn", "post_softmax", tokens),
+                    make_act(f"{name}.quant_v", "v", head_dim),
+                )
     return model
 
 
