@@ -43,6 +43,13 @@ from irformer.analysis.plots import (
     reduce_over_blocks,
 )
 from irformer.analysis.probes import FEATURES_FILE, FeatureProbe, read_feature_records
+from irformer.analysis.readout import (
+    SAME_BALANCE_NATS,
+    LayerReadout,
+    entropy_contrast,
+    entropy_verdict,
+    layer_readout,
+)
 from irformer.engine.config import Config
 from irformer.engine.data import probe_batch_for
 from irformer.errors import IrformerError
@@ -459,6 +466,109 @@ def table_rows(results: Sequence[RunResult], benchmarks: Sequence[str]) -> list[
     return rows
 
 
+ENTROPY_REFERENCE = "iln"
+"""The norm every other run's channel entropies are read against in a study report."""
+
+
+def entropy_reading(
+    results: Sequence[RunResult], *, reference: str = ENTROPY_REFERENCE
+) -> list[str]:
+    """Markdown lines reading each run's end-of-training channel entropies against the
+    ``reference`` norm's: both entropies, the effective channel count, the two gaps
+    and :func:`~irformer.analysis.readout.entropy_verdict`, then the ``ln`` vs
+    ``reference`` paragraph of :func:`~irformer.analysis.readout.entropy_contrast`.
+
+    Why: Algorithm 1 alone credits a norm with small features (i-LN) with balanced
+    channels whatever its channel profile; the report of the study itself says
+    whether the scale-free balance agrees, so the finding comes out of the one
+    command that ran the study. Readouts come from each run's ``features.jsonl``
+    (Transformer layers at the last probe; the result fields when the file is gone).
+    Empty when no run uses ``reference``.
+    """
+    ref = next((r for r in results if r.norm == reference and not r.diverged), None)
+    if ref is None:
+        return []
+    readouts: dict[str, LayerReadout] = {r.label: _readout(r) for r in results}
+    base = readouts[ref.label]
+    channels = _feature_channels(results)
+    top = f" of {channels}" if channels else ""
+    lines = [
+        f"Channel entropies at the last probe, mean over Transformer layers, read against "
+        f"{ref.label} (gap = {ref.label} minus the run; the balance entropy is scale free, "
+        f"Algorithm 1 is not; exp(balance) = effective channels{top}):",
+        "",
+        "| run | max layer mean x² | Alg. 1 entropy | balance entropy | effective channels "
+        f"| Alg. 1 gap to {ref.label} | balance gap to {ref.label} | reading |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    words = {
+        "same": "same balance: Alg. 1's gap is the scale",
+        "reversed": "balance reverses Alg. 1",
+        "mostly scale": "mostly the scale",
+        "confirmed": "balance confirms Alg. 1",
+        "unknown": "balance not recorded",
+    }
+    for r in results:
+        mine = readouts[r.label]
+        is_ref = r.label == ref.label
+        cells = [
+            r.label,
+            _fmt(mine.max_sq_mean, ".3g"),
+            _fmt(mine.entropy, ".3f"),
+            _fmt(mine.balance_entropy, ".3f"),
+            _fmt(mine.effective_channels, ".1f") if math.isfinite(mine.balance_entropy) else "—",
+            "—" if is_ref else _fmt(base.entropy - mine.entropy, "+.3f"),
+            "—" if is_ref else _fmt(base.balance_entropy - mine.balance_entropy, "+.3f"),
+            "(reference)" if is_ref else _reading(r, mine, base, words),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    ln = next((r for r in results if r.norm == "ln" and not r.diverged), None)
+    if ln is not None and channels:
+        lines += [
+            "",
+            entropy_contrast(ln.label, readouts[ln.label], ref.label, base, channels=channels),
+        ]
+    return lines
+
+
+def _reading(
+    result: RunResult, mine: LayerReadout, reference: LayerReadout, words: dict[str, str]
+) -> str:
+    if result.diverged:
+        return "diverged"
+    verdict = entropy_verdict(mine, reference)
+    if verdict == "same" and abs(reference.entropy - mine.entropy) < SAME_BALANCE_NATS:
+        return "same on both"
+    return words[verdict]
+
+
+def _readout(result: RunResult) -> LayerReadout:
+    """:class:`~irformer.analysis.readout.LayerReadout` of a run's last probe."""
+    path = Path(result.run_dir) / FEATURES_FILE
+    if path.is_file():
+        return layer_readout(read_feature_records(path))
+    return LayerReadout(
+        iteration=result.iters_done,
+        max_sq_mean=result.final_sq_mean,
+        entropy=result.final_entropy,
+        balance_entropy=result.final_balance_entropy,
+    )
+
+
+def _feature_channels(results: Sequence[RunResult]) -> int | None:
+    """The residual stream's channel count C (entropy maximum log C), from the first run
+    folder's ``config.yaml``: the width of ``conv_first``, which every architecture has."""
+    from irformer.engine.config import load_config
+    from irformer.engine.train import build_network
+
+    for r in results:
+        path = Path(r.run_dir) / "config.yaml"
+        if path.is_file():
+            conv = getattr(build_network(load_config(path)), "conv_first", None)
+            return int(conv.out_channels) if isinstance(conv, nn.Conv2d) else None
+    return None
+
+
 def write_study_report(
     results: Sequence[RunResult],
     out_dir: str | Path,
@@ -483,6 +593,9 @@ def write_study_report(
     for r in results:
         if r.diverged:
             lines.append(f"- {r.label}: {r.divergence}")
+    reading = entropy_reading(results)
+    if reading:
+        lines += ["", *reading]
     paths["table.md"] = out / "table.md"
     atomic_write(paths["table.md"], "\n".join(lines) + "\n")
 
