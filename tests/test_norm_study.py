@@ -107,6 +107,7 @@ def test_norm_study_end_to_end(data_root, tmp_path) -> None:
     table, reading = paths["table.md"].read_text().split("Channel entropies at the last probe")
     assert "| bn (eval) |" in table and "| bn (train-mode stats) |" in table
     assert table.count("\n| ") == 1 + 4  # header + ln, bn x2, iln
+    assert "| max \\|x\\| |" in table  # escaped: one Markdown column
     # the entropy reading against iln: one row per run, gaps from the same numbers
     ln, iln = results[0], results[2]
     assert reading.count("\n| ") == 1 + 3 and "| iln |" in reading and "(reference)" in reading

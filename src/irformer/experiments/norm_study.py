@@ -587,7 +587,9 @@ def write_study_report(
     lines = [f"# {title}", ""]
     if command:
         lines += ["```", command, "```", ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    # "max |x|": a bare pipe inside a cell would split the Markdown column
+    header = [c.replace("|", "\\|") for c in columns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in rows]
     lines.append("")
     for r in results:
