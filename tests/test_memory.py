@@ -17,6 +17,7 @@ from irformer.data.io import write_image
 from irformer.engine.infer import RestoreOptions, restore_files
 from irformer.engine.memory import (
     CONSTANT_BYTES,
+    MIN_TILE,
     MemoryBudgetError,
     estimate_peak_bytes,
     parse_memory_size,
@@ -76,6 +77,27 @@ def test_plan_picks_the_path_that_fits() -> None:
     assert plan_restore(ln, size, mine, max_memory=exact + 1, explicit=True) == mine
     with pytest.raises(MemoryBudgetError, match="exact"):
         plan_restore(ln, size, mine, max_memory=exact // 2, explicit=True)
+
+
+def test_refusal_when_the_output_alone_exceeds_the_budget() -> None:
+    # Was (SwinIR-light x4 LN, 4000x4000): "... or choose a smaller --tile", and a suggested
+    # --max-memory of the plain pass (40G), though no tile fits (the 16000x16000 output's
+    # fp32 buffers alone exceed the budget) and the smallest tile needs far less than plain.
+    ln = tiny("ln")
+    size = (4000, 4000)
+    smallest = estimate_peak_bytes(ln, size, RestoreOptions(tile=MIN_TILE, tile_overlap=32))
+    budget = smallest.total - 1
+    with pytest.raises(MemoryBudgetError) as refused:
+        plan_restore(ln, size, RestoreOptions(), max_memory=budget)
+    message = str(refused.value)
+    assert f"tiled (tile {MIN_TILE})" in message and "whatever the tile" in message
+    assert "smaller --tile" not in message
+    suggested = int(message.split("e.g. --max-memory ")[1].split("G")[0]) * 2**30
+    assert smallest.total < suggested < estimate_peak_bytes(ln, size).total
+    # A chosen tile that is too big, when a smaller one fits: suggest that.
+    big_tile = RestoreOptions(tile=2048, tile_overlap=32)
+    with pytest.raises(MemoryBudgetError, match="smaller --tile"):
+        plan_restore(ln, size, big_tile, max_memory=smallest.total + 2**20, explicit=True)
 
 
 def test_parse_memory_size() -> None:

@@ -221,7 +221,16 @@ def plan_restore(
         chosen = estimate_peak_bytes(model, size, options)
         if chosen.total <= budget:
             return options
-        raise MemoryBudgetError(_refusal(size, budget, [chosen, *candidates], holistic=False))
+        smallest = _smallest_tile_estimate(model, size, options)
+        raise MemoryBudgetError(
+            _refusal(
+                size,
+                budget,
+                [chosen, *candidates],
+                holistic=False,
+                smaller_tile_fits=chosen.path == "tiled" and smallest.total <= budget,
+            )
+        )
     for estimate, opts in zip(candidates, (plain, exact), strict=True):
         if estimate.total <= budget:
             if estimate.path == "exact":
@@ -244,7 +253,18 @@ def plan_restore(
             return dataclasses.replace(
                 options, tile=tile, tile_overlap=TILE_OVERLAP, chunk_windows=None
             )
+        # Even the smallest tile does not fit: the whole-image output buffers do not.
+        candidates.append(_smallest_tile_estimate(model, size, options))
     raise MemoryBudgetError(_refusal(size, budget, candidates, holistic=holistic))
+
+
+def _smallest_tile_estimate(
+    model: nn.Module, size: tuple[int, int], options: object
+) -> MemoryEstimate:
+    trial = dataclasses.replace(
+        options, tile=MIN_TILE, tile_overlap=TILE_OVERLAP, chunk_windows=None
+    )
+    return estimate_peak_bytes(model, size, trial)
 
 
 def _largest_tile(
@@ -263,8 +283,15 @@ def _largest_tile(
 
 
 def _refusal(
-    size: tuple[int, int], budget: int, estimates: list[MemoryEstimate], *, holistic: bool
+    size: tuple[int, int],
+    budget: int,
+    estimates: list[MemoryEstimate],
+    *,
+    holistic: bool,
+    smaller_tile_fits: bool = False,
 ) -> str:
+    """The refusal: every path's estimate and the options that would fit. The suggested
+    budget is the cheapest path's; a smaller tile is suggested only when one fits."""
     h, w = size
     lines = ", ".join(e.describe() for e in estimates)
     need = min(e.total for e in estimates) * 1.1
@@ -275,8 +302,10 @@ def _refusal(
             ", or tile anyway with --tile N (this model normalises with whole-image "
             "statistics: each tile uses its own, so the output differs from the model's)"
         )
-    else:
+    elif smaller_tile_fits:
         advice += ", or choose a smaller --tile"
+    elif any(e.path == "tiled" for e in estimates):
+        advice += " (the whole output's fp32 buffers alone exceed the budget, whatever the tile)"
     return (
         f"restoring a {w}x{h} image needs more than the memory budget {_gb(budget)} "
         f"(estimated peaks: {lines}); {advice}"
