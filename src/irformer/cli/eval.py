@@ -70,6 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument(
+        "--fp16-unsafe",
+        choices=("refuse", "bf16", "run"),
+        default="refuse",
+        help="--precision fp16 with a model whose measured features would overflow fp16: "
+        "refuse (default), evaluate in bf16, or run anyway (to score the overflow)",
+    )
     p.add_argument("--seed", type=int, default=0, help="base seed of the synthetic noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -155,6 +162,19 @@ def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
         args.task = "sr"
 
 
+def _fp16_precision(model_spec: str, on_unsafe: str) -> str:
+    """fp16, or bf16 / a refusal naming the layer when the model's features measured on
+    the default probe would overflow fp16 (:mod:`irformer.engine.fp16`)."""
+    if model_spec == "bicubic":
+        return "fp16"
+    from irformer.archs import build_model, load_checkpoint_model
+    from irformer.engine.fp16 import resolve_fp16_precision
+
+    path = Path(model_spec)
+    model = load_checkpoint_model(path)[0] if path.is_file() else build_model(model_spec)
+    return resolve_fp16_precision(model, on_unsafe=on_unsafe)[0]  # type: ignore[arg-type]
+
+
 def run(args: argparse.Namespace) -> int:
     _defaults_from_checkpoint(args)
     if args.task == "sr" and args.scale is None:
@@ -170,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
             check_writable(out, overwrite=args.overwrite)
     if args.save_dir is not None:
         check_folder_writable(args.save_dir)
+    if args.precision == "fp16":
+        args.precision = _fp16_precision(args.model, args.fp16_unsafe)
     result = evaluate(
         args.model,
         task=args.task,

@@ -2,13 +2,22 @@
 
 irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET | --scale 2|4]
     [--tile N [--tile-overlap M] [--tile-blend mean|ramp] | --exact-chunk K]
-    [--ensemble] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda]
-    [--overwrite | --skip-existing]
+    [--ensemble] [--precision fp32|bf16|fp16 [--fp16-unsafe refuse|bf16|run]]
+    [--device auto|cpu|cuda] [--backend torch|onnx] [--overwrite | --skip-existing]
 
 Large images: ``--tile`` splits the input into overlapping tiles (fine for LN
 models; i-LN models normalise with whole-image statistics, so tiles disagree);
 ``--exact-chunk K`` runs the whole image with attention in chunks of K windows,
 in bounded memory, with the same result as an unlimited-memory pass.
+
+fp16: the model's feature magnitudes are measured on a crop of the first image
+first; a model that would overflow fp16 is refused, naming the layer, or run in
+bf16 with ``--fp16-unsafe bf16`` (``--no-guard`` skips the check).
+
+ONNX: ``--backend onnx --model FILE.onnx`` (implied by a ``.onnx`` model) runs an
+exported file in ONNX Runtime with the same tiling and ensemble options; the
+file's own precision applies, and ``--exact-chunk`` does not (the graph always
+computes the whole image: the exact path's output without its memory bound).
 
 Folders: an input that cannot be read is reported and skipped; the others are
 restored, the unreadable ones are listed at the end and the exit status is 1.
@@ -88,6 +97,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip the fp16 overflow check (an fp32 probe on a crop of the first image)",
     )
+    p.add_argument(
+        "--fp16-unsafe",
+        choices=("refuse", "bf16", "run"),
+        default="refuse",
+        help="what --precision fp16 does with a model whose features would overflow fp16: "
+        "refuse (default), run in bf16, or run fp16 anyway (black dots)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default=None,
+        help="run the model in PyTorch or an exported .onnx file in ONNX Runtime "
+        "(default: onnx for a .onnx --model, else torch)",
+    )
     p.set_defaults(func=run)
 
 
@@ -137,10 +160,46 @@ def load_model(
     return model.eval(), described
 
 
+def load_onnx_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """``(ONNX Runtime model, description)`` for ``--backend onnx``; refuses the options
+    that do not apply to an exported graph."""
+    from irformer.export.onnx_runtime import OnnxRuntimeModel
+
+    if args.model is None or Path(args.model).suffix.lower() != ".onnx":
+        raise ValueError("--backend onnx needs --model FILE.onnx (irformer models export)")
+    if args.exact_chunk is not None:
+        raise ValueError(
+            "--exact-chunk is a way of executing the PyTorch model; an ONNX graph always "
+            "computes the whole image (the exact path's output, without its memory bound): "
+            "use --tile for large images or --backend torch"
+        )
+    model = OnnxRuntimeModel(args.model)
+    if args.precision != "fp32":
+        raise ValueError(
+            f"--precision {args.precision}: an ONNX file runs in its own precision (this one: "
+            f"{model.precision}); export an fp16 file for fp16"
+        )
+    if args.device not in ("auto", "cpu"):
+        raise ValueError(f"--device {args.device}: the ONNX backend runs on the CPU provider")
+    if args.scale is not None and model.upscale != args.scale:
+        raise ValueError(f"--scale {args.scale} but {args.model} restores at scale {model.upscale}")
+    meta = model.irformer_meta
+    described = (
+        f"{args.model} (ONNX Runtime, {model.precision}; {meta.get('arch', 'no irformer metadata')}"
+        f", norm={meta.get('norm', '?')})"
+    )
+    return model, described
+
+
 def run(args: argparse.Namespace) -> int:
     from irformer.engine.evaluate import resolve_device
     from irformer.engine.infer import RestoredFile, RestoreOptions, restore_files
 
+    backend = args.backend or (
+        "onnx" if args.model and Path(args.model).suffix.lower() == ".onnx" else "torch"
+    )
+    if backend == "torch" and args.model and Path(args.model).suffix.lower() == ".onnx":
+        raise ValueError(f"{args.model} is an ONNX file: use --backend onnx")
     options = RestoreOptions(
         tile=args.tile,
         tile_overlap=args.tile_overlap,
@@ -149,9 +208,13 @@ def run(args: argparse.Namespace) -> int:
         ensemble=args.ensemble,
         precision=args.precision,
     )
-    model, described = load_model(args.model, param_key=args.param_key, scale=args.scale)
-    device = resolve_device(args.device)
-    model = model.to(device)
+    if backend == "onnx":
+        model, described = load_onnx_model(args)
+        device = resolve_device("cpu")
+    else:
+        model, described = load_model(args.model, param_key=args.param_key, scale=args.scale)
+        device = resolve_device(args.device)
+        model = model.to(device)
     print(f"model: {described}; device {device}; precision {args.precision}", file=sys.stderr)
 
     def show(done: RestoredFile) -> None:
@@ -169,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         ext=None if args.ext == "keep" else args.ext,
         guard=not args.no_guard,
         on_done=show,
+        fp16_unsafe=args.fp16_unsafe,
     )
     bad = sum(not r.report.finite for r in result.restored)
     print(

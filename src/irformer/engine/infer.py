@@ -23,6 +23,7 @@ non-finite (fp16 overflow is the "black dots" of the i-LN paper, Sec. 5).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -597,6 +598,7 @@ def restore_files(
     guard: bool = True,
     on_done: Callable[[RestoredFile], None] | None = None,
     on_error: Callable[[RestoreFailure], None] | None = None,
+    fp16_unsafe: str = "refuse",
 ) -> RestoreResult:
     """Restore image files and folders into ``out_dir``, one image at a time.
 
@@ -610,8 +612,10 @@ def restore_files(
     image (or an RGB one with three equal channels) meeting a 3-channel model
     is replicated in and averaged out, so grey stays grey. For fp16, ``guard``
     first measures feature magnitudes on a 64x64 crop of the first readable
-    image in fp32 and warns when they approach fp16's range
-    (:func:`irformer.engine.lowprec.check_fp16_overflow`). ``on_done`` is called
+    image in fp32; where they exceed fp16's safe margin it refuses
+    (:class:`irformer.engine.fp16.Fp16UnsafeError`, naming the layer) or, with
+    ``fp16_unsafe="bf16"``, runs in bf16 instead
+    (:func:`irformer.engine.fp16.resolve_fp16_precision`). ``on_done`` is called
     after each image (progress display).
     """
     from irformer.data.io import (
@@ -656,7 +660,7 @@ def restore_files(
 
     unreadable = (ImageReadError, OSError)
     if options.precision == "fp16" and guard:
-        from irformer.engine.lowprec import check_fp16_overflow
+        from irformer.engine.fp16 import resolve_fp16_precision
 
         for source, _, _ in pending:
             try:
@@ -664,7 +668,13 @@ def restore_files(
             except unreadable:
                 continue  # reported when its turn comes
             probe = image_to_tensor(_centre_crop(image, 64))
-            check_fp16_overflow(model=model, probe=probe[None])
+            precision, _ = resolve_fp16_precision(
+                model,
+                probe[None],
+                on_unsafe=fp16_unsafe,  # type: ignore[arg-type]
+            )
+            if precision != options.precision:
+                options = dataclasses.replace(options, precision=precision)  # type: ignore[arg-type]
             break
     prepare_model_for_precision(model, options.precision)
     for source, output, redo in pending:
