@@ -18,7 +18,8 @@ but ``ln``) keeps LayerNorm's key names, so an official-layout i-LN file
 would be read and run as a LayerNorm model, silently wrong. Such an export is
 refused with :class:`OfficialFormatError`; so are ``stdnorm`` (the originals
 do not divide by the std), heads the original lacks (HAT and DRCT:
-``pixelshuffle`` only) and settings a reader cannot recover from the keys
+``pixelshuffle`` only) or sizes differently (``num_feat``: the originals
+hard-code 64) and settings a reader cannot recover from the keys
 (``qk_scale``, HAT's ``conv_scale``, ``img_range`` other than the readers' rule).
 """
 
@@ -89,6 +90,10 @@ def check_official_compatible(meta: Mapping[str, object]) -> None:
         problems.append(
             f"upsampler {kw.get('upsampler')!r} (the original {arch} has "
             f"{', '.join(map(repr, heads))})"
+        )
+    if kw.get("upsampler") in ("pixelshuffle", "nearest+conv") and int(kw["num_feat"]) != 64:
+        problems.append(
+            f"num_feat={kw['num_feat']} (the original's heads hard-code 64 features)"
         )
     if kw.get("qk_scale") is not None:
         problems.append(f"qk_scale={kw['qk_scale']} (not recoverable from the keys)")
