@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from irformer.execution import kernels_allowed
+from irformer.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,13 @@ def _build() -> ModuleType:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
+    # Compile a copy inside the build folder: ninja's build file names the source
+    # by path, so two checkouts with the same source (same tag, same folder) would
+    # each find the other's path in it and rebuild on every switch.
+    source = build_dir / SOURCE.name
+    text = SOURCE.read_bytes()
+    if not source.is_file() or source.read_bytes() != text:
+        atomic_write(source, text)
     if (build_dir / f"{name}.so").exists():
         log.debug("loading irformer's CPU kernels from %s", build_dir)
     else:
@@ -119,7 +127,7 @@ def _build() -> ModuleType:
     return cpp_extension.load(
         name=name,
         build_directory=str(build_dir),
-        sources=[str(SOURCE)],
+        sources=[str(source)],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,

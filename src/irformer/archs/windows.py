@@ -57,10 +57,16 @@ def reflect_indices(size: int, padded: int, device: torch.device | None = None) 
     from tensor ops on the (possibly symbolic) sizes, so a traced or exported
     graph pads inputs of any size.
     """
-    # The period as a tensor: ONNX converters take remainder's divisor as a constant.
-    period = torch.full((), torch.sym_max(2 * size - 2, 1), dtype=torch.long, device=device)
-    i = torch.arange(padded, device=device) % period
-    return torch.where(i < size, i, period - i)
+    # The period as a tensor (ONNX converters take a Python divisor as a constant),
+    # from an int, a SymInt (export, compile) or the 0-dim tensor a size is
+    # under torch.jit.trace.
+    period = 2 * size - 2
+    if isinstance(period, Tensor):
+        period = period.to(device=device, dtype=torch.long)
+    else:
+        period = torch.full((), period, dtype=torch.long, device=device)
+    i = torch.arange(padded, device=device) % period.clamp(min=1)
+    return torch.where(i < size, i, period.clamp(min=1) - i)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
