@@ -77,10 +77,10 @@ def build_reference(preset: str) -> nn.Module:
 
 
 def build_ours(preset: str, norm: str, reference: nn.Module) -> nn.Module:
-    from irformer.archs import build_model, registry
+    from irformer.archs import build_model
 
     model = build_model(preset, norm=norm)
-    registry.load_state_into(model, reference.state_dict(), source=f"reference {preset}")
+    model.load_state_dict(reference.state_dict())  # official layout: the model's load hook
     return model.eval()
 
 

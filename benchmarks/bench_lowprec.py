@@ -4,7 +4,7 @@ For each model (SwinIR-light and HAT_1 by default) every Set5 LR image runs in
 fp32 and in bf16 alternately (``--repeats`` times, best time kept, so load from
 other processes hits both alike); the outputs are scored (PSNR-Y / SSIM, the
 paper's protocol) and compared. bf16 uses
-:func:`irformer.engine.infer.prepare_model_for_precision` (weights and features
+:func:`irformer.engine.precision.prepare_model_for_precision` (weights and features
 in bf16, channels-last convolutions, i-LN statistics in fp32). Each precision
 runs with window attention and i-LN in the fused CPU kernels
 (:mod:`irformer.cpu_kernels`, ``+kernel``) and in PyTorch ops (no suffix),
@@ -56,7 +56,7 @@ def load(kind: str, ckpt: Path | None, scale: int) -> tuple[torch.nn.Module, int
 def bench_model(kind: str, args: argparse.Namespace) -> None:
     from irformer.data.benchmarks import load_benchmark
     from irformer.data.io import tensor_to_image
-    from irformer.engine.infer import prepare_model_for_precision
+    from irformer.engine.precision import prepare_model_for_precision
     from irformer.metrics import compute_metrics
 
     model, scale, source = load(kind, getattr(args, f"ckpt_{kind.split('_')[0]}"), args.scale)

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from irformer.archs import build_model, save_model_weights
+from irformer.archs import build_model, save_model_weights, zoo
 from irformer.cli import main as cli_main
-from irformer.cli import restore as restore_cli
 from irformer.data.io import read_image
 
 TINY = {
@@ -109,8 +108,7 @@ def test_restore_errors(setup: tuple[Path, Path], tmp_path: Path, capsys, monkey
     )
     assert "overlap" in capsys.readouterr().err
     # No --model and no shipped reference checkpoint.
-    monkeypatch.setattr(restore_cli, "WEIGHTS_DIR", tmp_path / "no_weights")
-    monkeypatch.setattr(restore_cli.default_checkpoint, "__defaults__", (tmp_path / "no_weights",))
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "no_weights")
     assert restore(src, "-o", tmp_path / "o6") == 2
     assert "--model" in capsys.readouterr().err
     # --scale must match the model's.
@@ -118,20 +116,21 @@ def test_restore_errors(setup: tuple[Path, Path], tmp_path: Path, capsys, monkey
     assert "--scale 4 but" in capsys.readouterr().err
 
 
-def test_default_checkpoint_choice(tmp_path: Path) -> None:
-    assert restore_cli.default_checkpoint(tmp_path / "absent") is None
+def test_default_weights_choice(tmp_path: Path) -> None:
+    assert zoo.default_weights(weights_dir=tmp_path / "absent") is None
     (tmp_path / "a.safetensors").write_bytes(b"")
-    assert restore_cli.default_checkpoint(tmp_path) == tmp_path / "a.safetensors"
-    (tmp_path / "b.pth").write_bytes(b"")
-    assert restore_cli.default_checkpoint(tmp_path) is None
+    assert zoo.default_weights(weights_dir=tmp_path) is None  # only the task's own file
     preferred = tmp_path / "swinir_light_x2_iln.safetensors"
     preferred.write_bytes(b"")
-    assert restore_cli.default_checkpoint(tmp_path) == preferred
-    assert restore_cli.default_checkpoint(tmp_path, scale=4) is None
+    assert zoo.default_weights(weights_dir=tmp_path) == preferred
+    assert zoo.default_weights(scale=4, weights_dir=tmp_path) is None
     x4 = tmp_path / "swinir_light_x4_iln.safetensors"
     x4.write_bytes(b"")
-    assert restore_cli.default_checkpoint(tmp_path, scale=4) == x4
-    assert restore_cli.default_checkpoint(tmp_path) == preferred
+    assert zoo.default_weights(scale=4, weights_dir=tmp_path) == x4
+    assert zoo.default_weights("sr", weights_dir=tmp_path) == preferred
+    assert zoo.default_weights("dn", weights_dir=tmp_path) is None
+    with pytest.raises(ValueError, match="no shipped model for task 'dr'"):
+        zoo.default_weights("dr", weights_dir=tmp_path)
 
 
 def test_restore_tile_ensemble_precision(setup: tuple[Path, Path], tmp_path: Path) -> None:
@@ -160,7 +159,7 @@ def test_restore_tile_ensemble_precision(setup: tuple[Path, Path], tmp_path: Pat
 def test_restore_fp16_guard_and_black_dots(
     setup: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:
-    from irformer.engine.lowprec import Fp16OverflowWarning
+    from irformer.analysis.magnitudes import Fp16OverflowWarning
 
     _, src = setup
     torch.manual_seed(0)
@@ -201,3 +200,52 @@ def test_restore_fp16_guard_and_black_dots(
     assert "1 with non-finite pixels" in printed.err
     img = read_image(out / "rgb.png")
     assert img.shape == (36, 44, 3) and int(img.max()) == 0  # every pixel a black dot
+
+
+TINY_1 = {**TINY, "upscale": 1, "upsampler": ""}
+
+
+@pytest.mark.parametrize("task", ["dn", "car"])
+def test_task_picks_the_shipped_model_and_grey_stays_grey(
+    task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # A weights folder like the package's: SR x2 and one dn and one car model (tiny, i-LN).
+    weights = tmp_path / "weights"
+    torch.manual_seed(0)
+    for stem, preset, kwargs in (
+        ("swinir_light_x2_iln", "swinir", TINY),
+        ("swinir_1_dn_iln", "swinir_1_dn", TINY_1),
+        ("swinir_1_car_iln", "swinir_1_car", TINY_1),
+    ):
+        model = build_model(preset, **{**kwargs, "norm": "iln"})
+        save_model_weights(weights / f"{stem}.safetensors", model)
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", weights)
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (20, 18), dtype=np.uint8)
+    cv2.imwrite(str(src / "grey.png"), grey)
+    cv2.imwrite(str(src / "rgb.png"), rng.integers(0, 256, (20, 18, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert restore(src, "--task", task, "-o", out) == 0
+    assert f"swinir_1_{task}_iln.safetensors" in capsys.readouterr().err
+    assert read_image(out / "rgb.png", channels="keep").shape == (20, 18, 3)  # scale 1
+    # Grey into the colour model: replicated in, channel mean out (the documented conversion).
+    restored = read_image(out / "grey.png", channels="keep")
+    assert restored.shape == (20, 18, 1)
+    model = zoo.load_model(None, task=task).model
+    x = torch.from_numpy(grey.astype(np.float32) / 255)[None, None].expand(1, 3, 20, 18)
+    with torch.inference_mode():
+        expected = model(x.contiguous()).mean(dim=1).clamp(0, 1).mul(255).round()
+    assert np.abs(restored[..., 0].astype(int) - expected[0].numpy().astype(int)).max() <= 1
+    # A checkpoint of another task, or a scale, is refused with the reason.
+    other = "car" if task == "dn" else "dn"
+    ckpt = weights / f"swinir_1_{other}_iln.safetensors"
+    assert restore(src, "--task", task, "--model", ckpt, "-o", tmp_path / "o2") == 2
+    assert f"--task {task} but" in capsys.readouterr().err
+    assert restore(src, "--task", task, "--scale", 2, "-o", tmp_path / "o3") == 2
+    assert "restores at scale 1" in capsys.readouterr().err
+    # Without --task: SR x2, as before.
+    assert restore(src / "rgb.png", "-o", tmp_path / "o4") == 0
+    assert "swinir_light_x2_iln" in capsys.readouterr().err
+    assert read_image(tmp_path / "o4" / "rgb.png", channels="keep").shape == (40, 36, 3)

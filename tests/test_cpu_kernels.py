@@ -22,7 +22,7 @@ import torch
 from irformer import cpu_kernels as ck
 from irformer.archs import build_model
 from irformer.archs.windows import shifted_window_mask, window_mask_flags, window_partition
-from irformer.engine.infer import prepare_model_for_precision
+from irformer.engine.precision import prepare_model_for_precision
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,

@@ -215,13 +215,13 @@ def test_checkpoint_loading_goes_through_the_registry(
     ckpt.write_bytes(b"weights")
     seen = {}
 
-    def load_checkpoint_model(path: Path) -> tuple[nn.Module, dict]:
+    def load_checkpoint_model(path: Path, **kwargs: object) -> tuple[nn.Module, dict]:
         seen["path"] = path
         return TinyConv(), {"arch": "tiny"}
 
-    import irformer.engine.evaluate as evaluate_module
+    import irformer.archs.zoo as zoo
 
-    monkeypatch.setattr(evaluate_module, "load_checkpoint_model", load_checkpoint_model)
+    monkeypatch.setattr(zoo, "load_checkpoint_model", load_checkpoint_model)
     model = load_model_for_eval(ckpt)
     assert isinstance(model, TinyConv) and seen["path"] == ckpt
     assert isinstance(load_model_for_eval("bicubic", scale=3), BicubicModel)
@@ -286,7 +286,8 @@ def test_cli_errors_and_defaults(
     )
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["Method", "Sigma", "CBSD68"]
-    assert len(out[2].split()[2].split(".")[1]) == 3  # DN PSNR printed to 3 decimals
+    assert out[2].split()[:3] == ["noisy", "input", "25"]  # the baseline's name, not "bicubic"
+    assert len(out[2].split()[3].split(".")[1]) == 3  # DN PSNR printed to 3 decimals
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "--model", "bicubic", "--task", "dn", "--sigma", "25"]) == 2
     assert "--data-root is required" in capsys.readouterr().err
@@ -308,14 +309,78 @@ def test_real_checkpoint_through_registry_and_cli(
     direct = evaluate(model, task="sr", scale=2, benchmarks=["Set5"], data_root=flat_root)
     argv = ["eval", "--model", str(ckpt), "--task", "sr", "--scale", "2", "--bench", "Set5"]
     assert main([*argv, "--data-root", str(flat_root), "--no-progress"]) == 0
-    row = capsys.readouterr().out.splitlines()[2].split()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:2] == ["bicubic", "x2"]  # the baseline row comes first
+    row = lines[3].split()
     assert row[:2] == ["tiny", "x2"]
     assert row[2] == f"{direct['Set5'].psnr:.2f}"
     assert main([*argv, "--scale", "4", "--data-root", str(flat_root), "--no-progress"]) == 2
     assert "is an x2 model" in capsys.readouterr().err
     # Task and scale default to the checkpoint's metadata.
     short = ["eval", "--model", str(ckpt), "--bench", "Set5", "--data-root", str(flat_root)]
-    assert main([*short, "--no-progress"]) == 0
+    assert main([*short, "--no-progress", "--no-baseline"]) == 0
     assert capsys.readouterr().out.splitlines()[2].split()[:3] == row[:3]
     assert main([*short, "--task", "dn", "--sigma", "15"]) == 2
     assert "is a sr model" in capsys.readouterr().err
+
+
+def test_cli_several_levels_with_the_input_as_baseline(
+    flat_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A tiny scale-1 SwinIR_1 (the dn/car reference architecture), one block per level.
+    import irformer.archs as registry
+
+    torch.manual_seed(0)
+    tiny = {"embed_dim": 12, "depths": (1,), "num_heads": (2,), "window_size": 4}
+    ckpt = registry.save_model_weights(
+        tmp_path / "tiny_dn.safetensors", registry.build_model("swinir_1_dn", **tiny)
+    )
+    out_json = tmp_path / "dn.json"
+    argv = [
+        "eval",
+        "--model",
+        str(ckpt),
+        "--task",
+        "dn",
+        "--sigma",
+        "15,50",
+        "--bench",
+        "cbsd68[:1]",
+    ]
+    argv += ["--data-root", str(flat_root), "--out-json", str(out_json), "--no-progress"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["Method", "Sigma", "CBSD68[:1]"]  # a subset keeps its label
+    assert [line.split()[:-2] for line in lines[2:6]] == [
+        ["noisy", "input", "15"],
+        ["tiny_dn", "15"],
+        ["noisy", "input", "50"],
+        ["tiny_dn", "50"],
+    ]
+    records = json.loads(out_json.read_text())
+    assert [(r["model"], r["sigma"]) for r in records] == [
+        ("noisy input", 15.0),
+        ("tiny_dn", 15.0),
+        ("noisy input", 50.0),
+        ("tiny_dn", 50.0),
+    ]
+    noisy15, noisy50 = records[0]["benchmarks"][0]["psnr"], records[2]["benchmarks"][0]["psnr"]
+    assert noisy15 > noisy50 + 5  # the baseline really is the input at each level
+    direct = evaluate(Identity3(), task="dn", sigma=50, benchmarks=["CBSD68"], data_root=flat_root)
+    assert noisy50 == pytest.approx(direct["CBSD68"].images[0].psnr)
+    # JPEG: grey classic5 through a colour model (replicated in, channel mean out).
+    car = registry.save_model_weights(
+        tmp_path / "tiny_car.safetensors", registry.build_model("swinir_1_car", **tiny)
+    )
+    argv = ["eval", "--model", str(car), "--task", "car", "--quality", "10,40"]
+    argv += ["--bench", "classic5", "--data-root", str(flat_root), "--no-progress"]
+    assert main(argv) == 0
+    rows = [line.split()[:-2] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == [
+        ["JPEG", "input", "10"],
+        ["tiny_car", "10"],
+        ["JPEG", "input", "40"],
+        ["tiny_car", "40"],
+    ]
+    assert main([*argv[:6], "10,abc", *argv[7:]]) == 2
+    assert "--quality '10,abc': 'abc' is not an integer" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from irformer.analysis.magnitudes import Fp16OverflowWarning
 from irformer.archs import build_model
 from irformer.engine.fp16 import (
     Fp16UnsafeError,
@@ -17,7 +18,6 @@ from irformer.engine.fp16 import (
     measure_fp16_safety,
     resolve_fp16_precision,
 )
-from irformer.engine.lowprec import Fp16OverflowWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,13 +88,41 @@ def test_default_probe_is_fixed_photos() -> None:
     assert torch.equal(rgb, default_fp16_probe(3))
 
 
-def test_eval_precision_decision(tmp_path) -> None:
+def test_precision_and_autocast_decision() -> None:
+    """fp16 weights and fp16 autocast (the CUDA path) are checked alike; bf16 replaces
+    whichever asked for fp16; other requests are not measured."""
+    from irformer.engine.fp16 import resolve_fp16_options
+
+    model = hot_model()
+    for precision, autocast in (("fp16", None), ("fp32", "fp16")):
+        with pytest.raises(Fp16UnsafeError, match=f"from {HOT.replace('.', r'.')} on"):
+            resolve_fp16_options(model, precision, autocast, probe=probe())
+    assert resolve_fp16_options(model, "fp16", None, probe=probe(), on_unsafe="bf16") == (
+        "bf16",
+        None,
+    )
+    assert resolve_fp16_options(model, "fp32", "fp16", probe=probe(), on_unsafe="bf16") == (
+        "fp32",
+        "bf16",
+    )
+    assert resolve_fp16_options(model, "bf16", None) == ("bf16", None)  # nothing measured
+    torch.manual_seed(0)
+    safe = build_model("swinir", norm="iln", **TINY)
+    assert resolve_fp16_options(safe, "fp32", "fp16", probe=probe()) == ("fp32", "fp16")
+
+
+def test_eval_refuses_unsafe_fp16(tmp_path, capsys) -> None:
+    import numpy as np
+
     from irformer.archs import save_model_weights
-    from irformer.cli.eval import _fp16_precision
+    from irformer.cli import main
+    from irformer.data.io import write_image
 
     path = tmp_path / "hot.safetensors"
     save_model_weights(path, hot_model())
-    with pytest.raises(Fp16UnsafeError, match="would overflow"):
-        _fp16_precision(str(path), "refuse")
-    assert _fp16_precision(str(path), "bf16") == "bf16"
-    assert _fp16_precision("bicubic", "refuse") == "fp16"
+    (tmp_path / "HR").mkdir()
+    write_image(tmp_path / "HR" / "a.png", np.full((16, 16, 3), 128, np.uint8))
+    bench = "mine=" + str(tmp_path / "HR")
+    argv = ["eval", "--model", str(path), "--bench", bench, "--precision", "fp16"]
+    assert main(argv) == 2
+    assert "fp16 would overflow from " + HOT in capsys.readouterr().err

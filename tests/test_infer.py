@@ -18,12 +18,11 @@ from irformer.engine.infer import (
     forward_exact,
     forward_plain,
     forward_tiled,
-    precision_dtype,
-    prepare_model_for_precision,
     restore_tensor,
     run_with_precision,
     self_ensemble,
 )
+from irformer.engine.precision import precision_dtype, prepare_model_for_precision
 from irformer.execution import current_execution, execution_context
 
 

@@ -12,19 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from irformer.archs import build_model, save_model_weights
-from irformer.cli import main as cli_main
-from irformer.engine.infer import forward_plain, run_with_precision
-from irformer.engine.lowprec import (
+from irformer.analysis.magnitudes import (
     FP16_MAX,
     Fp16OverflowWarning,
     check_fp16_overflow,
     feature_magnitudes,
-    format_lowprec_table,
     fp16_overflow_risks,
     load_recorded_magnitudes,
-    lowprec_report,
 )
+from irformer.archs import build_model, save_model_weights
+from irformer.cli import main as cli_main
+from irformer.engine.infer import forward_plain, run_with_precision
+from irformer.experiments.lowprec import format_lowprec_table, lowprec_report
 
 TINY = {
     "img_size": 16,

@@ -49,7 +49,10 @@ CLI = "import sys; from irformer.cli import main; sys.exit(main())"
 
 
 def command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", CLI, "train", "--config", str(config), "--no-progress", *extra]
+    # --device cpu: this is the CPU guarantee (tests/test_cuda.py has the GPU's, which
+    # needs --deterministic); on a GPU machine "auto" would train on CUDA.
+    cmd = [sys.executable, "-c", CLI, "train", "--config", str(config), "--no-progress"]
+    return [*cmd, "--device", "cpu", *extra]
 
 
 def env() -> dict[str, str]:

@@ -322,7 +322,7 @@ def test_fresh_run_in_old_folder_and_resume_cut_every_jsonl(tmp_path: Path) -> N
 
 
 def test_demo_feature_summary_and_table() -> None:
-    from irformer.cli.demo import final_features, markdown_table
+    from irformer.experiments.demo import final_features, markdown_table
 
     records = [
         {"iter": 10, "block": "a", "kind": "layer", "sq_mean": 1.0, "entropy": 3.0},

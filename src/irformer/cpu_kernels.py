@@ -27,7 +27,7 @@ and whether the extension builds.
 
 Autograd (training) always runs PyTorch's ops. The extension is compiled with
 :mod:`torch.utils.cpp_extension` (a C++ compiler and the ``ninja`` package;
-about 30 s on first use, cached under ``TORCH_EXTENSIONS_DIR``, default
+compiled once per machine and version, cached under ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``, in a folder named after this CPU's feature
 flags, torch and Python, because it is built with ``-march=native`` against
 this torch). If the build fails, one warning names the reason and the eager

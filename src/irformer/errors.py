@@ -10,10 +10,11 @@ and keep their traceback.
 
 Classes defined next to the code that raises them (all subclasses of
 :class:`IrformerError`): ``irformer.engine.config.ConfigError``,
-``irformer.archs.registry.CheckpointMismatchError``,
+``irformer.archs.state.CheckpointMismatchError``,
 ``irformer.data.io.ImageReadError`` / ``ImageTooLargeError`` /
 ``OutputExistsError``, ``irformer.engine.train.NonFiniteLossError`` /
-``NonFiniteWeightsError``, ``irformer.analysis.studies.StudyExistsError``.
+``NonFiniteWeightsError``, ``irformer.experiments.norm_study.StudyExistsError``,
+``irformer.archs.zoo.UntrainedModelError``.
 """
 
 from __future__ import annotations

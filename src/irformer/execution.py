@@ -136,8 +136,8 @@ def execution_context(
 def kernels_allowed(x: Tensor) -> bool:
     """Whether the current context lets the C++ CPU kernels serve ``x``.
 
-    Eager CPU inference without autograd, on a plain tensor, in a dtype the
-    policy selects (bf16 always unless ``off``; fp32 with ``all``). Sizes and
+    Eager CPU inference without autograd or autocast, on a plain tensor, in a
+    dtype the policy selects (bf16 always unless ``off``; fp32 with ``all``). Sizes and
     the availability of the compiled extension are :mod:`irformer.cpu_kernels`'
     business.
     """
@@ -145,6 +145,8 @@ def kernels_allowed(x: Tensor) -> bool:
         return False
     if x.dtype not in (torch.bfloat16, torch.float32) or in_graph_capture():
         return False
+    if torch.is_autocast_enabled("cpu"):
+        return False  # the projections would hand the kernel fp16/bf16 it was not asked for
     policy = _current.get().kernel_policy
     if policy == "off":
         return False

@@ -24,18 +24,14 @@ uint8 first, as the field does, is the caller's job
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import cv2
 import numpy as np
 import torch
 
+from irformer.tasks import TASKS, Task
+
 __all__ = ["TASKS", "compute_metrics", "psnr", "rgb_to_y", "ssim"]
-
-TASKS: tuple[str, ...] = ("sr", "dn", "car", "dr")
-"""Restoration tasks: super-resolution, denoising, JPEG artefact removal, deraining."""
-
-Task = Literal["sr", "dn", "car", "dr"]
 
 _SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5

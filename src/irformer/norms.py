@@ -18,7 +18,7 @@ Tokens are ``(B, L, C)``. Parameter names (``weight``/``bias``) follow
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from irformer import cpu_kernels
 from irformer.execution import in_graph_capture
 
-NORM_NAMES: tuple[str, ...] = (
+NormName = Literal[
     "ln",
     "ln_star",
     "iln",
@@ -37,7 +37,8 @@ NORM_NAMES: tuple[str, ...] = (
     "none",
     "layerscale",
     "rezero",
-)
+]
+NORM_NAMES: tuple[str, ...] = get_args(NormName)
 """Every name :func:`build_norm` accepts (the paper's Table 1 set)."""
 
 NormRole = Literal["branch", "embed", "final"]
@@ -58,6 +59,11 @@ class TokenNorm(nn.Module):
     Subclasses implement :meth:`statistics` and :meth:`normalize`; the default
     :meth:`rescale_branch` leaves the branch unchanged (plain pre-norm residual).
     """
+
+    image_statistics: bool = False
+    """Whether the statistics span the whole image (all tokens), so that a tile of
+    an image is normalised differently from the whole: tiled inference is then not
+    the model's output (see :func:`image_statistics_norms`)."""
 
     def statistics(self, x: Tensor) -> Tensor | None:
         """Statistics that :meth:`normalize` and :meth:`rescale_branch` share."""
@@ -127,6 +133,8 @@ class HolisticLayerNorm(_ChannelAffine):
     batch), biased, and computed in fp32 even under autocast; the gradient flows
     through the std as in the authors' code.
     """
+
+    image_statistics = True
 
     def __init__(self, dim: int, *, eps: float = ILN_EPS, rescale: bool = False) -> None:
         super().__init__(dim)
@@ -241,6 +249,8 @@ class RMSNorm(TokenNorm):
 class InstanceNorm(_ChannelAffine):
     """InstanceNorm: per sample and per channel, statistics over the L tokens."""
 
+    image_statistics = True
+
     def __init__(self, dim: int, *, eps: float = 1e-5) -> None:
         super().__init__(dim)
         self.eps = eps
@@ -268,6 +278,12 @@ class BatchNorm(TokenNorm):
         self.dim = dim
         self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum)
         self.use_batch_stats_in_eval = False
+
+    @property
+    def image_statistics(self) -> bool:  # type: ignore[override]
+        """Batch statistics (training, or ``use_batch_stats_in_eval``) pool every token of
+        the batch, so tiles see other values; running statistics do not."""
+        return self.training or self.use_batch_stats_in_eval
 
     def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
         b, l, c = x.shape
@@ -314,6 +330,20 @@ class ReZero(Identity):
 
     def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
         return branch * self.rezero_alpha
+
+
+def image_statistics_norms(model: nn.Module) -> list[str]:
+    """Class names of the norms in ``model`` whose statistics span the whole image
+    (LN*, i-LN, InstanceNorm; BatchNorm with batch statistics): tiles of an image see
+    other statistics than the image,
+    so tiled inference differs from the model's output (``restore --exact-chunk`` is
+    the exact bounded-memory path)."""
+    found = {
+        type(m).__name__: None
+        for m in model.modules()
+        if isinstance(m, TokenNorm) and m.image_statistics
+    }
+    return list(found)
 
 
 def build_norm(

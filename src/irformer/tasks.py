@@ -8,6 +8,7 @@ real-world SR presets are ``sr`` models too), ``dn`` (Gaussian denoising),
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal, get_args
 
 Task = Literal["sr", "dn", "car", "dr"]
@@ -35,3 +36,14 @@ def check_task(task: str, *, where: str = "task") -> Task:
     if task not in TASKS:
         raise ValueError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     return task  # type: ignore[return-value]
+
+
+def task_from_meta(meta: Mapping[str, object]) -> Task:
+    """The task of a checkpoint's irformer metadata (legacy names mapped); metadata
+    without a task: ``sr`` when the model upscales, else a ValueError."""
+    task = meta.get("task")
+    if task is None:
+        if int(meta.get("scale") or 1) > 1:  # type: ignore[call-overload]
+            return "sr"
+        raise ValueError("the checkpoint's metadata names no task; pass --task")
+    return check_task(str(task), where="checkpoint metadata task")

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from irformer.analysis.probes import BiasAlignment, BlockStats, rpe_smoothness
+from irformer.files import atomic_write
 
 DPI = 120
 KIND_COLOURS = {"layer": "tab:blue", "group": "tab:orange"}
@@ -27,10 +28,9 @@ KIND_COLOURS = {"layer": "tab:blue", "group": "tab:orange"}
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI)
-    return path
+    fmt = path.suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda handle: fig.savefig(handle, dpi=DPI, format=fmt))
 
 
 def _short(name: str) -> str:

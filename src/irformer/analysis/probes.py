@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from irformer.archs.layers import ResidualGroup, TransformerBlock
+from irformer.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ def truncate_records(path: Path, last_iteration: int) -> None:
             continue
         if int(rec.get("iter", 0)) <= last_iteration:
             kept.append(line + "\n")
-    path.write_text("".join(kept))
+    atomic_write(path, "".join(kept))
 
 
 def read_feature_records(path: str | Path) -> list[dict[str, Any]]:

@@ -4,8 +4,9 @@ Layout: ``swinir``, ``hat``, ``drct``, ``srformer`` (one file per architecture:
 its blocks, model class, presets, official state-dict detection); ``layers``
 (what the four share: the restoration frame, MLP, patch (un)embedding, heads);
 ``windows`` (window geometry) and ``attention`` (how attention and MLP halves
-execute); ``registry`` (the table of the four, ``build_model``) and
-``checkpoints`` (weights files).
+execute); ``registry`` (the table of the four, ``build_model``),
+``checkpoints`` (weights files) and ``zoo`` (what ``--model NAME`` means: a file, a
+shipped model's name, a preset).
 
 ``build_model(name, **overrides)`` builds a preset or an architecture;
 ``load_checkpoint_model(path)`` rebuilds and loads official or irformer weights;

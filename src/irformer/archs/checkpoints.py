@@ -42,6 +42,7 @@ from irformer.archs.state import (
     state_mismatch,
 )
 from irformer.files import atomic_write
+from irformer.safe_load import json_metadata, read_safetensors, torch_load_weights_only
 from irformer.tasks import LEGACY_TASK_NAMES
 
 logger = logging.getLogger(__name__)
@@ -111,23 +112,13 @@ def read_state_dict(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     meta: dict[str, object] = {}
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get(META_KEY)
-            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        if text:
-            try:
-                meta = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: unreadable irformer metadata: {exc}") from exc
+        state, file_meta = read_safetensors(path)
+        if file_meta.get(META_KEY):
+            meta = json_metadata(path, file_meta[META_KEY], META_KEY)
         if param_key is not None:
             raise ValueError(f"{path}: param_key={param_key!r} does not apply to safetensors")
     else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a loadable weights-only torch file: {exc}") from exc
+        ckpt = torch_load_weights_only(path)
         state = _pick_state(ckpt, param_key, path)
         if isinstance(ckpt, Mapping) and isinstance(ckpt.get(META_KEY), Mapping):
             meta = dict(ckpt[META_KEY])

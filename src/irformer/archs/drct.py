@@ -37,6 +37,7 @@ from irformer.archs.layers import (
     RestorationTransformer,
     check_model_args,
     count_indexed,
+    detect_head,
     init_linear_weights,
     residual_conv,
     stochastic_depth_rates,
@@ -271,21 +272,7 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     mask = state_dict.get("layers.0.swin2.attn_mask")
     if mask is not None:
         kwargs["img_size"] = math.isqrt(int(mask.shape[0])) * window
-    if "conv_before_upsample.0.weight" in state_dict:
-        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
-        kwargs["num_feat"] = num_feat
-        kwargs["upsampler"] = "pixelshuffle"
-        convs = [state_dict[k] for k in keys if k.startswith("upsample.") and k.endswith(".weight")]
-        if len(convs) == 1 and int(convs[0].shape[0]) == 9 * num_feat:
-            kwargs["upscale"] = 3
-        else:
-            kwargs["upscale"] = 2 ** len(convs)
-    elif "upsample.0.weight" in state_dict:
-        kwargs["upsampler"] = "pixelshuffledirect"
-        kwargs["upscale"] = math.isqrt(int(state_dict["upsample.0.weight"].shape[0]) // in_chans)
-    else:
-        kwargs["upsampler"] = ""
-        kwargs["upscale"] = 1
+    kwargs.update(detect_head(state_dict, in_chans))
     return kwargs
 
 

@@ -64,6 +64,7 @@ from irformer.archs.layers import (
     TransformerBlock,
     check_model_args,
     count_indexed,
+    detect_head,
     init_linear_weights,
     residual_conv,
     stochastic_depth_rates,
@@ -596,25 +597,7 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     if norm is not None:
         kwargs["norm"] = norm
 
-    if "conv_before_upsample.0.weight" in state_dict:
-        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
-        kwargs["num_feat"] = num_feat
-        if "conv_up1.weight" in state_dict:
-            kwargs["upsampler"] = "nearest+conv"
-            kwargs["upscale"] = 2 ** sum(f"conv_up{i}.weight" in state_dict for i in (1, 2, 3))
-        else:
-            kwargs["upsampler"] = "pixelshuffle"
-            convs = [k for k in keys if k.startswith("upsample.") and k.endswith(".weight")]
-            if len(convs) == 1 and int(state_dict[convs[0]].shape[0]) == 9 * num_feat:
-                kwargs["upscale"] = 3
-            else:
-                kwargs["upscale"] = 2 ** len(convs)
-    elif "upsample.0.weight" in state_dict:
-        kwargs["upsampler"] = "pixelshuffledirect"
-        kwargs["upscale"] = math.isqrt(int(state_dict["upsample.0.weight"].shape[0]) // in_chans)
-    else:
-        kwargs["upsampler"] = ""
-        kwargs["upscale"] = 1
+    kwargs.update(detect_head(state_dict, in_chans))
     return kwargs
 
 

@@ -20,7 +20,7 @@ Also here: the base classes that mark a Transformer block and a residual group
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +218,31 @@ def count_indexed(keys: Sequence[str], prefix: str) -> int:
     while any(k.startswith(f"{prefix}{n}.") for k in keys):
         n += 1
     return n
+
+
+def detect_head(state_dict: Mapping[str, Tensor], in_chans: int) -> dict[str, object]:
+    """``upsampler``, ``upscale`` (and ``num_feat``) of the reconstruction head in an
+    official/irformer state dict, read from its key names and shapes (all four
+    architectures use SwinIR's head key layout)."""
+    if "conv_before_upsample.0.weight" in state_dict:
+        num_feat = int(state_dict["conv_before_upsample.0.weight"].shape[0])
+        if "conv_up1.weight" in state_dict:
+            steps = sum(f"conv_up{i}.weight" in state_dict for i in (1, 2, 3))
+            return {"num_feat": num_feat, "upsampler": "nearest+conv", "upscale": 2**steps}
+        convs = [
+            state_dict[k]
+            for k in sorted(state_dict)
+            if k.startswith("upsample.") and k.endswith(".weight")
+        ]
+        if len(convs) == 1 and int(convs[0].shape[0]) == 9 * num_feat:
+            upscale = 3
+        else:
+            upscale = 2 ** len(convs)
+        return {"num_feat": num_feat, "upsampler": "pixelshuffle", "upscale": upscale}
+    if "upsample.0.weight" in state_dict:
+        out = int(state_dict["upsample.0.weight"].shape[0])
+        return {"upsampler": "pixelshuffledirect", "upscale": math.isqrt(out // in_chans)}
+    return {"upsampler": "", "upscale": 1}
 
 
 def input_stats(

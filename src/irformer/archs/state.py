@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from irformer.errors import IrformerError
+
 SIZE_DEPENDENT_BUFFERS: tuple[str, ...] = (
     "attn_mask",
     "relative_position_index",
@@ -29,7 +31,7 @@ SIZE_DEPENDENT_BUFFERS: tuple[str, ...] = (
 on the window/patch sizes; never learned, never in irformer's files."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(IrformerError, ValueError):
     """A state dict does not fit the model: names missing/unexpected/reshaped keys."""
 
 

@@ -43,6 +43,7 @@ from irformer.archs.layers import (
     TransformerBlock,
     check_model_args,
     count_indexed,
+    detect_head,
     init_linear_weights,
     residual_conv,
     stochastic_depth_rates,
@@ -486,30 +487,7 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
     # work on [0, 255] (spandrel uses the same rule).
     kwargs["img_range"] = 255.0 if window == 7 else 1.0
 
-    if "conv_before_upsample.0.weight" in state_dict:
-        kwargs["num_feat"] = int(state_dict["conv_before_upsample.0.weight"].shape[0])
-        if "conv_up1.weight" in state_dict:
-            kwargs["upsampler"] = "nearest+conv"
-            kwargs["upscale"] = 2 ** sum(f"conv_up{i}.weight" in state_dict for i in (1, 2, 3))
-        else:
-            kwargs["upsampler"] = "pixelshuffle"
-            convs = [
-                state_dict[k]
-                for k in sorted(keys)
-                if k.startswith("upsample.") and k.endswith(".weight")
-            ]
-            num_feat = int(kwargs["num_feat"])
-            if len(convs) == 1 and int(convs[0].shape[0]) == 9 * num_feat:
-                kwargs["upscale"] = 3
-            else:
-                kwargs["upscale"] = 2 ** len(convs)
-    elif "upsample.0.weight" in state_dict:
-        kwargs["upsampler"] = "pixelshuffledirect"
-        out = int(state_dict["upsample.0.weight"].shape[0])
-        kwargs["upscale"] = math.isqrt(out // in_chans)
-    else:
-        kwargs["upsampler"] = ""
-        kwargs["upscale"] = 1
+    kwargs.update(detect_head(state_dict, in_chans))
     return kwargs
 
 

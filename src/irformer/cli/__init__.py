@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from types import TracebackType
 
@@ -24,6 +25,7 @@ from irformer.errors import IrformerError
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "train",
+    "data",
     "eval",
     "restore",
     "analyze",
@@ -34,9 +36,30 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def _version() -> str:
+    import torch
+
+    import irformer
+
+    return f"irformer {irformer.__version__} (torch {torch.__version__})"
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every sub-command parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += _all_parsers(child)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from irformer.cli.options import formatter
+
     parser = argparse.ArgumentParser(prog="irformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -46,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.register(sub)
+    for each in _all_parsers(parser):
+        each.formatter_class = formatter  # one help layout: text as written, defaults shown
     return parser
 
 
@@ -90,12 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_cpu_allocator()  # keep freed tensor memory mapped (see irformer.engine.runtime)
+    from irformer.cli.progress import TqdmLoggingHandler
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
+        handlers=[TqdmLoggingHandler()],
     )
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (``irformer models list | head``): not an error. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if args.verbose or not is_input_error(exc):
             raise

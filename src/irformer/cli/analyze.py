@@ -15,6 +15,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from irformer.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -104,7 +106,8 @@ def run_features(args: argparse.Namespace) -> int:
     print(f"{'block':<40} {'kind':<6} {'mean x^2':>11} {'max |x|':>11} {'entropy':>8}")
     for s in stats:
         print(f"{s.block:<40} {s.kind:<6} {s.sq_mean:>11.4g} {s.max_abs:>11.4g} {s.entropy:>8.4f}")
-    (out / "features.json").write_text(
+    atomic_write(
+        out / "features.json",
         json.dumps(
             {
                 "checkpoint": str(args.checkpoint),
@@ -113,7 +116,7 @@ def run_features(args: argparse.Namespace) -> int:
             },
             indent=1,
             default=str,
-        )
+        ),
     )
     title = f"{args.checkpoint.name} (norm={meta.get('norm')})"
     png = plot_block_stats(stats, out / "blocks.png", title=title)
@@ -156,7 +159,8 @@ def run_bias(args: argparse.Namespace) -> int:
     result = final_norm_alignment(model, _probe_batch(args, meta), top_k=args.top_k)
     out = _out_dir(args)
     summary = result.summary()
-    (out / "bias.json").write_text(
+    atomic_write(
+        out / "bias.json",
         json.dumps(
             {
                 **summary,
@@ -165,7 +169,7 @@ def run_bias(args: argparse.Namespace) -> int:
                 "bias": result.bias.tolist(),
             },
             indent=1,
-        )
+        ),
     )
     png = plot_bias_alignment(
         result, out / "bias.png", title=f"{args.checkpoint.name} (norm={meta.get('norm')})"
@@ -202,8 +206,8 @@ def run_rpe(args: argparse.Namespace) -> int:
         smooth = rpe_smoothness(images)
         rows.append({"module": name, "smoothness": smooth.tolist()})
         print(f"{name:<48} {images.shape[0]:>5} {smooth.mean().item():>18.3f}")
-    (out / "rpe.json").write_text(
-        json.dumps({"checkpoint": str(args.checkpoint), "tables": rows}, indent=1)
+    atomic_write(
+        out / "rpe.json", json.dumps({"checkpoint": str(args.checkpoint), "tables": rows}, indent=1)
     )
     png = plot_rpe(tables, out / "rpe.png", max_rows=args.max_rows)
     print(f"wrote {out / 'rpe.json'} and {png}")

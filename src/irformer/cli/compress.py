@@ -14,47 +14,21 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from irformer.compress.calibration import calibration_batch
-from irformer.compress.experiment import (
+from irformer.cli.progress import ProgressBars
+from irformer.compress.methods import METHOD_ALIASES, METHODS
+from irformer.data.benchmarks import DEFAULT_DATA_ROOT, default_data_root
+from irformer.experiments.compression import (
     CompressionRow,
     CompressionSettings,
-    Evaluator,
-    calibration_batches,
-    complexity_table,
-    drop_table,
-    quality_table,
-    quantize_with_settings,
-    rows_as_dicts,
-    run_compression,
+    checkpoint_scale,
+    merge_runs,
+    run_experiment,
+    sensitivity_experiment,
+    statistics_experiment,
 )
-from irformer.compress.methods import METHOD_ALIASES, METHODS
-from irformer.compress.sensitivity import (
-    level_usage,
-    sensitivity,
-    sensitivity_table,
-    usage_table,
-)
-from irformer.compress.stats import (
-    EPS_SWEEP,
-    StatsReport,
-    activation_tensors,
-    compare_pre_post,
-    weight_tensors,
-)
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
-ROWS_FILE = "rows.jsonl"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,12 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--model",
         required=True,
-        help="FP checkpoint (irformer or official); several, comma-separated, share the tables "
-        "(e.g. an LN and an i-LN model)",
+        help="FP weights file (irformer or official) or shipped model name; several, "
+        "comma-separated, share the tables (e.g. an LN and an i-LN model)",
     )
     _add_quantization_args(r)
-    r.add_argument("--bench", default="Set5,Set14,B100", help="comma-separated benchmarks")
-    r.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
+    r.add_argument(
+        "--bench",
+        default="Set5,Set14,B100",
+        help="comma-separated test sets: names or NAME=HR_DIR[,LR_DIR]",
+    )
+    _add_data_root(r)
     r.add_argument("--out", required=True, type=Path, help="output folder for tables and JSON")
     r.add_argument("--save-packed", action="store_true", help="write and verify packed models")
     r.add_argument("--latency-size", type=int, default=128, help="LR side for latency")
@@ -96,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.set_defaults(func=report)
 
     s = sub.add_parser("stats", help="Shapiro-Wilk/range/eps-band tests pre vs post Hadamard")
-    s.add_argument("checkpoint", type=Path, metavar="CKPT")
+    s.add_argument("checkpoint", metavar="CKPT", help="weights file or shipped model name")
     s.add_argument("--arch", default=None, help="preset for official files without metadata")
     s.add_argument("--calib", type=Path, default=None, help="images for activation statistics")
     s.add_argument("--calib-batch", type=int, default=32)
@@ -116,12 +94,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="which quantisers cost the quality: each group of quantisers back in FP / "
         "quantised alone, and how many levels each activation quantiser uses",
     )
-    v.add_argument("--model", required=True, type=Path, help="FP checkpoint")
+    v.add_argument("--model", required=True, help="FP weights file or shipped model name")
     _add_quantization_args(v)
-    v.add_argument("--bench", default="Set5", help="the benchmark that scores each variant")
-    v.add_argument("--data-root", type=Path, default=None, help="folder holding the benchmarks")
+    v.add_argument(
+        "--bench",
+        default="Set5",
+        help="the one test set that scores each variant (a name or NAME=HR_DIR[,LR_DIR])",
+    )
+    _add_data_root(v)
     v.add_argument("--out", type=Path, default=None, help="write sensitivity.md/.json here")
     v.set_defaults(func=sensitivity_cmd)
+
+
+def _add_data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help=f"folder holding the benchmarks (default: {DEFAULT_DATA_ROOT} if present)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_quantization_args(p: argparse.ArgumentParser) -> None:
@@ -189,66 +181,18 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _load(path: Path, arch: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from irformer.archs import load_checkpoint_model
-
-    return load_checkpoint_model(path, arch)
-
-
-def _scale(model: torch.nn.Module, meta: dict[str, Any]) -> int:
-    """The SR scale: the checkpoint's metadata, else the model's ``upscale``."""
-    return int(meta.get("scale") or getattr(model, "upscale", 1))
-
-
-def _resolve_device(text: str) -> torch.device:
-    from irformer.engine.evaluate import resolve_device
-
-    return resolve_device(text)
-
-
-def _benchmark_evaluator(
-    names: list[str], data_root: Path, scale: int, device: torch.device
-) -> tuple[Evaluator, list[str]]:
-    """Benchmarks resolved once; each call scores a model on all of them."""
-    from irformer.data.benchmarks import load_benchmark
-    from irformer.engine.evaluate import evaluate_benchmark
-
-    benches = [load_benchmark(n, data_root, task="sr", scale=scale) for n in names]
-
-    def evaluator(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
-        # The model's own device: PyTorch's int8 kernels run on CPU only.
-        param = next(iter(model.parameters()), None)
-        dev = param.device if param is not None else device
-        out = {}
-        for bench in benches:
-            res = evaluate_benchmark(model.eval(), bench, device=dev)
-            out[bench.name] = (res.psnr, res.ssim)
-        return out
-
-    return evaluator, [b.name for b in benches]
-
-
-def _print_row(row: CompressionRow) -> None:
+def _row_line(row: CompressionRow) -> str:
     scores = ", ".join(f"{b} {p:.2f}/{s:.4f}" for b, (p, s) in row.scores.items())
-    print(
+    return (
         f"{row.model}: {row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}: {scores} | "
         f"{row.megabytes:.3f} MB, {row.bits_per_param:.2f} bits/param, "
-        f"{row.latency_ms:.1f} ms",
-        flush=True,
+        f"{row.latency_ms:.1f} ms"
     )
 
 
-def _label(path: Path, meta: dict[str, Any], taken: set[str]) -> str:
-    label = f"{path.stem} ({meta.get('norm', '?')})"
-    while label in taken:
-        label += "'"
-    taken.add(label)
-    return label
-
-
-def _data_root(args: argparse.Namespace) -> Path:
-    data_root: Path = args.data_root or DEFAULT_DATA_ROOT
-    if not data_root.is_dir():
+def _data_root(args: argparse.Namespace) -> Path | None:
+    data_root = default_data_root(args.data_root)
+    if data_root is not None and not data_root.is_dir():
         raise FileNotFoundError(f"benchmark root {data_root} does not exist (--data-root)")
     return data_root
 
@@ -276,17 +220,19 @@ def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> Compression
     )
 
 
+def _device(text: str):
+    from irformer.engine.evaluate import resolve_device
+
+    return resolve_device(text)
+
+
 def run(args: argparse.Namespace) -> int:
-    paths = [Path(p.strip()) for p in str(args.model).split(",") if p.strip()]
-    loaded = [(p, *_load(p, args.arch)) for p in paths]
-    scales = {_scale(m, meta) for _, m, meta in loaded}
-    if len(scales) != 1:
-        raise ValueError(f"--model checkpoints have different scales {sorted(scales)}")
-    scale = scales.pop()
+    paths = [p.strip() for p in str(args.model).split(",") if p.strip()]
+    if not paths:
+        raise ValueError("--model: no checkpoint given")
+    scale = checkpoint_scale(paths[0], args.arch)
     if scale < 2:
         raise ValueError(f"compress run evaluates SR models; {paths[0]} has scale {scale}")
-    data_root = _data_root(args)
-    device = _resolve_device(args.device)
     settings = _settings(
         args,
         scale,
@@ -294,197 +240,57 @@ def run(args: argparse.Namespace) -> int:
         save_packed=args.save_packed,
         int8_kernel=args.int8_kernel,
     )
-    names = [n.strip() for n in args.bench.split(",") if n.strip()]
-    evaluator, bench_names = _benchmark_evaluator(names, data_root, scale, device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[CompressionRow] = []
-    taken: set[str] = set()
-    rows_file = args.out / ROWS_FILE
-    rows_file.write_text("")
-
-    def on_row(row: CompressionRow) -> None:
-        # One JSON line per finished row: a long run that dies keeps what it measured.
-        _print_row(row)
-        with rows_file.open("a") as fh:
-            fh.write(json.dumps(asdict(row), default=str) + "\n")
-
-    for path, model, meta in loaded:
-        rows += run_compression(
-            model,
+    with ProgressBars(unit="row", disable=args.no_progress) as bars:
+        _, tables = run_experiment(
+            paths,
             settings,
-            evaluator,
-            device=device,
+            benchmarks=args.bench,
+            data_root=_data_root(args),
+            device=_device(args.device),
             out_dir=args.out,
-            on_row=on_row,
-            label=_label(path, meta, taken),
+            arch=args.arch,
+            on_row=lambda row: bars.write(_row_line(row)),
+            progress=bars,
         )
-    tables = _write_tables(rows, bench_names, str(device), args.out)
-    payload = {
-        "command": "irformer compress run",
-        "models": {str(p): meta for p, _, meta in loaded},
-        "device": str(device),
-        "torch": torch.__version__,
-        "settings": {**settings.__dict__, "bits": [list(b) for b in settings.bits]},
-        "rows": rows_as_dicts(rows),
-    }
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
     print()
     for text in tables.values():
         print(text)
     return 0
 
 
-def _write_tables(
-    rows: list[CompressionRow], benchmarks: list[str], device: str, out: Path
-) -> dict[str, str]:
-    tables = {
-        "quality.md": quality_table(rows, benchmarks),
-        "psnr_drop.md": drop_table(rows, benchmarks),
-        "complexity.md": complexity_table(rows, device),
-    }
-    for name, text in tables.items():
-        (out / name).write_text(text)
-    return tables
-
-
-def read_rows(run_dir: Path) -> list[CompressionRow]:
-    """The rows one ``compress run`` wrote to ``RUN_DIR/rows.jsonl``."""
-    path = run_dir / ROWS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: expected a `compress run` output folder")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            data["scores"] = {b: tuple(v) for b, v in data["scores"].items()}
-            rows.append(CompressionRow(**data))
-        except (ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"{path}:{n}: not a compression row ({err})") from err
-    return rows
-
-
 def report(args: argparse.Namespace) -> int:
-    rows: list[CompressionRow] = []
-    seen: dict[tuple[str, str, int, int, float], Path] = {}
-    fp_scores: dict[str, dict[str, tuple[float, float]]] = {}
-    for run_dir in args.runs:
-        for row in read_rows(run_dir):
-            key = (row.model, row.method, row.wbits, row.abits, row.prune)
-            if row.method == "fp32" and fp_scores.get(row.model) == row.scores:
-                continue  # every run re-measures its FP model; identical rows merge
-            if key in seen:
-                raise ValueError(
-                    f"{run_dir}: row {key} is also in {seen[key]}; merge runs that measured "
-                    "different models or settings"
-                )
-            seen[key] = run_dir
-            if row.method == "fp32":
-                fp_scores[row.model] = row.scores
-            rows.append(row)
-    benchmarks = list(dict.fromkeys(b for r in rows for b in r.scores))
-    args.out.mkdir(parents=True, exist_ok=True)
-    tables = _write_tables(rows, benchmarks, "see each run", args.out)
-    (args.out / ROWS_FILE).write_text(
-        "".join(json.dumps(asdict(r), default=str) + "\n" for r in rows)
-    )
-    for text in tables.values():
+    for text in merge_runs(args.runs, args.out).values():
         print(text)
     return 0
 
 
-def _stats_markdown(report: StatsReport) -> str:
-    lines = [
-        "| Tensors | Test (one-sided) | n | mean diff | Cohen d_z | Wilcoxon p | Shapiro p of d |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for t in report.tests:
-        p = "-" if math.isnan(t.p_value) else f"{t.p_value:.3g}"
-        lines.append(
-            f"| {t.kind} | {t.metric} | {t.n} | {t.mean_diff:.4g} | {t.cohen_dz:.3f} | {p} | "
-            f"{t.diff_shapiro_p:.3g} |"
-        )
-    zeros = sum(p.padding_zeros for p in report.pairs)
-    lines.append("")
-    lines.append(f"Exact zeros introduced by padding (in the post tensors): {zeros}")
-    return "\n".join(lines) + "\n"
-
-
 def stats(args: argparse.Namespace) -> int:
-    model, meta = _load(args.checkpoint, args.arch)
-    tensors = weight_tensors(model)
-    if args.calib is not None:
-        scale = _scale(model, meta)
-        batch = calibration_batch(
-            args.calib, scale=scale, batch=args.calib_batch, patch=args.patch, seed=args.seed
-        )
-        tensors += activation_tensors(model, batch)
-    report = compare_pre_post(
-        tensors, rotation=args.rotation, eps=EPS_SWEEP, paper_padding=args.paper_padding
+    text = statistics_experiment(
+        args.checkpoint,
+        arch=args.arch,
+        calib=args.calib,
+        calib_batch=args.calib_batch,
+        patch=args.patch,
+        rotation=args.rotation,
+        paper_padding=args.paper_padding,
+        seed=args.seed,
+        out_dir=args.out,
     )
-    text = _stats_markdown(report)
     print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "stats.md").write_text(text)
-        (args.out / "stats.json").write_text(json.dumps(report.as_dict(), indent=1))
     return 0
 
 
 def sensitivity_cmd(args: argparse.Namespace) -> int:
-    from irformer.data.benchmarks import load_benchmark
-    from irformer.engine.evaluate import evaluate_benchmark
-
-    model, meta = _load(args.model, args.arch)
-    scale = _scale(model, meta)
-    if scale < 2:
-        raise ValueError(f"compress sensitivity scores SR models; {args.model} has scale {scale}")
-    settings = _settings(args, scale)
-    if len(settings.methods) != 1 or len(settings.bits) != 1:
-        raise ValueError(
-            f"compress sensitivity takes one method and one bit width, got --method "
-            f"{args.method} --wbits {args.wbits} --abits {args.abits}"
+    with ProgressBars(unit="pass", disable=args.no_progress) as bars:
+        text = sensitivity_experiment(
+            args.model,
+            _settings(args, checkpoint_scale(args.model, args.arch)),
+            benchmark=args.bench,
+            data_root=_data_root(args),
+            device=_device(args.device),
+            arch=args.arch,
+            out_dir=args.out,
+            progress=bars,
         )
-    device = _resolve_device(args.device)
-    bench = load_benchmark(args.bench, _data_root(args), task="sr", scale=scale)
-    model = model.to(device).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    calib, held_out = calibration_batches(settings)
-    (wbits, abits), method = settings.bits[0], settings.methods[0]
-    result = quantize_with_settings(
-        model, settings, method, wbits, abits, calib, held_out, device=device
-    )
-    qmodel = result.model.eval()
-
-    def psnr(m: torch.nn.Module) -> float:
-        return evaluate_benchmark(m, bench, device=device).psnr
-
-    scores: list[float] = []
-    usage = level_usage(qmodel, lambda m: scores.append(psnr(m)))  # the all-quantised pass
-    quantized, fp, rows = sensitivity(qmodel, psnr, quantized=scores[0])
-    title = f"{args.model} ({meta.get('norm', '?')}), {method} W{wbits}A{abits}, {bench.name} PSNR"
-    text = (
-        f"# Quantisation sensitivity: {title}\n\n"
-        + sensitivity_table(quantized, fp, rows)
-        + "\nActivation quantisers, fewest used levels first (all quantised, "
-        + f"{bench.name}):\n\n"
-        + usage_table(usage)
-    )
     print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sensitivity.md").write_text(text)
-        payload = {
-            "model": str(args.model),
-            "meta": meta,
-            "config": result.config.to_dict(),
-            "benchmark": bench.name,
-            "quantized": quantized,
-            "fp": fp,
-            "groups": [asdict(r) for r in rows],
-            "activations": [asdict(u) for u in usage],
-        }
-        (args.out / "sensitivity.json").write_text(json.dumps(payload, indent=1, default=str))
     return 0

@@ -3,7 +3,21 @@
 Example::
 
     irformer eval --model bicubic --task sr --scale 4 --bench Set5,Set14,B100
+    irformer eval --model swinir_light_x4_iln --bench Set5,mine=my/HR,my/LR
     irformer eval --model runs/x4/weights.safetensors --task dn --sigma 25 --out-csv dn.csv
+    irformer eval --model swinir_1_dn_iln.safetensors --task dn --sigma 15,25,50 \
+        --bench CBSD68,Kodak24,McMaster
+
+``--model`` is a weights file, a shipped model's name (``irformer models list``; its
+task and scale are the file's), ``bicubic``, or a preset with ``--random-weights``.
+``--bench`` takes registered names (``B100[:20]``: the first 20 images) and your own
+paired folders ``NAME=HR_DIR[,LR_DIR]`` (without LR_DIR the inputs are made as for the
+registered sets: MATLAB bicubic, or the seeded noise / JPEG of ``--sigma`` / ``--quality``).
+
+Every noise level / JPEG quality of a comma list is one block of rows; each block
+starts with the baseline the field compares against (``bicubic`` for SR, the
+``noisy input`` / ``JPEG input`` / ``rainy input`` itself for DN / CAR / DR) unless
+``--no-baseline``.
 
 A benchmark whose outputs held NaN/inf pixels is marked ``*`` in the table with
 a note below it (the pixels are scored as black), the JSON/CSV carry the counts
@@ -15,30 +29,44 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from irformer.data.benchmarks import DEFAULT_BENCHMARKS, find_benchmark_dir, get_benchmark
+from irformer.cli.options import add_fp16_unsafe_argument, add_precision_arguments
+from irformer.cli.progress import ProgressBars
+from irformer.data.benchmarks import DEFAULT_DATA_ROOT, benchmark_names, default_data_root
 from irformer.data.io import check_folder_writable, check_writable
 from irformer.engine.evaluate import (
+    BicubicModel,
     EvaluationResult,
     evaluate,
+    prepare_eval_model,
     write_results_csv,
     write_results_json,
 )
+from irformer.engine.fp16 import resolve_fp16_options
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
-"""Used when ``--data-root`` is omitted and this folder exists (relative to the cwd)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
         help="evaluate a model (or the bicubic baseline) on benchmarks",
-        description=__doc__.splitlines()[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="checkpoint path, preset name, or 'bicubic'")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="weights file, shipped model name (`irformer models list`, e.g. "
+        "swinir_light_x4_iln), 'bicubic', or a preset with --random-weights",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow --model PRESET: a preset built with untrained, random weights",
+    )
     p.add_argument(
         "--task",
         choices=("sr", "dn", "car", "dr"),
@@ -54,7 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--bench",
         default=None,
-        help="comma-separated benchmarks (default: the paper's sets for the task that exist)",
+        help="comma-separated test sets: names (B100[:20] = the first 20 images) or your "
+        "own folders NAME=HR_DIR[,LR_DIR] (LR made with MATLAB bicubic, or the task's "
+        "noise/JPEG, when absent) (default: the paper's sets for the task that exist)",
     )
     p.add_argument(
         "--data-root",
@@ -62,160 +92,177 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"benchmark folder, task-grouped or flat (default: {DEFAULT_DATA_ROOT} if present)",
     )
-    p.add_argument("--sigma", type=float, default=None, help="noise sigma on 0-255 (dn)")
-    p.add_argument("--quality", type=int, default=None, help="JPEG quality 1-100 (car)")
+    p.add_argument(
+        "--sigma",
+        default=None,
+        help="noise sigma(s) on 0-255 (dn), comma-separated, e.g. 15,25,50",
+    )
+    p.add_argument(
+        "--quality",
+        default=None,
+        help="JPEG quality(ies) 1-100 (car), comma-separated, e.g. 10,20,30,40",
+    )
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="omit the baseline rows (bicubic / the noisy, JPEG or rainy input itself)",
+    )
     p.add_argument("--save-dir", type=Path, default=None, help="write outputs as PNG here")
-    p.add_argument("--out-json", type=Path, default=None, help="write all results as JSON")
+    p.add_argument(
+        "--out-json",
+        type=Path,
+        default=None,
+        help="write all results as JSON (one object, or a list when there are several "
+        "levels or a baseline)",
+    )
     p.add_argument("--out-csv", type=Path, default=None, help="write per-image results as CSV")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument(
-        "--fp16-unsafe",
-        choices=("refuse", "bf16", "run"),
-        default="refuse",
-        help="--precision fp16 with a model whose measured features would overflow fp16: "
-        "refuse (default), evaluate in bf16, or run anyway (to score the overflow)",
-    )
+    add_precision_arguments(p)
+    add_fp16_unsafe_argument(p, fallback="evaluate in bf16", anyway="to score the overflow")
     p.add_argument("--seed", type=int, default=0, help="base seed of the synthetic noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def _data_root(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    if DEFAULT_DATA_ROOT.is_dir():
-        return DEFAULT_DATA_ROOT
-    raise ValueError(f"--data-root is required ({DEFAULT_DATA_ROOT} does not exist)")
-
-
-def _benchmarks(arg: str | None, task: str, root: Path) -> list[str]:
-    if arg:
-        names = [n.strip() for n in arg.split(",") if n.strip()]
-        if not names:
-            raise ValueError(f"--bench {arg!r} names no benchmark")
-        return [get_benchmark(n).name for n in names]
-    found = []
-    for name in DEFAULT_BENCHMARKS[task]:
-        try:
-            find_benchmark_dir(name, root, task)
-        except FileNotFoundError:
-            logger.warning("skipping %s: not found under %s", name, root)
-            continue
-        found.append(name)
-    if not found:
-        raise FileNotFoundError(
-            f"none of the {task} benchmarks {', '.join(DEFAULT_BENCHMARKS[task])} is under {root}"
-        )
-    return found
-
-
-def format_table(result: EvaluationResult) -> str:
-    """Rows as in the paper's Table 2: method, setting, then PSNR / SSIM per benchmark."""
-    setting_name, setting = {
+def _setting(result: EvaluationResult) -> tuple[str, str]:
+    return {
         "sr": ("Scale", f"x{result.scale}"),
         "dn": ("Sigma", f"{result.sigma:g}" if result.sigma is not None else "-"),
         "car": ("Q", f"{result.quality}"),
         "dr": ("", ""),
     }[result.task]
-    digits = 3 if result.task == "dn" else 2  # the paper prints DN PSNR to 3 decimals
-    model_w = max(len("Method"), len(result.model))
-    set_w = max(15, *(len(b.benchmark) for b in result.benchmarks))
+
+
+def format_table(results: EvaluationResult | Sequence[EvaluationResult]) -> str:
+    """Rows as in the paper's Table 2: method, setting, then PSNR / SSIM per benchmark
+    (one row per result, in the order given; the benchmarks are the first result's)."""
+    rows = [results] if isinstance(results, EvaluationResult) else list(results)
+    if not rows:
+        raise ValueError("no results to format")
+    first = rows[0]
+    setting_name = _setting(first)[0]
+    digits = 3 if first.task == "dn" else 2  # the paper prints DN PSNR to 3 decimals
+    model_w = max(len("Method"), *(len(r.model) for r in rows))
+    set_w = max(15, *(len(b.benchmark) for b in first.benchmarks))
     head1 = f"{'Method':<{model_w}}  {setting_name:<5}"
     head2 = f"{'':<{model_w}}  {'':<5}"
-    row = f"{result.model:<{model_w}}  {setting:<5}"
-    notes = []
-    for b in result.benchmarks:
+    for b in first.benchmarks:
         head1 += f"  {b.benchmark:<{set_w}}"
         head2 += f"  {'PSNR':<7} {'SSIM':<{set_w - 8}}"
-        psnr = f"{b.psnr:.{digits}f}" + ("*" if b.nonfinite_pixels else "")
-        row += f"  {psnr:<7} {b.ssim:<{set_w - 8}.4f}"
-        if b.nonfinite_pixels:
-            notes.append(
-                f"* {b.benchmark}: {b.nonfinite_pixels} output pixels non-finite in "
-                f"{b.nonfinite_images} of {b.num_images} images (scored as black)"
-            )
-    return "\n".join(line.rstrip() for line in (head1, head2, row, *notes))
+    lines = [head1, head2]
+    notes = []
+    for result in rows:
+        row = f"{result.model:<{model_w}}  {_setting(result)[1]:<5}"
+        for b in result.benchmarks:
+            psnr = f"{b.psnr:.{digits}f}" + ("*" if b.nonfinite_pixels else "")
+            row += f"  {psnr:<7} {b.ssim:<{set_w - 8}.4f}"
+            if b.nonfinite_pixels:
+                where = b.benchmark if len(rows) == 1 else f"{result.model} {b.benchmark}"
+                notes.append(
+                    f"* {where}: {b.nonfinite_pixels} output pixels non-finite in "
+                    f"{b.nonfinite_images} of {b.num_images} images (scored as black)"
+                )
+        lines.append(row)
+    return "\n".join(line.rstrip() for line in (*lines, *notes))
 
 
-def _defaults_from_checkpoint(args: argparse.Namespace) -> None:
-    """Fill ``--task``/``--scale`` from an irformer checkpoint's metadata; an explicit
-    value that contradicts it is an error (it would score the wrong protocol)."""
-    path = Path(args.model)
-    meta: dict[str, object] = {}
-    if path.is_file():
-        from irformer.archs import read_state_dict
-        from irformer.engine.evaluate import eval_task_of
-
-        meta = read_state_dict(path)[1]
-        if meta:
-            task, scale = eval_task_of(meta), int(meta.get("scale") or 1)  # type: ignore[call-overload]
-            if args.task is not None and args.task != task:
-                raise ValueError(f"--task {args.task}: {path} is a {task} model (metadata)")
-            if task == "sr" and args.scale is not None and args.scale != scale:
-                raise ValueError(f"--scale {args.scale}: {path} is an x{scale} model (metadata)")
-            args.task = task
-            if task == "sr":
-                args.scale = scale
-    if args.task is None:
-        args.task = "sr"
+def _levels(text: str | None, kind: type, flag: str) -> list:
+    """``"15,25,50"`` -> ``[15.0, 25.0, 50.0]`` (``kind`` float or int); ``None`` -> ``[None]``."""
+    if text is None:
+        return [None]
+    values = []
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        try:
+            values.append(kind(part.strip()))
+        except ValueError:
+            what = "a number" if kind is float else "an integer"
+            raise ValueError(f"{flag} {text!r}: {part.strip()!r} is not {what}") from None
+    if not values:
+        raise ValueError(f"{flag} {text!r} names no value")
+    return values
 
 
-def _fp16_precision(model_spec: str, on_unsafe: str) -> str:
-    """fp16, or bf16 / a refusal naming the layer when the model's features measured on
-    the default probe would overflow fp16 (:mod:`irformer.engine.fp16`)."""
-    if model_spec == "bicubic":
-        return "fp16"
-    from irformer.archs import build_model, load_checkpoint_model
-    from irformer.engine.fp16 import resolve_fp16_precision
-
-    path = Path(model_spec)
-    model = load_checkpoint_model(path)[0] if path.is_file() else build_model(model_spec)
-    return resolve_fp16_precision(model, on_unsafe=on_unsafe)[0]  # type: ignore[arg-type]
+def _save_dir(
+    save_dir: Path | None, sigma: float | None, quality: int | None, several: bool
+) -> Path | None:
+    """Where the model's outputs go (never the baseline's): ``--save-dir``, with one
+    ``sigma15`` / ``q10`` sub-folder per level when several levels are evaluated."""
+    if save_dir is None or not several:
+        return save_dir
+    return save_dir / (f"sigma{sigma:g}" if sigma is not None else f"q{quality}")
 
 
 def run(args: argparse.Namespace) -> int:
-    _defaults_from_checkpoint(args)
-    if args.task == "sr" and args.scale is None:
-        raise ValueError("--task sr needs --scale (2, 3 or 4)")
-    if args.task == "dn" and args.sigma is None:
+    prepared = prepare_eval_model(
+        args.model, task=args.task, scale=args.scale, random_weights=args.random_weights
+    )
+    task, scale = prepared.task, prepared.scale
+    if task == "dn" and args.sigma is None:
         raise ValueError("--task dn needs --sigma (noise level on 0-255, e.g. 15, 25, 50)")
-    if args.task == "car" and args.quality is None:
+    if task == "car" and args.quality is None:
         raise ValueError("--task car needs --quality (JPEG quality, e.g. 10, 20, 30, 40)")
-    root = _data_root(args.data_root)
-    benchmarks = _benchmarks(args.bench, args.task, root)
+    sigmas = _levels(args.sigma if task == "dn" else None, float, "--sigma")
+    qualities = _levels(args.quality if task == "car" else None, int, "--quality")
+    root = default_data_root(args.data_root)
+    benchmarks = benchmark_names(args.bench, task, root)
     for out in (args.out_json, args.out_csv):
         if out is not None:  # fail before a long run, not after it
             check_writable(out, overwrite=args.overwrite)
     if args.save_dir is not None:
         check_folder_writable(args.save_dir)
-    if args.precision == "fp16":
-        args.precision = _fp16_precision(args.model, args.fp16_unsafe)
-    result = evaluate(
-        args.model,
-        task=args.task,
-        benchmarks=benchmarks,
-        data_root=root,
-        scale=args.scale or 1,
-        sigma=args.sigma,
-        quality=args.quality,
-        device=args.device,
-        precision=args.precision,
-        save_dir=args.save_dir,
-        overwrite=args.overwrite,
-        seed=args.seed,
-        progress=not args.no_progress,
-        model_name=Path(args.model).stem if Path(args.model).suffix else args.model,
-    )
-    print(format_table(result))
+    precision, autocast = args.precision, args.autocast
+    if not prepared.is_baseline:  # the model's measured features decide what fp16 runs as
+        precision, autocast = resolve_fp16_options(
+            prepared.model, precision, autocast, on_unsafe=args.fp16_unsafe
+        )
+    with_baseline = not (prepared.is_baseline or args.no_baseline)
+    baseline = BicubicModel(scale)
+    several = len(sigmas) * len(qualities) > 1
+
+    results: list[EvaluationResult] = []
+    with ProgressBars(disable=args.no_progress) as bars:
+        for sigma in sigmas:
+            for quality in qualities:
+                runs = [(baseline, prepared.baseline_name)] if with_baseline else []
+                for net, label in [*runs, (prepared.model, prepared.name)]:
+                    results.append(
+                        evaluate(
+                            net,
+                            task=task,
+                            benchmarks=benchmarks,
+                            data_root=root,
+                            scale=scale,
+                            sigma=sigma,
+                            quality=quality,
+                            device=args.device,
+                            precision=precision,
+                            autocast=autocast,
+                            save_dir=_save_dir(args.save_dir, sigma, quality, several)
+                            if net is prepared.model
+                            else None,
+                            overwrite=args.overwrite,
+                            seed=args.seed,
+                            progress=bars,
+                            model_name=label,
+                        )
+                    )
+    print(format_table(results))
+    written = results[0] if len(results) == 1 else results
     if args.out_json is not None:
-        write_results_json(result, args.out_json, overwrite=args.overwrite)
+        write_results_json(written, args.out_json, overwrite=args.overwrite)
         print(f"wrote {args.out_json}")
     if args.out_csv is not None:
-        write_results_csv(result, args.out_csv, overwrite=args.overwrite)
+        write_results_csv(written, args.out_csv, overwrite=args.overwrite)
         print(f"wrote {args.out_csv}")
-    broken = [b.benchmark for b in result.benchmarks if b.nonfinite_pixels]
+    broken = [
+        b.benchmark if len(results) == 1 else f"{r.model} {b.benchmark}"
+        for r in results
+        for b in r.benchmarks
+        if b.nonfinite_pixels
+    ]
     if broken:
         print(
             f"irformer eval: error: non-finite outputs on {', '.join(broken)}: those scores "

@@ -16,6 +16,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from irformer.archs.zoo import weights_path
+from irformer.cli.progress import ProgressBars
+from irformer.data.benchmarks import DEFAULT_DATA_ROOT, default_data_root
+from irformer.files import atomic_write
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -27,10 +32,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="lowprec", metavar="ACTION", required=True)
 
     p = sub.add_parser("report", help="Table 4: LN vs i-LN under reduced precision")
-    p.add_argument("ckpt_ln", type=Path, metavar="CKPT_LN")
-    p.add_argument("ckpt_iln", type=Path, metavar="CKPT_ILN")
-    p.add_argument("--bench", default="Set5", help="comma-separated benchmarks")
-    p.add_argument("--data-root", type=Path, required=True, help="folder holding the benchmarks")
+    p.add_argument("ckpt_ln", metavar="CKPT_LN", help="weights file or shipped model name")
+    p.add_argument("ckpt_iln", metavar="CKPT_ILN", help="weights file or shipped model name")
+    p.add_argument(
+        "--bench",
+        default="Set5",
+        help="comma-separated test sets: names or NAME=HR_DIR[,LR_DIR]",
+    )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help=f"folder holding the benchmarks (default: {DEFAULT_DATA_ROOT} if present)",
+    )
     p.add_argument("--task", choices=("sr", "dn", "car", "dr"), help="default: from CKPT_LN")
     p.add_argument("--scale", type=int, help="default: from CKPT_LN")
     p.add_argument("--sigma", type=float, help="noise level for dn")
@@ -50,12 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--linear-only", action="store_true", help="quantise Linear weights only")
     p.add_argument("--labels", default="LN,i-LN", help="row labels of the two models")
     p.add_argument("--exact-chunk", type=int, metavar="K", help="exact bounded-memory path")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_report)
 
     p = sub.add_parser("guard", help="fp16 overflow risk of a checkpoint")
-    p.add_argument("checkpoint", type=Path, metavar="CKPT")
+    p.add_argument("checkpoint", metavar="CKPT", help="weights file or shipped model name")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", type=Path, help="folder of model inputs to probe with")
     src.add_argument(
@@ -69,50 +84,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     from irformer.engine.infer import RestoreOptions
-    from irformer.engine.lowprec import LowPrecRow, format_lowprec_table, lowprec_report
+    from irformer.experiments.lowprec import LowPrecRow, format_lowprec_table, lowprec_report
 
     labels = tuple(s.strip() for s in args.labels.split(","))
     if len(labels) != 2:
         raise ValueError(f"--labels needs two comma-separated names, got {args.labels!r}")
 
+    bars = ProgressBars(unit="row", disable=args.no_progress)
+
     def show(row: LowPrecRow) -> None:
-        print(
+        bars.write(
             f"  {row.model:<6} {row.setting:<5} {row.benchmark:<9} {row.psnr:8.4f} dB "
             f"{row.ssim:.4f}  non-finite px {row.nonfinite_pixels}",
             file=sys.stderr,
         )
 
-    report = lowprec_report(
-        args.ckpt_ln,
-        args.ckpt_iln,
-        benchmarks=[b.strip() for b in args.bench.split(",") if b.strip()],
-        data_root=args.data_root,
-        task=args.task,
-        scale=args.scale,
-        sigma=args.sigma,
-        quality=args.quality,
-        settings=[s.strip() for s in args.settings.split(",") if s.strip()],
-        labels=labels,  # type: ignore[arg-type]
-        granularity=args.granularity,
-        symmetric=not args.asymmetric,
-        linear_only=args.linear_only,
-        options=RestoreOptions(chunk_windows=args.exact_chunk),
-        device=args.device,
-        progress=show,
-    )
+    with bars:
+        report = lowprec_report(
+            weights_path(args.ckpt_ln),
+            weights_path(args.ckpt_iln),
+            benchmarks=args.bench,
+            data_root=default_data_root(args.data_root),
+            task=args.task,
+            scale=args.scale,
+            sigma=args.sigma,
+            quality=args.quality,
+            settings=[s.strip() for s in args.settings.split(",") if s.strip()],
+            labels=labels,  # type: ignore[arg-type]
+            granularity=args.granularity,
+            symmetric=not args.asymmetric,
+            linear_only=args.linear_only,
+            options=RestoreOptions(chunk_windows=args.exact_chunk),
+            device=args.device,
+            on_row=show,
+            progress=bars,
+        )
     print(format_lowprec_table(report))
     if args.json is not None:
         from irformer.data.io import check_writable
 
         check_writable(args.json, overwrite=True)
-        args.json.write_text(json.dumps(report.to_dict(), indent=1))
+        atomic_write(args.json, json.dumps(report.to_dict(), indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
 def run_guard(args: argparse.Namespace) -> int:
     """Exit status 0: fp16 looks safe; 1: risk found (printed)."""
-    from irformer.engine.lowprec import (
+    from irformer.analysis.magnitudes import (
         feature_magnitudes,
         fp16_overflow_risks,
         load_recorded_magnitudes,
@@ -125,9 +144,7 @@ def run_guard(args: argparse.Namespace) -> int:
         from irformer.analysis.probes import load_probe_batch
         from irformer.archs import load_checkpoint_model
 
-        if not args.checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-        model, meta = load_checkpoint_model(args.checkpoint)
+        model, meta = load_checkpoint_model(weights_path(args.checkpoint))
         if args.images is not None:
             batch = load_probe_batch(args.images, count=args.count, size=args.size)
         else:

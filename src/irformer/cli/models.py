@@ -37,12 +37,14 @@ from the repository root: irformer models card src/irformer/weights/NAME.safeten
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("models", help="list model presets, inspect checkpoints")
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    lister = sub.add_parser("list", help="presets with their parameter counts")
+    lister = sub.add_parser(
+        "list", help="presets with their parameter counts, and the shipped weights"
+    )
     lister.add_argument("--arch", help="only this architecture")
     lister.add_argument("--json", action="store_true", help="machine-readable output")
     lister.set_defaults(func=list_command)
     info = sub.add_parser("info", help="metadata and detected architecture of a weights file")
-    info.add_argument("checkpoint", help=".pth or .safetensors file")
+    info.add_argument("checkpoint", help=".pth or .safetensors file, or a shipped model's name")
     info.add_argument("--param-key", help="state-dict key inside a .pth (default: params_ema)")
     info.set_defaults(func=info_command)
     export = sub.add_parser(
@@ -51,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=EXPORT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    export.add_argument("checkpoint", help="training checkpoint or weights file")
+    export.add_argument(
+        "checkpoint", help="training checkpoint, weights file or shipped model's name"
+    )
     export.add_argument(
         "output",
         help="destination (never overwritten): .safetensors/.pth (weights), .onnx, .pt2",
@@ -109,7 +113,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def preset_table(arch: str | None = None) -> list[dict[str, object]]:
-    """One row per preset: name, arch, task, scale, parameter count (built on 'meta')."""
+    """One row per preset: name, arch, task, scale, parameter count (built on 'meta') and
+    the shipped weights files of the preset (``--model`` names; empty: random weights only)."""
+    from irformer.archs.zoo import shipped_models
+
+    shipped = shipped_models()
     rows = []
     for name in archs.list_presets(arch):
         with torch.device("meta"):
@@ -122,6 +130,11 @@ def preset_table(arch: str | None = None) -> list[dict[str, object]]:
                 "task": meta["task"],
                 "scale": meta["scale"],
                 "params": archs.count_parameters(model),
+                "weights": [
+                    {"name": m.name, "norm": m.norm, "path": str(m.path)}
+                    for m in shipped
+                    if m.preset == name
+                ],
             }
         )
     return rows
@@ -133,17 +146,32 @@ def list_command(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(str(r["preset"])) for r in rows) if rows else 6
-    print(f"{'preset':<{width}}  {'arch':<9} {'task':<9} {'scale':>5} {'params':>12}")
+    print(f"{'preset':<{width}}  {'arch':<9} {'task':<5} {'scale':>5} {'params':>12}  weights")
+    shipped = []
     for r in rows:
+        files = r["weights"]
+        assert isinstance(files, list)
+        shipped += files
+        names = ", ".join(f["name"] for f in files) or "-"
         print(
-            f"{r['preset']:<{width}}  {r['arch']:<9} {r['task']:<9} {r['scale']:>5} "
-            f"{r['params']:>12,}"
+            f"{r['preset']:<{width}}  {r['arch']:<9} {r['task']:<5} {r['scale']:>5} "
+            f"{r['params']:>12,}  {names}"
         )
+    print(
+        "\nweights: trained weights shipped with irformer (--model NAME); '-': random "
+        "weights only (--model PRESET --random-weights)"
+    )
+    if shipped:
+        print("Shipped files (what they are worth: docs/reference/MODEL_CARD.md):")
+        for f in shipped:
+            print(f"  {f['name']}  norm={f['norm']}  {f['path']}")
     return 0
 
 
 def info_command(args: argparse.Namespace) -> int:
-    info = archs.describe_checkpoint(args.checkpoint, param_key=args.param_key)
+    from irformer.archs.zoo import weights_path
+
+    info = archs.describe_checkpoint(weights_path(args.checkpoint), param_key=args.param_key)
     json.dump(info, sys.stdout, indent=2, default=str)
     print()
     if not info["meta"]:
@@ -159,13 +187,15 @@ def info_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     """Export one model; refuses an existing output so nothing is lost."""
+    from irformer.archs.zoo import weights_path
     from irformer.export import export_model, format_for_path
 
     output = Path(args.output)
     if output.exists():
         raise FileExistsError(f"{output} exists; choose another name or remove it first")
     fmt = format_for_path(output, args.format)
-    model, meta = archs.load_checkpoint_model(args.checkpoint, param_key=args.param_key)
+    source = weights_path(args.checkpoint)
+    model, meta = archs.load_checkpoint_model(source, param_key=args.param_key)
     result = export_model(model, meta, output, fmt=fmt, dtype=args.dtype, check=not args.no_check)
     note = f"{archs.count_parameters(model):,} parameters, norm {meta['norm']}"
     print(f"wrote {result.path} ({result.format}, {result.dtype}; {note})")

@@ -1,14 +1,40 @@
 """``irformer restore``: restore image files and folders with a model.
 
-irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_PRESET | --scale 2|4]
+irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_NAME | --scale 2|4 | --task dn|car]
     [--tile N [--tile-overlap M] [--tile-blend mean|ramp] | --exact-chunk K]
-    [--ensemble] [--precision fp32|bf16|fp16 [--fp16-unsafe refuse|bf16|run]]
-    [--device auto|cpu|cuda] [--backend torch|onnx] [--overwrite | --skip-existing]
+    [--ensemble] [--precision fp32|bf16|fp16] [--autocast bf16|fp16]
+    [--fp16-unsafe refuse|bf16|run] [--device auto|cpu|cuda] [--backend torch|onnx]
+    [--alpha keep|drop] [--overwrite | --skip-existing]
+
+Without --model, the shipped i-LN reference model of the task runs: x2 or x4
+super-resolution (``--scale``), colour denoising (``--task dn``) or JPEG artifact
+removal (``--task car``). The dn and car models are blind (trained on noise sigma
+0-50 and JPEG quality 10-40), so they take no noise level or quality.
+``--model`` takes a weights file or a shipped model's name (``irformer models
+list``, e.g. ``swinir_light_x4_ln``); a preset name (random weights) only with
+``--random-weights``.
+
+Alpha channels: ``--alpha keep`` (default) restores the colour and resizes the
+alpha channel by the model's scale with MATLAB bicubic; ``--alpha drop`` writes
+colour only, with a one-line notice (as does a JPEG output, which has no alpha).
+WebP inputs are read when Pillow reads them; outputs are PNG unless ``--ext``.
+
+Greyscale images (and RGB files whose three channels are equal) given to a colour
+model are replicated to three channels and the output's channel mean is written:
+grey in, grey out.
 
 Large images: ``--tile`` splits the input into overlapping tiles (fine for LN
-models; i-LN models normalise with whole-image statistics, so tiles disagree);
-``--exact-chunk K`` runs the whole image with attention in chunks of K windows,
-in bounded memory, with the same result as an unlimited-memory pass.
+models; i-LN models normalise with whole-image statistics, so tiles disagree,
+and tiling one warns); ``--exact-chunk K`` runs the whole image with attention in
+chunks of K windows, in bounded memory, with the same result as an
+unlimited-memory pass.
+
+Memory: before each image, the peak of each path is estimated and the run
+keeps within ``--max-memory`` (default: half of the memory available at
+start): the plain pass if it fits, else the exact path, else (LN-type models
+only) tiles; a model with whole-image statistics (i-LN) is never tiled
+unasked. An image no path fits is refused, naming the estimates and what
+would fit. With ``--tile``/``--exact-chunk`` the path is yours, still checked.
 
 fp16: the model's feature magnitudes are measured on a crop of the first image
 first; a model that would overflow fp16 is refused, naming the layer, or run in
@@ -32,16 +58,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+from irformer.archs.zoo import DEFAULT_TASK_WEIGHTS
+from irformer.cli.options import add_fp16_unsafe_argument, add_precision_arguments, formatter
+from irformer.cli.progress import ProgressBars
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-"""Reference checkpoints shipped with the package (``irformer/weights``)."""
-
-DEFAULT_WEIGHTS_STEM = "swinir_light_x{scale}_iln"
-"""Preferred default (formatted with the scale) when the weights folder holds several."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,14 +75,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "restore",
         help="restore image files/folders (tiling, exact large-image path, x8 ensemble, bf16/fp16)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=formatter,
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR", help="output folder")
     p.add_argument(
         "--model",
-        help="checkpoint (.pth/.safetensors) or preset name (untrained weights); "
-        "default: the reference checkpoint in irformer/weights, when present",
+        help="weights file (.pth/.safetensors) or shipped model name (`irformer models "
+        "list`); default: the shipped i-LN model of --task/--scale",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow --model PRESET: a preset built with untrained, random weights",
     )
     p.add_argument(
         "--scale",
@@ -64,6 +95,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="SR scale; without --model it picks the shipped reference checkpoint "
         "(2 or 4, default 2), with --model it must match the checkpoint's",
+    )
+    p.add_argument(
+        "--task",
+        choices=tuple(DEFAULT_TASK_WEIGHTS),
+        default=None,
+        help="sr (super-resolution), dn (colour denoising) or car (JPEG artifact removal); "
+        "without --model it picks the shipped i-LN model of the task (default sr), with "
+        "--model it must match the checkpoint's. The shipped dn/car models are blind "
+        "(noise sigma 0-50, JPEG quality 10-40): no --sigma/--quality is needed",
     )
     p.add_argument("--param-key", help="state-dict key in a .pth (params_ema, params, ...)")
     large = p.add_mutually_exclusive_group()
@@ -75,9 +115,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="exact bounded-memory path: window attention in chunks of K windows",
     )
     p.add_argument("--tile-overlap", type=int, default=32, metavar="M", help="tile overlap")
-    p.add_argument("--tile-blend", choices=("mean", "ramp"), default="mean")
+    p.add_argument(
+        "--max-memory",
+        default="default",
+        metavar="SIZE",
+        help="memory budget, e.g. 8G or 500M, or 'none' (default: half the available memory)",
+    )
+    p.add_argument(
+        "--tile-blend", choices=("mean", "ramp"), default="mean", help="how overlaps are blended"
+    )
     p.add_argument("--ensemble", action="store_true", help="x8 self-ensemble (flips, rotations)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    add_precision_arguments(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--ext",
@@ -93,17 +141,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "redo incomplete ones",
     )
     p.add_argument(
+        "--alpha",
+        choices=("keep", "drop"),
+        default="keep",
+        help="alpha channels: keep (resized with MATLAB bicubic beside the restored colour) "
+        "or drop (colour only, one notice)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
         "--no-guard",
         action="store_true",
         help="skip the fp16 overflow check (an fp32 probe on a crop of the first image)",
     )
-    p.add_argument(
-        "--fp16-unsafe",
-        choices=("refuse", "bf16", "run"),
-        default="refuse",
-        help="what --precision fp16 does with a model whose features would overflow fp16: "
-        "refuse (default), run in bf16, or run fp16 anyway (black dots)",
-    )
+    add_fp16_unsafe_argument(p)
     p.add_argument(
         "--backend",
         choices=("torch", "onnx"),
@@ -114,53 +164,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def default_checkpoint(weights_dir: Path = WEIGHTS_DIR, *, scale: int = 2) -> Path | None:
-    """The shipped reference checkpoint for ``scale``: ``DEFAULT_WEIGHTS_STEM``, or the
-    folder's only checkpoint (its scale is checked when it is loaded)."""
-    if not weights_dir.is_dir():
-        return None
-    files = sorted(
-        p for p in weights_dir.iterdir() if p.suffix in (".safetensors", ".pth") and p.is_file()
-    )
-    for p in files:
-        if p.stem == DEFAULT_WEIGHTS_STEM.format(scale=scale):
-            return p
-    return files[0] if len(files) == 1 else None
-
-
-def load_model(
-    spec: str | None, *, param_key: str | None = None, scale: int | None = None
-) -> tuple[nn.Module, str]:
-    """``(model in eval mode, description)`` for ``--model`` (or the default checkpoint
-    for ``scale``); a model whose scale differs from a given ``scale`` is an error."""
-    from irformer.archs import build_model, load_checkpoint_model
-
-    if spec is None:
-        path = default_checkpoint(scale=scale or 2)
-        if path is None:
-            raise ValueError(
-                f"no reference checkpoint for scale {scale or 2} in {WEIGHTS_DIR} to default "
-                "to; pass --model CKPT_OR_PRESET"
-            )
-        spec = str(path)
-    path = Path(spec)
-    if path.is_file():
-        kwargs = {"param_key": param_key} if param_key else {}
-        model, meta = load_checkpoint_model(path, **kwargs)
-        described = f"{path} ({meta.get('arch')}, norm={meta.get('norm')})"
-    elif path.suffix in (".pth", ".pt", ".safetensors") or "/" in spec:
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    else:
-        model = build_model(spec)
-        logger.warning("model %r built from its preset with untrained (random) weights", spec)
-        described = f"preset {spec} (untrained)"
-    own = int(getattr(model, "upscale", 1))
-    if scale is not None and own != scale:
-        raise ValueError(f"--scale {scale} but {described} restores at scale {own}")
-    return model.eval(), described
-
-
-def load_onnx_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+def load_onnx_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     """``(ONNX Runtime model, description)`` for ``--backend onnx``; refuses the options
     that do not apply to an exported graph."""
     from irformer.export.onnx_runtime import OnnxRuntimeModel
@@ -173,6 +177,16 @@ def load_onnx_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
             "computes the whole image (the exact path's output, without its memory bound): "
             "use --tile for large images or --backend torch"
         )
+    if args.max_memory != "default":
+        raise ValueError(
+            "--max-memory plans the PyTorch model's paths; an ONNX graph has one path "
+            "(the whole image): use --tile to bound its memory"
+        )
+    if args.autocast is not None:
+        raise ValueError(
+            f"--autocast {args.autocast} applies to the PyTorch model; an ONNX file runs in "
+            "its own precision (export an fp16 file for fp16)"
+        )
     model = OnnxRuntimeModel(args.model)
     if args.precision != "fp32":
         raise ValueError(
@@ -184,6 +198,8 @@ def load_onnx_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     if args.scale is not None and model.upscale != args.scale:
         raise ValueError(f"--scale {args.scale} but {args.model} restores at scale {model.upscale}")
     meta = model.irformer_meta
+    if args.task is not None and meta.get("task") not in (None, args.task):
+        raise ValueError(f"--task {args.task} but {args.model} is a {meta['task']} model")
     described = (
         f"{args.model} (ONNX Runtime, {model.precision}; {meta.get('arch', 'no irformer metadata')}"
         f", norm={meta.get('norm', '?')})"
@@ -192,8 +208,10 @@ def load_onnx_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from irformer.archs.zoo import load_model
     from irformer.engine.evaluate import resolve_device
     from irformer.engine.infer import RestoredFile, RestoreOptions, restore_files
+    from irformer.engine.memory import parse_memory_size
 
     backend = args.backend or (
         "onnx" if args.model and Path(args.model).suffix.lower() == ".onnx" else "torch"
@@ -207,33 +225,48 @@ def run(args: argparse.Namespace) -> int:
         chunk_windows=args.exact_chunk,
         ensemble=args.ensemble,
         precision=args.precision,
+        autocast=args.autocast,
     )
     if backend == "onnx":
         model, described = load_onnx_model(args)
         device = resolve_device("cpu")
     else:
-        model, described = load_model(args.model, param_key=args.param_key, scale=args.scale)
+        loaded = load_model(
+            args.model,
+            task=args.task,
+            scale=args.scale,
+            param_key=args.param_key,
+            random_weights=args.random_weights,
+        )
         device = resolve_device(args.device)
-        model = model.to(device)
+        model, described = loaded.model.to(device), loaded.description
     print(f"model: {described}; device {device}; precision {args.precision}", file=sys.stderr)
+    bars = ProgressBars(disable=args.no_progress)
 
     def show(done: RestoredFile) -> None:
         h, w = done.output_size
         note = "" if done.report.finite else f"  WARNING {done.report.summary()}"
-        print(f"{done.source} -> {done.output} ({w}x{h}, {done.seconds:.2f} s){note}")
+        bars.write(f"{done.source} -> {done.output} ({w}x{h}, {done.seconds:.2f} s){note}")
 
-    result = restore_files(
-        model,
-        args.inputs,
-        args.out,
-        options,
-        overwrite=args.overwrite,
-        skip_existing=args.skip_existing,
-        ext=None if args.ext == "keep" else args.ext,
-        guard=not args.no_guard,
-        on_done=show,
-        fp16_unsafe=args.fp16_unsafe,
-    )
+    budget = "default" if args.max_memory == "default" else parse_memory_size(args.max_memory)
+    if backend == "onnx":
+        budget = None  # the planner estimates PyTorch's paths (refused above when asked for)
+    with bars:
+        result = restore_files(
+            model,
+            args.inputs,
+            args.out,
+            options,
+            overwrite=args.overwrite,
+            skip_existing=args.skip_existing,
+            max_memory=budget,
+            ext=None if args.ext == "keep" else args.ext,
+            guard=not args.no_guard,
+            alpha=args.alpha,
+            fp16_unsafe=args.fp16_unsafe,
+            on_done=show,
+            progress=bars,
+        )
     bad = sum(not r.report.finite for r in result.restored)
     print(
         f"restored {len(result.restored)} image(s) into {args.out}"

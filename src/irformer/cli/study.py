@@ -18,6 +18,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from irformer.cli.options import DeprecatedAlias, add_set_argument
+from irformer.data.benchmarks import split_benchmark_list
+
 logger = logging.getLogger(__name__)
 
 ALL_NORMS = "ln,layerscale,rms,rezero,none,in,bn,ln_star,iln"
@@ -47,14 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="base training config (YAML)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, repeatable (e.g. --set data.batch_size=8)",
-    )
+    add_set_argument(p)
     p.add_argument("--iters", type=int, required=True, help="training iterations per run")
     p.add_argument(
         "--probe-interval",
@@ -63,8 +59,11 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--probe-count", type=int, default=4, help="patches in the probe batch")
     p.add_argument(
-        "--benchmarks", help="comma-separated test sets (default: the config's val.benchmarks)"
+        "--bench",
+        help="comma-separated test sets: names or NAME=HR_DIR[,LR_DIR] "
+        "(default: the config's val.benchmarks)",
     )
+    p.add_argument("--benchmarks", dest="bench", action=DeprecatedAlias, new="--bench")
     p.add_argument("--data-root", help="benchmark data root (default: the config's val.root)")
     p.add_argument("--out", type=Path, help="study folder (default: runs/study-<kind>-<config>)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs, redo the others")
@@ -92,7 +91,7 @@ def _prepare(args: argparse.Namespace, kind: str) -> tuple[Any, Path, int, list[
     base = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / f"study-{kind}-{args.config.stem}"
     interval = args.probe_interval or max(1, args.iters // 40)
-    benchmarks = _split(args.benchmarks) if args.benchmarks else list(base.val.benchmarks)
+    benchmarks = split_benchmark_list(args.bench if args.bench else base.val.benchmarks)
     return base, out, interval, benchmarks
 
 
@@ -126,7 +125,7 @@ def _command_line(args: argparse.Namespace) -> str:
         "iters",
         "probe_interval",
         "probe_count",
-        "benchmarks",
+        "bench",
         "data_root",
         "out",
         "device",
@@ -143,7 +142,7 @@ def _command_line(args: argparse.Namespace) -> str:
 def _finish(
     args: argparse.Namespace, runs: list[Any], out: Path, benchmarks: list[str], title: str
 ) -> int:
-    from irformer.analysis.studies import run_study, write_study_report
+    from irformer.experiments.norm_study import run_study, write_study_report
 
     results = run_study(
         runs,
@@ -163,7 +162,7 @@ def _finish(
 
 
 def run_norms(args: argparse.Namespace) -> int:
-    from irformer.analysis.studies import norm_variants
+    from irformer.experiments.norm_study import norm_variants
 
     base, out, interval, benchmarks = _prepare(args, "norms")
     runs = norm_variants(
@@ -182,7 +181,7 @@ def run_norms(args: argparse.Namespace) -> int:
 
 
 def run_scale(args: argparse.Namespace) -> int:
-    from irformer.analysis.studies import scale_variants
+    from irformer.experiments.norm_study import scale_variants
 
     base, out, interval, benchmarks = _prepare(args, "scale")
     depths, widths = _split(args.depths, int), _split(args.widths, int)

@@ -1,4 +1,4 @@
-"""``irformer train --config FILE [--set KEY=VALUE ...] [--resume | --overwrite]``.
+"""``irformer train (--config FILE | --resume RUN_DIR) [--set KEY=VALUE ...] [--overwrite]``.
 
 Works alone (one CPU or GPU) and under ``torchrun --nproc_per_node N``
 (DDP: NCCL on GPUs, gloo on CPU). Rank 0 draws the progress bar, writes the
@@ -6,6 +6,11 @@ logs and checkpoints into ``log.out_dir``, and, every ``log.probe_interval``
 iterations, the feature probes of :mod:`irformer.analysis.probes`. A
 ``log.out_dir`` holding an earlier run is refused unless ``--resume`` continues
 it or ``--overwrite`` deletes it (its checkpoints, logs and config) first.
+
+``--resume RUN_DIR`` continues the run in RUN_DIR with the ``config.yaml`` it
+saved (``--set`` still applies; every difference from the config the checkpoint
+was trained with is logged); ``--config FILE --resume`` continues
+``log.out_dir`` of FILE, as before. A finished run is reported as such (exit 0).
 """
 
 from __future__ import annotations
@@ -17,30 +22,30 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from irformer.engine.config import load_config
+from irformer.cli.options import add_set_argument
+from irformer.engine.config import load_config, load_run_config
+
+RESUME_FROM_CONFIG = "<log.out_dir>"
+"""``--resume`` without a folder: the ``log.out_dir`` of ``--config``."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a model from a YAML config (also under torchrun)",
-        description=__doc__.splitlines()[0],
+        description=__doc__,
     )
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config values, e.g. --set train.lr=1e-4 data.batch_size=8",
-    )
+    p.add_argument("--config", help="YAML config (see configs/); optional with --resume RUN_DIR")
+    add_set_argument(p)
     start = p.add_mutually_exclusive_group()
     start.add_argument(
         "--resume",
-        action="store_true",
-        help="continue from the newest usable checkpoint in log.out_dir (exactly, on CPU)",
+        nargs="?",
+        const=RESUME_FROM_CONFIG,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its newest usable checkpoint (exactly, on CPU): RUN_DIR "
+        "with its saved config.yaml, or without RUN_DIR the log.out_dir of --config",
     )
     start.add_argument(
         "--overwrite",
@@ -53,15 +58,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="where to train (auto: CUDA when available)",
     )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic CUDA kernels (exact resume on a GPU; slower; HAT's channel "
+        "attention has none and raises)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace):  # -> Config
+    if args.resume in (None, RESUME_FROM_CONFIG):
+        if args.config is None:
+            raise ValueError("train needs --config FILE (or --resume RUN_DIR)")
+        return load_config(args.config, args.overrides)
+    if args.config is None:
+        return load_run_config(args.resume, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, f"log.out_dir={Path(args.resume)}"])
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     from irformer.engine.distributed import cleanup_distributed, init_distributed
     from irformer.engine.train import TrainState, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args)
+    if args.deterministic:
+        from irformer.engine.runtime import enable_determinism
+
+        enable_determinism()  # before the first CUDA call
     info = init_distributed(None if args.device == "auto" else args.device)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -87,14 +113,14 @@ def run(args: argparse.Namespace) -> int:
         # The analysis probes (issue 5): per-layer magnitude and channel entropy
         # on a fixed batch of training-like patches, into <out_dir>/features.jsonl.
         from irformer.analysis.probes import FEATURES_FILE, FeatureProbe
-        from irformer.analysis.studies import probe_batch_for
+        from irformer.engine.data import probe_batch_for
 
         out_path = Path(cfg.log.out_dir) / FEATURES_FILE
         hooks.append(FeatureProbe(probe_batch_for(cfg), out_path=out_path))
     try:
         state = train(
             cfg,
-            resume=args.resume,
+            resume=args.resume is not None,
             overwrite=args.overwrite,
             progress=progress,
             dist_info=info,
@@ -104,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
         cleanup_distributed()
+    if info.is_main and state.iteration == state.start_iteration and args.resume is not None:
+        return 0  # a finished run: the library said so
     if info.is_main:
         best = f", best PSNR {state.best['psnr']:.3f} dB" if state.best else ""
         logging.getLogger("irformer.train").info(

@@ -20,11 +20,26 @@ Inputs follow the field's conventions:
 * ``dr``: ``rain``/``norain`` pairs.
 * Urban100 for ``dn``/``car`` is split into non-overlapping 256x256 patches
   (remainders dropped), as the i-LN paper does for memory.
+
+Your own test folders (BasicSR's ``dataroot_gt`` / ``dataroot_lq``) are named
+``NAME=HR_DIR[,LR_DIR]`` wherever a benchmark name is accepted (``--bench`` of
+every command, ``val.benchmarks`` of a training config): ``HR_DIR`` holds the
+ground truth, ``LR_DIR`` the degraded inputs paired by file stem (an LR stem
+may end in ``x4``/``_x4``). Without ``LR_DIR`` the inputs are made as for the
+named sets: MATLAB bicubic for ``sr``, the seeded noise / JPEG of ``dn`` /
+``car``; ``dr`` needs ``LR_DIR`` (the rainy images) unless ``HR_DIR`` holds
+``rain``/``norain`` sub-folders. Every table labels the set ``NAME`` (``NAME[:N]``
+takes the first N images, as for the named sets). ``NAME`` may not be a
+registered benchmark's name, so a folder of yours never passes for the
+published set. In a comma-separated list, the item after ``NAME=HR_DIR`` is its
+``LR_DIR`` unless it is a registered benchmark or another ``NAME=...``
+(write ``./DIR`` for a folder named like a benchmark).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,17 +53,27 @@ from irformer.data.datasets import check_pair_sizes, match_pairs, rain_pair_dirs
 from irformer.data.degradations import Degradation, derive_seed, make_degradation, mod_crop
 from irformer.data.io import ChannelMode, image_size, image_to_tensor, list_images, read_image
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "BENCHMARKS",
     "DEFAULT_BENCHMARKS",
+    "DEFAULT_DATA_ROOT",
     "TASK_GROUPS",
     "Benchmark",
     "BenchmarkDataset",
     "BenchmarkImage",
     "BenchmarkSpec",
+    "PairedFolders",
+    "benchmark_label",
+    "benchmark_names",
+    "default_data_root",
     "find_benchmark_dir",
     "get_benchmark",
     "load_benchmark",
+    "parse_paired_folders",
+    "resolve_benchmarks",
+    "split_benchmark_list",
 ]
 
 TASK_GROUPS: dict[str, str] = {"sr": "sr", "dn": "dn", "car": "car", "dr": "derain"}
@@ -59,6 +84,7 @@ CLEAN_SUBDIRS: tuple[str, ...] = ("HR", "GT", "gt", "original")
 
 URBAN_PATCH = 256
 _SUBSET = re.compile(r"(?P<name>.+)\[:(?P<n>\d+)\]")
+_PAIRED = re.compile(r"(?P<name>[^=\[\],]+)(?:\[:(?P<n>\d+)\])?=(?P<hr>[^,]+)(?:,(?P<lr>[^,]+))?")
 
 
 @dataclass(frozen=True)
@@ -101,6 +127,19 @@ DEFAULT_BENCHMARKS: dict[str, tuple[str, ...]] = {
 """Each task's test sets in the order of the i-LN paper's Table 2."""
 
 
+DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
+"""Where the benchmarks are looked for when no data root is given and this folder
+exists (relative to the working directory: a checkout beside the shared data)."""
+
+
+def default_data_root(data_root: str | Path | None) -> Path | None:
+    """``data_root`` if given, else :data:`DEFAULT_DATA_ROOT` when it exists, else None
+    (enough for paired folders, which need no data root)."""
+    if data_root is not None:
+        return Path(data_root)
+    return DEFAULT_DATA_ROOT if DEFAULT_DATA_ROOT.is_dir() else None
+
+
 def get_benchmark(name: str) -> BenchmarkSpec:
     """Look up a benchmark by name or alias, case-insensitively."""
     wanted = name.strip().lower()
@@ -108,6 +147,123 @@ def get_benchmark(name: str) -> BenchmarkSpec:
         if wanted in (n.lower() for n in (spec.name, *spec.aliases)):
             return spec
     raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+
+
+def _is_registered(name: str) -> bool:
+    """Whether ``name`` (or ``name[:N]``) is a registered benchmark or alias."""
+    subset = _SUBSET.fullmatch(name.strip())
+    try:
+        get_benchmark(subset["name"] if subset else name)
+    except KeyError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class PairedFolders:
+    """A test set of your own: ``NAME=HR_DIR[,LR_DIR]`` (see the module docstring)."""
+
+    name: str
+    hr_dir: Path
+    lr_dir: Path | None = None
+    limit: int | None = None
+    """``NAME[:N]=...``: the first N images only."""
+
+
+def parse_paired_folders(text: str) -> PairedFolders | None:
+    """``"mine=data/hr,data/lr"`` -> :class:`PairedFolders`; None for a benchmark name.
+
+    A malformed ``NAME=...`` or a ``NAME`` that is a registered benchmark is an error.
+    """
+    text = text.strip()
+    if "=" not in text:
+        return None
+    match = _PAIRED.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"benchmark {text!r}: expected NAME=HR_DIR or NAME=HR_DIR,LR_DIR "
+            "(your own paired folders) or a benchmark name"
+        )
+    name = match["name"].strip()
+    if _is_registered(name):
+        raise ValueError(
+            f"benchmark {text!r}: {name!r} is the name of a registered benchmark; label your "
+            "folders with another name (or point --data-root / val.root at the set)"
+        )
+    if not name:
+        raise ValueError(f"benchmark {text!r}: the NAME before '=' is empty")
+    lr = match["lr"]
+    return PairedFolders(
+        name,
+        Path(match["hr"].strip()),
+        Path(lr.strip()) if lr and lr.strip() else None,
+        int(match["n"]) if match["n"] else None,
+    )
+
+
+def split_benchmark_list(text: str | Sequence[str]) -> list[str]:
+    """A comma-separated list (or a sequence of such lists) -> one item per test set.
+
+    ``"Set5,mine=hr,lr,B100[:20]"`` -> ``["Set5", "mine=hr,lr", "B100[:20]"]``: the
+    item after ``NAME=HR_DIR`` is its LR folder unless it is a registered benchmark
+    or another ``NAME=...``. A sequence (``val.benchmarks``) is joined first, so a
+    YAML flow list ``[Set5, mine=hr, lr]`` reads the same.
+    """
+    joined = text if isinstance(text, str) else ",".join(text)
+    items: list[str] = []
+    for raw in joined.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        last = items[-1] if items else ""
+        awaits_lr = "=" in last and "," not in last.partition("=")[2]
+        if awaits_lr and "=" not in item and not _is_registered(item):
+            items[-1] = f"{last},{item}"
+        else:
+            items.append(item)
+    return items
+
+
+def benchmark_label(name: str) -> str:
+    """The label results of ``name`` carry: a paired folder's ``NAME`` (``NAME[:N]``),
+    a registered set's canonical name (with its ``[:N]``)."""
+    paired = parse_paired_folders(name)
+    if paired is not None:
+        return paired.name if paired.limit is None else f"{paired.name}[:{paired.limit}]"
+    base, bracket, rest = name.strip().partition("[")
+    return get_benchmark(base).name + bracket + rest
+
+
+def benchmark_names(
+    text: str | Sequence[str] | None, task: str, data_root: str | Path | None
+) -> list[str]:
+    """What ``--bench`` names, canonical (``b100[:20]`` -> ``B100[:20]``; paired folders
+    as given); ``None``: the task's paper sets (:data:`DEFAULT_BENCHMARKS`) present
+    under ``data_root``, each missing one logged. An unknown name is an error."""
+    if text is not None:
+        names = split_benchmark_list(text)
+        if not names:
+            raise ValueError(f"--bench {text!r} names no benchmark")
+        return [name if "=" in name else benchmark_label(name) for name in names]
+    if data_root is None:
+        raise ValueError(
+            f"--data-root is required to find the {task} benchmarks ({DEFAULT_DATA_ROOT} does "
+            "not exist); or name your own folders with --bench NAME=HR_DIR[,LR_DIR]"
+        )
+    found = []
+    for name in DEFAULT_BENCHMARKS[task]:
+        try:
+            find_benchmark_dir(name, data_root, task)
+        except FileNotFoundError:
+            logger.warning("skipping %s: not found under %s", name, data_root)
+            continue
+        found.append(name)
+    if not found:
+        raise FileNotFoundError(
+            f"none of the {task} benchmarks {', '.join(DEFAULT_BENCHMARKS[task])} is under "
+            f"{data_root}"
+        )
+    return found
 
 
 def find_benchmark_dir(name: str, data_root: str | Path, task: str) -> Path:
@@ -254,7 +410,7 @@ class Benchmark(Sequence[BenchmarkImage]):
 
 def load_benchmark(
     name: str,
-    data_root: str | Path,
+    data_root: str | Path | None,
     *,
     task: str,
     scale: int = 1,
@@ -266,8 +422,21 @@ def load_benchmark(
 
     Validates the folder (missing/empty folders, unmatched pairs, GT/LQ size
     mismatches) eagerly, reading only image headers. ``NAME[:N]`` selects the
-    first N images (a quick, clearly labelled subset for slow models).
+    first N images (a quick, clearly labelled subset for slow models);
+    ``NAME=HR_DIR[,LR_DIR]`` is a paired folder of your own (``data_root`` unused,
+    may be None).
     """
+    paired = parse_paired_folders(name)
+    if paired is not None:
+        bench = _load_paired_folders(
+            paired, task=task, scale=scale, sigma=sigma, quality=quality, seed=seed
+        )
+        return bench if paired.limit is None else bench.first(paired.limit)
+    if data_root is None:
+        raise ValueError(
+            f"benchmark {name!r} needs a data root (--data-root / val.root; {DEFAULT_DATA_ROOT} "
+            "does not exist)"
+        )
     subset = _SUBSET.fullmatch(name.strip())
     if subset is not None:
         full = load_benchmark(
@@ -307,7 +476,7 @@ def load_benchmark(
         degradation, settings, scale = None, "rain", 1
     elif task in ("dn", "car"):
         degradation = make_degradation(task, sigma=sigma, quality=quality)
-        settings = f"sigma{sigma:g}" if task == "dn" else f"q{quality}"
+        settings = _level_settings(task, sigma, quality)
         scale = 1
         recipes = []
         for p in list_images(_clean_dir(bench_dir)):
@@ -323,6 +492,27 @@ def load_benchmark(
                     k += 1
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASK_GROUPS)}")
+    return _benchmark(
+        spec, task, recipes, scale, degradation, channels, seed, settings, sigma, quality
+    )
+
+
+def _level_settings(task: str, sigma: float | None, quality: int | None) -> str:
+    return f"sigma{sigma:g}" if task == "dn" else f"q{quality}"
+
+
+def _benchmark(
+    spec: BenchmarkSpec,
+    task: str,
+    recipes: list[_Recipe],
+    scale: int,
+    degradation: Degradation | None,
+    channels: ChannelMode,
+    seed: int,
+    settings: str,
+    sigma: float | None,
+    quality: int | None,
+) -> Benchmark:
     return Benchmark(
         spec,
         task,
@@ -335,6 +525,90 @@ def load_benchmark(
         sigma=sigma if task == "dn" else None,
         quality=quality if task == "car" else None,
     )
+
+
+def _paired_recipes(gt_dir: Path, lq_dir: Path, scale: int) -> list[_Recipe]:
+    pairs = match_pairs(list_images(gt_dir), list_images(lq_dir), scale=scale)
+    for gt, lq in pairs:
+        check_pair_sizes(gt, lq, scale)
+    return [_Recipe(gt.stem, gt, lq) for gt, lq in pairs]
+
+
+def _load_paired_folders(
+    folders: PairedFolders,
+    *,
+    task: str,
+    scale: int,
+    sigma: float | None,
+    quality: int | None,
+    seed: int,
+) -> Benchmark:
+    """Your own ground-truth folder, with its degraded inputs or with inputs made as
+    for the named sets (MATLAB bicubic, seeded noise, JPEG)."""
+    spec = BenchmarkSpec(folders.name, (task,))
+    hr_dir, lr_dir = folders.hr_dir, folders.lr_dir
+    what = f"benchmark {folders.name}"
+    if not hr_dir.is_dir():
+        raise FileNotFoundError(f"{what}: ground-truth folder not found: {hr_dir}")
+    if lr_dir is not None and not lr_dir.is_dir():
+        raise FileNotFoundError(f"{what}: low-quality folder not found: {lr_dir}")
+    degradation: Degradation | None = None
+    if task == "sr":
+        if scale < 2:
+            raise ValueError(f"task 'sr' needs scale >= 2, got {scale}")
+        settings = f"x{scale}"
+    elif task in ("dn", "car"):
+        scale, settings = 1, _level_settings(task, sigma, quality)
+    elif task == "dr":
+        scale, settings = 1, "rain"
+        if lr_dir is None:
+            try:
+                lr_dir, hr_dir = rain_pair_dirs(hr_dir)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{what}: deraining needs the rainy inputs: NAME=CLEAN_DIR,RAINY_DIR "
+                    f"(no rain/norain sub-folders in {hr_dir})"
+                ) from None
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASK_GROUPS)}")
+    if lr_dir is not None:
+        recipes = _paired_recipes(_clean_dir(hr_dir), lr_dir, scale)
+    else:
+        recipes = [_Recipe(p.stem, p) for p in list_images(_clean_dir(hr_dir))]
+        degradation = make_degradation(task, scale=scale, sigma=sigma, quality=quality)
+    return _benchmark(
+        spec, task, recipes, scale, degradation, "rgb", seed, settings, sigma, quality
+    )
+
+
+def resolve_benchmarks(
+    names: str | Sequence[str],
+    data_root: str | Path | None,
+    *,
+    task: str,
+    scale: int = 1,
+    sigma: float | None = None,
+    quality: int | None = None,
+    seed: int = 0,
+) -> list[Benchmark]:
+    """Every test set of a ``--bench`` list or ``val.benchmarks`` (names, ``NAME[:N]``,
+    ``NAME=HR_DIR[,LR_DIR]``), resolved and validated before any image runs: the one
+    resolver behind eval, lowprec, compress, the norm study and training validation."""
+    items = split_benchmark_list(names)
+    if not items:
+        raise ValueError("no benchmarks given")
+    resolved = [
+        load_benchmark(
+            n, data_root, task=task, scale=scale, sigma=sigma, quality=quality, seed=seed
+        )
+        for n in items
+    ]
+    seen: set[str] = set()
+    for bench in resolved:
+        if bench.name in seen:
+            raise ValueError(f"benchmark {bench.name} is named twice; give each set its own name")
+        seen.add(bench.name)
+    return resolved
 
 
 class BenchmarkDataset(Dataset):

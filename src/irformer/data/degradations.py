@@ -31,6 +31,8 @@ from irformer.data.io import to_float32
 
 __all__ = [
     "BicubicDownsample",
+    "BlindGaussianNoise",
+    "BlindJpegCompression",
     "Degradation",
     "GaussianNoise",
     "JpegCompression",
@@ -307,19 +309,89 @@ class JpegCompression:
         return to_float32(jpeg_compress(gt, self.quality))
 
 
+@dataclass(frozen=True)
+class BlindGaussianNoise:
+    """Blind DN degradation: each call draws ``sigma ~ U[sigma_min, sigma_max]`` (0-255 scale).
+
+    One model for every noise level (Restormer's and SCUNet's blind colour
+    denoising train on ``U[0, 50]``). The level is drawn from the item's ``rng``
+    (before the noise itself), so in training it is a function of the sample's
+    position in the stream (:mod:`irformer.engine.data`), like the crop.
+    """
+
+    sigma_min: float
+    sigma_max: float
+    scale: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sigma_min <= self.sigma_max:
+            raise ValueError(
+                f"noise sigma range must satisfy 0 <= min <= max, got "
+                f"[{self.sigma_min}, {self.sigma_max}]"
+            )
+
+    def draw(self, rng: np.random.Generator) -> float:
+        """The noise level of one sample."""
+        return float(rng.uniform(self.sigma_min, self.sigma_max))
+
+    def __call__(self, gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return add_gaussian_noise(gt, self.draw(rng), rng=rng)
+
+
+@dataclass(frozen=True)
+class BlindJpegCompression:
+    """Blind CAR degradation: each call draws an integer quality uniformly in
+    ``[quality_min, quality_max]`` (both included) and applies OpenCV JPEG.
+
+    Drawn from the item's ``rng`` like :class:`BlindGaussianNoise`.
+    """
+
+    quality_min: int
+    quality_max: int
+    scale: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.quality_min <= self.quality_max <= 100:
+            raise ValueError(
+                f"JPEG quality range must satisfy 1 <= min <= max <= 100, got "
+                f"[{self.quality_min}, {self.quality_max}]"
+            )
+
+    def draw(self, rng: np.random.Generator) -> int:
+        """The JPEG quality of one sample."""
+        return int(rng.integers(self.quality_min, self.quality_max + 1))
+
+    def __call__(self, gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return to_float32(jpeg_compress(gt, self.draw(rng)))
+
+
 def make_degradation(
-    task: str, *, scale: int = 1, sigma: float | None = None, quality: int | None = None
+    task: str,
+    *,
+    scale: int = 1,
+    sigma: float | None = None,
+    quality: int | None = None,
+    sigma_range: tuple[float, float] | None = None,
+    quality_range: tuple[int, int] | None = None,
 ) -> Degradation:
-    """The synthetic degradation of a task: ``sr`` (bicubic), ``dn`` (noise), ``car`` (JPEG)."""
+    """The synthetic degradation of a task: ``sr`` (bicubic), ``dn`` (noise), ``car`` (JPEG).
+
+    ``sigma_range`` / ``quality_range`` (``dn`` / ``car``) make it blind: a level
+    drawn per sample instead of the fixed ``sigma`` / ``quality``.
+    """
     if task == "sr":
         if scale < 2:
             raise ValueError(f"task 'sr' needs an integer scale >= 2, got {scale}")
         return BicubicDownsample(int(scale))
     if task == "dn":
+        if sigma_range is not None:
+            return BlindGaussianNoise(float(sigma_range[0]), float(sigma_range[1]))
         if sigma is None:
             raise ValueError("task 'dn' needs a noise sigma (0-255 scale), e.g. 15, 25 or 50")
         return GaussianNoise(float(sigma))
     if task == "car":
+        if quality_range is not None:
+            return BlindJpegCompression(int(quality_range[0]), int(quality_range[1]))
         if quality is None:
             raise ValueError("task 'car' needs a JPEG quality, e.g. 10, 20, 30 or 40")
         return JpegCompression(int(quality))

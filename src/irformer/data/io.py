@@ -45,11 +45,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from irformer.errors import IrformerError, OutputNotWritableError
+from irformer.files import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS_ENV",
+    "READ_SUFFIXES",
     "AlphaDroppedWarning",
     "ChannelMode",
     "ImageReadError",
@@ -57,12 +59,14 @@ __all__ = [
     "OutputExistsError",
     "check_folder_writable",
     "check_writable",
+    "convert_channels",
     "image_size",
     "image_to_tensor",
     "list_images",
     "max_image_pixels",
     "quantize",
     "read_image",
+    "split_alpha",
     "tensor_to_image",
     "to_float32",
     "write_image",
@@ -71,9 +75,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
-"""File suffixes (lower case) that :func:`list_images` and :func:`write_image` accept."""
+"""File suffixes (lower case) that :func:`write_image` writes and :func:`list_images` lists."""
 
-_PIL_FORMATS = frozenset({"PNG", "BMP", "TIFF", "JPEG", "MPO"})
+
+def _pillow_reads_webp() -> bool:
+    from PIL import features
+
+    return bool(features.check("webp"))
+
+
+WEBP_READABLE: bool = _pillow_reads_webp()
+"""Whether this Pillow decodes WebP (built with libwebp): then ``.webp`` files are read
+(never written); else :func:`list_images` names them as skipped."""
+
+READ_SUFFIXES: tuple[str, ...] = IMAGE_SUFFIXES + ((".webp",) if WEBP_READABLE else ())
+"""File suffixes :func:`list_images` lists for reading."""
+
+UNREADABLE_SUFFIXES: tuple[str, ...] = (".gif", ".heic", ".heif", ".avif", ".jxl", ".webp")
+"""Image formats irformer does not read (``.webp`` only without Pillow's WebP support):
+:func:`list_images` names the files it skips."""
+
+_PIL_FORMATS = frozenset(
+    {"PNG", "BMP", "TIFF", "JPEG", "MPO"} | ({"WEBP"} if WEBP_READABLE else set())
+)
 _WRITE_16BIT_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 
 ChannelMode = Literal["rgb", "grey", "keep"]
@@ -108,18 +132,40 @@ def _natural_key(path: Path) -> list[object]:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder`` (suffix in :data:`IMAGE_SUFFIXES`), naturally sorted.
+    """Image files directly inside ``folder`` (suffix in :data:`READ_SUFFIXES`), naturally sorted.
 
     Raises ``FileNotFoundError`` when the folder is missing and ``ValueError``
-    when it holds no images, so a wrong ``--data-root`` fails loudly.
+    when it holds no images, so a wrong ``--data-root`` fails loudly. Files of an
+    image format irformer cannot read (:data:`UNREADABLE_SUFFIXES`) are named in
+    one warning, not skipped silently.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    entries = [p for p in folder.iterdir() if p.is_file()]
+    files = [p for p in entries if p.suffix.lower() in READ_SUFFIXES]
+    skipped = sorted(
+        (p for p in entries if p.suffix.lower() in UNREADABLE_SUFFIXES and p not in files),
+        key=_natural_key,
+    )
+    if skipped:
+        shown = ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        logger.warning(
+            "skipping %d file(s) in %s that irformer cannot read (%s): %s",
+            len(skipped),
+            folder,
+            "; ".join(sorted({_unreadable_reason(p.suffix.lower()) for p in skipped})),
+            shown,
+        )
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in folder {folder}")
+        raise ValueError(f"no images ({', '.join(READ_SUFFIXES)}) found in folder {folder}")
     return sorted(files, key=_natural_key)
+
+
+def _unreadable_reason(suffix: str) -> str:
+    if suffix == ".webp":
+        return "this Pillow was built without WebP support"
+    return f"{suffix} is not supported; convert to PNG"
 
 
 def _check_readable_file(path: Path) -> None:
@@ -189,6 +235,7 @@ def _open_validated(path: Path, data: bytes) -> Image.Image:
     if im.format not in _PIL_FORMATS:
         raise ImageReadError(
             f"unsupported image format {im.format} in {path}; expected PNG, BMP, TIFF or JPEG"
+            + (" or WebP" if WEBP_READABLE else "")
         )
     return im
 
@@ -253,6 +300,22 @@ def _convert_channels(arr: np.ndarray, channels: ChannelMode, path: Path) -> np.
             return arr
         return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)[..., None]
     raise ValueError(f"channels must be 'rgb', 'grey' or 'keep', got {channels!r}")
+
+
+def split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(colour, alpha)`` of an ``(H, W, C)`` image: grey+alpha and RGBA give their last
+    channel as ``(H, W, 1)`` alpha; grey and RGB give ``alpha=None``."""
+    if image.ndim == 3 and image.shape[2] in (2, 4):
+        return image[..., :-1], image[..., -1:]
+    return image, None
+
+
+def convert_channels(
+    image: np.ndarray, channels: ChannelMode, *, source: str | Path = ""
+) -> np.ndarray:
+    """An image read with ``channels="keep"`` converted as :func:`read_image` would
+    (see the module docstring; an alpha channel is dropped with a warning)."""
+    return _convert_channels(image, channels, Path(source))
 
 
 def read_image(path: str | Path, *, channels: ChannelMode = "rgb") -> np.ndarray:
@@ -433,6 +496,6 @@ def write_image(
     ok, buf = cv2.imencode(suffix, np.ascontiguousarray(bgr), params)
     if not ok:
         raise RuntimeError(f"OpenCV failed to encode {path}")
-    path.write_bytes(buf.tobytes())
+    atomic_write(path, buf.tobytes())
     logger.debug("wrote %s", path)
     return path

@@ -6,8 +6,9 @@ exact resume needs: optimiser, scheduler, every RNG state, the data position
 and the iteration. Only tensors and plain containers are stored, so loading
 never unpickles arbitrary objects.
 
-Writes go to a temporary file in the same directory followed by
-``os.replace``: a run killed mid-write leaves the previous checkpoint intact.
+Writes go through :func:`irformer.files.atomic_write` (a temporary file in the
+same directory, then a rename): a run killed mid-write leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from irformer.errors import CheckpointReadError
+from irformer.files import atomic_write
 from irformer.safe_load import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
@@ -45,35 +46,8 @@ def checkpoint_name(iteration: int) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file next to ``path``, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write bytes atomically (same temp-file + rename scheme)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`irformer.files.atomic_write` (complete or not at all)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 # --------------------------------------------------------------------------- RNG

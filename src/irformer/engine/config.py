@@ -18,16 +18,17 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
+from irformer.archs.registry import list_archs, list_presets
 from irformer.errors import IrformerError
+from irformer.norms import NormName
+from irformer.tasks import TASKS, Task
 
-TASKS: tuple[str, ...] = ("sr", "dn", "car", "dr")
-"""Degradation tasks: super-resolution, denoising, JPEG artifact removal, deraining."""
-
-SCHEDULERS: tuple[str, ...] = ("steplr", "multisteplr", "none")
+Scheduler = Literal["steplr", "multisteplr", "none"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 DEFAULT_TRAIN_FOLDERS: tuple[str, ...] = ("datasets/DF2K/HR",)
 """DF2K-style HR folder (DIV2K + Flickr2K HR images in one folder), relative to the
@@ -42,8 +43,9 @@ class ConfigError(IrformerError, ValueError):
 class ModelConfig:
     """Which network to build: ``irformer.archs.build_model(arch, norm=..., upscale=scale)``."""
 
-    arch: str = "swinir_light"
-    norm: str = "ln"
+    arch: str = "swinir_light_x2"
+    """A preset or architecture name of :mod:`irformer.archs` (checked at load)."""
+    norm: NormName = "ln"
     scale: int = 2
     """Upscaling factor of the network (1 for DN/CAR/DR)."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -55,20 +57,29 @@ class DataConfig:
     """Training pairs: HR folders degraded on the fly, or paired LQ/GT folders."""
 
     train: tuple[str, ...] = DEFAULT_TRAIN_FOLDERS
-    """Ground-truth (HR / clean) image folders."""
+    """Ground-truth (HR / clean) image folders, or ``.irpack`` files (``irformer data
+    prepare --pack``)."""
     train_lq: tuple[str, ...] = ()
-    """Paired degraded folders, same file stems as ``train`` (deraining); empty =
-    degrade ``train`` on the fly."""
-    task: str = "sr"
+    """Paired degraded folders (or packs), same file stems as ``train`` (deraining,
+    prepared LR sub-images); empty = degrade ``train`` on the fly."""
+    task: Task = "sr"
     sigma: float = 15.0
-    """Gaussian noise std on the 0-255 scale (``dn``)."""
+    """Gaussian noise std on the 0-255 scale (``dn``); with ``sigma_range`` set, the
+    level used for validation only."""
     quality: int = 40
-    """JPEG quality (``car``)."""
+    """JPEG quality (``car``); with ``quality_range`` set, the validation quality only."""
+    sigma_range: tuple[float, float] | None = None
+    """Blind denoising: ``[min, max]``, each training sample draws its sigma uniformly
+    from it (from the sample's seeded RNG, so resume and DDP stay exact)."""
+    quality_range: tuple[int, int] | None = None
+    """Blind JPEG artifact removal: ``[min, max]``, each training sample draws an
+    integer quality uniformly from it (both ends included)."""
     patch_size: int = 64
     """Ground-truth patch side in pixels (BasicSR's ``gt_size``); the LQ side is
     ``patch_size // scale``."""
     batch_size: int = 16
-    """Per-process batch; the global batch is ``batch_size * world_size``."""
+    """Per-process micro-batch; the global batch is
+    ``batch_size * world_size * train.grad_accum``."""
     workers: int = 2
     grayscale: bool = False
 
@@ -81,12 +92,17 @@ class TrainConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
-    scheduler: str = "steplr"
+    scheduler: Scheduler = "steplr"
     step_size: int = 250_000
     """StepLR period (the paper's "Milestones (K) 250" for StepLR)."""
     milestones: tuple[int, ...] = ()
     """MultiStepLR milestones in iterations."""
     gamma: float = 0.5
+    grad_accum: int = 1
+    """Micro-batches of ``data.batch_size`` whose gradients are summed before each
+    optimiser step (gradient accumulation): fewer GPUs keep the paper's global
+    batch. k micro-batches of B train the model one batch of k*B trains (float
+    rounding aside; not with ``bn``, whose statistics are per micro-batch)."""
     grad_clip: float = 0.0
     """Max global gradient norm; 0 disables clipping (paper Table 7, "GC")."""
     kl_weight: float = 0.0
@@ -115,6 +131,9 @@ class ValConfig:
     every: int = 5000
     """Validate every N iterations; 0 disables validation."""
     benchmarks: tuple[str, ...] = ("Set5",)
+    """Test sets: names (``Set5``, ``B100[:20]``) found under ``root``, or your own
+    paired folders ``NAME=HR_DIR[,LR_DIR]`` (BasicSR's ``dataroot_gt`` / ``dataroot_lq``;
+    LR made with MATLAB bicubic, or the task's noise / JPEG, when absent)."""
     root: str = "../shared/data"
     """Folder holding the benchmark sets (``sr/Set5/HR`` etc.)."""
 
@@ -150,6 +169,11 @@ class Config:
 
 
 def _validate(cfg: Config) -> None:
+    names = [*list_archs(), *list_presets()]
+    if cfg.model.arch not in names:
+        match = difflib.get_close_matches(cfg.model.arch, names, n=1, cutoff=0.6)
+        hint = f"did you mean {match[0]!r}?" if match else "`irformer models list` shows them"
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} is no preset or architecture; {hint}")
     if cfg.data.task not in TASKS:
         raise ConfigError(f"data.task: {cfg.data.task!r} is not one of {', '.join(TASKS)}")
     if cfg.train.scheduler not in SCHEDULERS:
@@ -175,12 +199,14 @@ def _validate(cfg: Config) -> None:
     for key, value in (
         ("train.iters", cfg.train.iters),
         ("data.batch_size", cfg.data.batch_size),
+        ("train.grad_accum", cfg.train.grad_accum),
         ("data.patch_size", cfg.data.patch_size),
         ("log.every", cfg.log.every),
         ("log.keep_last", cfg.log.keep_last),
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    _validate_levels(cfg.data)
     if not 0.0 <= cfg.train.ema < 1.0:
         raise ConfigError(f"train.ema: decay must be in [0, 1), got {cfg.train.ema}")
     _validate_numbers(cfg)
@@ -233,6 +259,28 @@ def _validate_numbers(cfg: Config) -> None:
             raise ConfigError(f"train.milestones[{i}]: must be >= 1, got {milestone}")
 
 
+def _validate_levels(d: DataConfig) -> None:
+    """Blind noise levels and JPEG qualities (ranges), each error naming its key (the
+    fixed ``sigma``/``quality`` are checked with the other numbers)."""
+    if d.sigma_range is not None:
+        if d.task != "dn":
+            raise ConfigError(f"data.sigma_range: only task 'dn' adds noise, task is {d.task!r}")
+        lo, hi = d.sigma_range
+        if not 0 <= lo <= hi:
+            raise ConfigError(
+                f"data.sigma_range: expected [min, max] with 0 <= min <= max, got [{lo}, {hi}]"
+            )
+    if d.quality_range is not None:
+        if d.task != "car":
+            raise ConfigError(f"data.quality_range: only task 'car' compresses, task is {d.task!r}")
+        lo, hi = d.quality_range
+        if not 1 <= lo <= hi <= 100:
+            raise ConfigError(
+                f"data.quality_range: expected [min, max] with 1 <= min <= max <= 100, "
+                f"got [{lo}, {hi}]"
+            )
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -254,6 +302,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        if value in args:
+            return value
+        match = difflib.get_close_matches(
+            str(value).lower(), [str(a) for a in args], n=1, cutoff=0.5
+        )
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
     if origin in (types.UnionType, typing.Union):
         is_null = value is None or (
             isinstance(value, str) and value.lower() in ("none", "null", "~", "")
@@ -271,7 +327,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: cannot convert {value!r}")
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, where)
         if not isinstance(value, list | tuple):
             value = [value]  # a single folder or milestone given without brackets
         if len(args) == 2 and args[1] is Ellipsis:
@@ -281,7 +337,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, where)
         if value is None:
             return {}
         if not isinstance(value, Mapping):
@@ -330,6 +386,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
+def _yaml_value(text: str, where: str) -> Any:
+    """A YAML value given as text (``--set``); unreadable YAML is one line with the fix:
+    the usual cause is a shell splitting ``[a, b]`` at the space or expanding it."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0].strip() if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"{where}: cannot read {text!r} as YAML ({problem}); quote the whole override so "
+            f"the shell passes it as one argument: --set '{where}=[a, b]'"
+        ) from None
+
+
 def _plain(value: Any) -> Any:
     """YAML values inside ``overrides`` dicts: lists become lists, nothing else changes."""
     if isinstance(value, Mapping):
@@ -367,8 +436,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=1e-4"`` -> (["train", "lr"], "1e-4"); the value is typed later."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
+        if text.rstrip().endswith(("]", "}")):
+            raise ConfigError(
+                f"override {text!r}: expected KEY=VALUE; this looks like the end of a list "
+                "the shell split at a space: quote the whole override, "
+                "e.g. --set 'data.train=[a, b]'"
+            )
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
-    return key.strip().split("."), value.strip()
+    value = value.strip()
+    if value.count("[") != value.count("]") or value.count("{") != value.count("}"):
+        raise ConfigError(
+            f"override {text!r}: unbalanced brackets (the shell split the value at a space?); "
+            f"quote the whole override: --set '{key.strip()}=[a, b]'"
+        )
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -387,7 +468,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             last = depth == len(keys) - 1
             if cls is dict:  # inside model.overrides: free-form keys
                 if last:
-                    node[key] = yaml.safe_load(value_text) if value_text else None
+                    node[key] = _yaml_value(value_text, path) if value_text else None
                 else:
                     node = node.setdefault(key, {})
                 continue
@@ -446,3 +527,50 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def dump_config(cfg: Config) -> str:
     """YAML text of a config, sections in declaration order."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and (prefix == "" or value):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def config_differences(
+    before: Config | Mapping[str, Any], after: Config | Mapping[str, Any]
+) -> list[str]:
+    """``["model.overrides.embed_dim: 60 -> 48", ...]``: every dotted key whose value
+    differs between two configs (or their :func:`config_to_dict` forms, e.g. the one a
+    checkpoint stores), in key order. A key one side lacks reads ``(unset)``."""
+    flat = [
+        _flatten(config_to_dict(c) if isinstance(c, Config) else _plain(c)) for c in (before, after)
+    ]
+    missing = "(unset)"
+    lines = []
+    for key in sorted(set(flat[0]) | set(flat[1])):
+        a, b = flat[0].get(key, missing), flat[1].get(key, missing)
+        if a != b:
+            lines.append(f"{key}: {a!r} -> {b!r}")
+    return lines
+
+
+RUN_CONFIG_FILE = "config.yaml"
+"""The config a training run writes into its folder (what ``--resume RUN_DIR`` reads)."""
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config of the run in ``run_dir`` (its ``config.yaml``), with ``overrides``
+    applied and ``log.out_dir`` set to ``run_dir`` (so a moved folder resumes in place)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG_FILE
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume {run_dir}: no such run folder")
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {run_dir}: no {RUN_CONFIG_FILE} in it (not a training run folder); "
+            "pass --config FILE with --resume to continue it with that config"
+        )
+    cfg = load_config(path, overrides)
+    return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, out_dir=str(run_dir)))

@@ -212,8 +212,10 @@ def build_train_dataset(cfg: Config) -> ItemDataset:
 
     ``data.train`` folders are degraded on the fly (``sr``/``dn``/``car``), or
     paired one to one with ``data.train_lq`` folders, or (``dr`` without
-    ``train_lq``) read as ``rain``/``norain`` pair folders. Several folders are
-    concatenated in the order given.
+    ``train_lq``) read as ``rain``/``norain`` pair folders. An entry may also be
+    a ``.irpack`` file (:mod:`irformer.data.packed`, made by ``irformer data
+    prepare --pack``): paired with a ``train_lq`` pack, or degraded on the fly.
+    Several entries are concatenated in the order given.
     """
     from torch.utils.data import ConcatDataset
 
@@ -224,6 +226,9 @@ def build_train_dataset(cfg: Config) -> ItemDataset:
     channels = "grey" if d.grayscale else "rgb"
     parts: list[Dataset] = []
     for i, folder in enumerate(d.train):
+        if _is_pack(folder) or (d.train_lq and _is_pack(d.train_lq[i])):
+            parts.append(_packed_dataset(cfg, i))
+            continue
         if not Path(folder).is_dir():
             raise FileNotFoundError(
                 f"data.train[{i}]: folder {folder} not found (set data.train to your "
@@ -243,10 +248,60 @@ def build_train_dataset(cfg: Config) -> ItemDataset:
         elif d.task == "dr":
             parts.append(RainPairDataset(folder, patch_size=d.patch_size, augment=True))
         else:
-            degradation = make_degradation(d.task, scale=scale, sigma=d.sigma, quality=d.quality)
+            degradation = make_degradation(
+                d.task,
+                scale=scale,
+                sigma=d.sigma,
+                quality=d.quality,
+                sigma_range=d.sigma_range,
+                quality_range=d.quality_range,
+            )
             parts.append(
                 DegradedImageDataset(
                     folder, degradation, patch_size=d.patch_size, augment=True, channels=channels
                 )
             )
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+def _is_pack(path: str) -> bool:
+    from irformer.data.packed import PACK_SUFFIX
+
+    return Path(path).suffix == PACK_SUFFIX
+
+
+def _packed_dataset(cfg: Config, i: int) -> Dataset:
+    """``data.train[i]`` (and ``train_lq[i]``) as packs: paired, or degraded on the fly."""
+    from irformer.data.degradations import make_degradation
+    from irformer.data.packed import PackedDegradedDataset, PackedPairDataset
+
+    d, scale = cfg.data, cfg.model.scale
+    channels = "grey" if d.grayscale else "rgb"
+    gt = d.train[i]
+    if d.train_lq:
+        lq = d.train_lq[i]
+        if not (_is_pack(gt) and _is_pack(lq)):
+            raise ValueError(
+                f"data.train[{i}] = {gt} and data.train_lq[{i}] = {lq}: pair a pack with a "
+                "pack (both .irpack) or a folder with a folder"
+            )
+        return PackedPairDataset(
+            gt, lq, scale=scale, patch_size=d.patch_size, augment=True, channels=channels
+        )
+    if d.task == "dr":
+        raise ValueError(f"data.train[{i}] = {gt}: deraining from a pack needs data.train_lq")
+    degradation = make_degradation(d.task, scale=scale, sigma=d.sigma, quality=d.quality)
+    return PackedDegradedDataset(
+        gt, degradation, patch_size=d.patch_size, augment=True, channels=channels
+    )
+
+
+PROBE_SEED_TAG = 7919
+"""Offset of the probe stream's seed from the training seed (a stream of its own)."""
+
+
+def probe_batch_for(cfg: Config, *, count: int = 4) -> torch.Tensor:
+    """``count`` training-like LQ patches: positions ``0..count-1`` of a separate sample
+    stream (the fixed batch the analysis probes measure during training)."""
+    stream = PositionedDataset(build_train_dataset(cfg), cfg.train.seed + PROBE_SEED_TAG)
+    return torch.stack([stream[k]["lq"] for k in range(count)])

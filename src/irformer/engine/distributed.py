@@ -1,9 +1,12 @@
 """torchrun / DDP plumbing: process-group setup, rank-0 checks, reductions.
 
 Under ``torchrun --nproc_per_node N`` the environment carries ``RANK``,
-``WORLD_SIZE`` and ``LOCAL_RANK``; without them everything here degrades to a
-single process and no process group is created. NCCL is used when the process
-has a GPU, gloo otherwise (CPU training and the 2-process CPU test).
+``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; without them
+everything here degrades to a single process and no process group is created.
+Every torchrun launch joins a process group and trains through DDP, even with
+one process, so ``torchrun --nproc_per_node 1`` on one GPU runs the same NCCL
+code as eight. NCCL is used when the process has a GPU, gloo otherwise (CPU
+training and the 2-process CPU test).
 
 Data sharding is not done with ``DistributedSampler`` but by the trainer's
 sample stream (:mod:`irformer.engine.data`): rank ``r`` takes slice ``r`` of
@@ -35,6 +38,8 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    process_group: bool = False
+    """A process group was joined (every torchrun launch, one process included)."""
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +48,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Collectives and DDP are in use: a process group, or more than one rank."""
+        return self.process_group or self.world_size > 1
 
 
 def _env_int(name: str, default: int) -> int:
@@ -57,10 +63,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
-    """Read torchrun's environment and join the process group if world size > 1.
+    """Read torchrun's environment and join the process group when launched by it.
 
-    ``device``: ``"cpu"``, ``"cuda"`` or None (CUDA when available). Each rank
-    uses GPU ``LOCAL_RANK``.
+    Launched means ``WORLD_SIZE`` > 1, or ``RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` set (torchrun with one process). ``device``: ``"cpu"``,
+    ``"cuda"`` or None (CUDA when available). Each rank uses GPU ``LOCAL_RANK``.
     """
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
@@ -73,13 +80,22 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    launched = world > 1 or all(
+        name in os.environ for name in ("RANK", "MASTER_ADDR", "MASTER_PORT")
+    )
+    if launched and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30)
         )
         logger.info("joined %s process group: rank %d of %d", backend, rank, world)
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+    return DistInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        device=dev,
+        process_group=dist.is_available() and dist.is_initialized(),
+    )
 
 
 def cleanup_distributed() -> None:

@@ -25,33 +25,43 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from irformer.archs import build_model, load_checkpoint_model
-from irformer.data.benchmarks import Benchmark, load_benchmark
+from irformer.archs.zoo import load_model
+from irformer.data.benchmarks import Benchmark, resolve_benchmarks
 from irformer.data.degradations import matlab_imresize
 from irformer.data.io import check_writable, tensor_to_image, write_image
-from irformer.engine.infer import count_nonfinite
+from irformer.engine.infer import PrecisionModel, RestoreOptions, count_nonfinite
+from irformer.engine.precision import (
+    AutocastDtype,
+    Precision,
+    autocast_context,
+    check_precision_options,
+)
 from irformer.errors import DeviceUnavailableError
+from irformer.files import atomic_write
 from irformer.metrics import TASKS, compute_metrics
+from irformer.progress import Progress, report
+from irformer.tasks import check_task, task_from_meta
 
 __all__ = [
+    "BASELINE_NAMES",
     "BenchmarkResult",
     "BicubicModel",
+    "EvalModel",
     "EvaluationResult",
     "ImageResult",
     "eval_task_of",
     "evaluate",
     "evaluate_benchmark",
     "load_model_for_eval",
+    "prepare_eval_model",
     "resolve_device",
     "write_results_csv",
     "write_results_json",
@@ -59,17 +69,24 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CHANNEL_ATTRS = ("in_chans", "in_channels", "num_in_ch")
-_EVAL_TASKS = {"sr": "sr", "denoise": "dn", "jpeg_car": "car", "derain": "dr", "real_sr": "sr"}
 
 
 def eval_task_of(meta: Mapping[str, object]) -> str:
-    """The benchmark task (``sr``/``dn``/``car``/``dr``) of a checkpoint's metadata
-    (whose ``task`` uses the architecture names: ``denoise``, ``jpeg_car``...)."""
-    task = str(meta.get("task", "sr"))
-    return _EVAL_TASKS.get(task, task)
+    """The task (``sr``/``dn``/``car``/``dr``) of a checkpoint's metadata; files of
+    irformer 0.1 used other names (``denoise``...), mapped by :func:`irformer.tasks.check_task`.
+    Metadata without a task: ``sr`` when the model upscales, else an error."""
+    return task_from_meta(meta)
+
+
+BASELINE_NAMES: dict[str, str] = {
+    "sr": "bicubic",
+    "dn": "noisy input",
+    "car": "JPEG input",
+    "dr": "rainy input",
+}
+"""What :class:`BicubicModel` scores for each task, as the tables label its row: the
+bicubic upscaling for SR, the degraded input itself for the scale-1 tasks."""
 
 
 class BicubicModel(nn.Module):
@@ -95,26 +112,76 @@ class BicubicModel(nn.Module):
         return f"upscale={self.upscale}"
 
 
-def load_model_for_eval(spec: str | Path | nn.Module, *, scale: int = 1) -> nn.Module:
-    """Resolve ``--model``: a module (returned as is), ``"bicubic"``, a checkpoint path or a preset.
-
-    Checkpoints load through :func:`irformer.archs.load_checkpoint_model`; other
-    names through :func:`irformer.archs.build_model` (randomly initialised
-    weights, logged as a warning).
-    """
+def load_model_for_eval(
+    spec: str | Path | nn.Module, *, scale: int = 1, random_weights: bool = False
+) -> nn.Module:
+    """Resolve ``--model``: a module (returned as is), ``"bicubic"``, or what
+    :func:`irformer.archs.zoo.resolve_model` accepts (a weights file, a shipped model's
+    name; a preset only with ``random_weights``, as its weights are untrained)."""
     if isinstance(spec, nn.Module):
         return spec
-    text = str(spec)
-    if text.lower() == "bicubic":
+    if str(spec).lower() == "bicubic":
         return BicubicModel(scale)
-    path = Path(text)
-    if path.is_file():
-        return load_checkpoint_model(path)[0]
-    if path.suffix in (".pth", ".pt", ".ckpt", ".safetensors") or "/" in text:
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    model = build_model(text)
-    logger.warning("model %r built from its preset with untrained weights", text)
-    return model
+    loaded = load_model(spec, random_weights=random_weights)
+    if loaded.choice.kind == "preset":
+        logger.warning("model %r built from its preset with untrained (random) weights", str(spec))
+    return loaded.model
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    """A ``--model`` ready for :func:`evaluate`, with the protocol it is scored under."""
+
+    model: nn.Module
+    name: str
+    """Its label in tables: ``bicubic`` / the degraded input, a file stem, a preset."""
+    task: str
+    scale: int
+    """The SR scale (1 for the other tasks)."""
+    is_baseline: bool = False
+    """``bicubic``: the model is the baseline itself (no extra baseline rows)."""
+
+    @property
+    def baseline_name(self) -> str:
+        """The label of the baseline rows of its task (``bicubic``, ``noisy input``...)."""
+        return BASELINE_NAMES[self.task]
+
+
+def prepare_eval_model(
+    spec: str | Path,
+    *,
+    task: str | None = None,
+    scale: int | None = None,
+    random_weights: bool = False,
+) -> EvalModel:
+    """Load ``--model`` once and settle the task and scale: given values, else the
+    model's (a weights file's or shipped model's metadata, a preset's task), else ``sr``.
+    A given task or scale that the model contradicts is an error naming both.
+    ``bicubic`` is the baseline of ``task`` (:data:`BASELINE_NAMES`)."""
+    if task is not None:
+        task = check_task(task, where="--task")
+    if str(spec).lower() == "bicubic":
+        task = task or "sr"
+        if task == "sr" and scale is None:
+            raise ValueError("--task sr needs --scale (2, 3 or 4)")
+        eff = (scale or 1) if task == "sr" else 1
+        return EvalModel(BicubicModel(eff), BASELINE_NAMES[task], task, eff, is_baseline=True)
+    loaded = load_model(
+        spec,
+        task=task,
+        scale=scale if task in (None, "sr") else None,
+        random_weights=random_weights,
+    )
+    if loaded.choice.kind == "preset":
+        logger.warning("model %r built from its preset with untrained (random) weights", str(spec))
+    task = task or loaded.task
+    if task is None:
+        raise ValueError(f"{loaded.description}: the metadata names no task; pass --task")
+    if task == "sr" and loaded.scale < 2:
+        raise ValueError(f"--task sr: {loaded.description} restores at scale {loaded.scale}")
+    if task != "sr" and loaded.scale != 1:
+        raise ValueError(f"--task {task}: {loaded.description} upscales by {loaded.scale}")
+    return EvalModel(loaded.model, loaded.choice.name, task, loaded.scale)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -183,6 +250,7 @@ class EvaluationResult:
     precision: str
     device: str
     benchmarks: tuple[BenchmarkResult, ...] = field(default_factory=tuple)
+    autocast: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -212,17 +280,12 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def _run_model(
-    model: nn.Module, lq: torch.Tensor, device: torch.device, precision: Precision
+    model: nn.Module, lq: torch.Tensor, device: torch.device, autocast: AutocastDtype | None
 ) -> tuple[torch.Tensor, float]:
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
-        if precision != "fp32"
-        else nullcontext()
-    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with autocast:
+    with autocast_context(device, autocast):
         out = model(lq)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -234,23 +297,24 @@ def evaluate_benchmark(
     benchmark: Benchmark,
     *,
     device: torch.device,
-    precision: Precision = "fp32",
+    autocast: AutocastDtype | None = None,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> BenchmarkResult:
     """Run ``model`` over one resolved benchmark and score every image.
 
     Greyscale sets meet a 3-channel model as replicated channels and are
     scored on the channel mean of its output; ``model`` must already be on
-    ``device`` and in eval mode. Runs under ``torch.inference_mode``.
+    ``device``, in eval mode and in the precision wanted (see :func:`evaluate`).
+    Runs under ``torch.inference_mode`` (and ``torch.autocast`` with ``autocast``);
+    ``progress`` hears of every image (:mod:`irformer.progress`).
     """
     want_c = _model_in_channels(model)
     task, scale = benchmark.task, benchmark.scale
     images: list[ImageResult] = []
-    for index in tqdm(
-        range(len(benchmark)), desc=benchmark.name, unit="img", disable=not progress, leave=False
-    ):
+    report(progress, 0, len(benchmark), benchmark.name)
+    for index in range(len(benchmark)):
         item = benchmark[index]
         lq = torch.from_numpy(np.ascontiguousarray(item.lq.transpose(2, 0, 1)))[None]
         data_c = lq.shape[1]
@@ -263,7 +327,7 @@ def evaluate_benchmark(
                     f"{want_c}; evaluate colour models on colour sets"
                 )
         with torch.inference_mode():
-            out, seconds = _run_model(model, lq.contiguous().to(device), device, precision)
+            out, seconds = _run_model(model, lq.contiguous().to(device), device, autocast)
         if out.ndim != 4 or out.shape[0] != 1:
             raise ValueError(f"model output must be (1, C, H, W), got {tuple(out.shape)}")
         nonfinite = count_nonfinite(out).nonfinite_pixels
@@ -288,6 +352,7 @@ def evaluate_benchmark(
                 overwrite=overwrite,
                 protected=benchmark.source_paths(index),
             )
+        report(progress, index + 1, len(benchmark), benchmark.name)
     result = BenchmarkResult(
         benchmark=benchmark.name,
         task=task,
@@ -314,18 +379,20 @@ def evaluate(
     model: nn.Module | str | Path,
     *,
     task: str,
-    benchmarks: Sequence[str],
-    data_root: str | Path,
+    benchmarks: str | Sequence[str],
+    data_root: str | Path | None,
     scale: int = 1,
     sigma: float | None = None,
     quality: int | None = None,
     device: str | torch.device = "auto",
     precision: Precision = "fp32",
+    autocast: AutocastDtype | None = None,
     save_dir: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
-    progress: bool = False,
+    progress: Progress | None = None,
     model_name: str | None = None,
+    random_weights: bool = False,
 ) -> EvaluationResult:
     """Evaluate ``model`` on named ``benchmarks`` for ``task`` (``sr``/``dn``/``car``/``dr``).
 
@@ -333,16 +400,18 @@ def evaluate(
     a module is moved to ``device`` and put in eval mode. All benchmarks are
     resolved (and their folders validated) before the first image runs.
     ``save_dir`` receives ``<benchmark>/<name>.png`` of the uint8 outputs.
+    ``precision`` casts the model's weights and features (a module passed in is
+    cast in place), ``autocast`` runs fp32 weights under ``torch.autocast``
+    (:mod:`irformer.engine.precision`); non-finite outputs are counted per image.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    check_precision_options(precision, autocast)
     if not benchmarks:
         raise ValueError("no benchmarks given")
     eff_scale = scale if task == "sr" else 1
     name = model_name or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
-    net = load_model_for_eval(model, scale=eff_scale)
+    net = load_model_for_eval(model, scale=eff_scale, random_weights=random_weights)
     dev = resolve_device(device)
     net = net.to(dev).eval()
     model_scale = getattr(net, "upscale", None)
@@ -351,19 +420,25 @@ def evaluate(
             f"model {name} upscales by {model_scale} but task {task!r} at scale {eff_scale} "
             f"needs {eff_scale}"
         )
-    resolved = [
-        load_benchmark(
-            b, data_root, task=task, scale=eff_scale, sigma=sigma, quality=quality, seed=seed
-        )
-        for b in benchmarks
-    ]
+    resolved = resolve_benchmarks(
+        benchmarks,
+        data_root,
+        task=task,
+        scale=eff_scale,
+        sigma=sigma,
+        quality=quality,
+        seed=seed,
+    )
+    if precision != "fp32":
+        cast = RestoreOptions(precision=precision, sanitize=False, locate_nonfinite=False)
+        net = PrecisionModel(net, cast)
     results = []
     for bench in resolved:
         res = evaluate_benchmark(
             net,
             bench,
             device=_model_device(net, dev),
-            precision=precision,
+            autocast=autocast,
             save_dir=save_dir,
             overwrite=overwrite,
             progress=progress,
@@ -384,6 +459,7 @@ def evaluate(
         sigma=sigma if task == "dn" else None,
         quality=quality if task == "car" else None,
         precision=precision,
+        autocast=autocast,
         device=str(dev),
         benchmarks=tuple(results),
     )
@@ -404,41 +480,60 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
+def _as_results(
+    results: EvaluationResult | Sequence[EvaluationResult],
+) -> tuple[EvaluationResult, ...]:
+    return (results,) if isinstance(results, EvaluationResult) else tuple(results)
+
+
 def write_results_csv(
-    result: EvaluationResult, path: str | Path, *, overwrite: bool = False
+    result: EvaluationResult | Sequence[EvaluationResult],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """One row per image (columns :data:`CSV_COLUMNS`); PSNR/SSIM at full precision."""
+    """One row per image (columns :data:`CSV_COLUMNS`); PSNR/SSIM at full precision.
+
+    Several results (noise levels, a baseline) go into one file, one after another;
+    the ``model``/``sigma``/``quality`` columns tell their rows apart.
+    """
     path = check_writable(path, overwrite=overwrite)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for bench in result.benchmarks:
-        for img in bench.images:
-            writer.writerow(
-                {
-                    "model": result.model,
-                    "task": result.task,
-                    "scale": result.scale,
-                    "sigma": "" if result.sigma is None else result.sigma,
-                    "quality": "" if result.quality is None else result.quality,
-                    "benchmark": img.benchmark,
-                    "name": img.name,
-                    "psnr": repr(img.psnr),
-                    "ssim": repr(img.ssim),
-                    "seconds": f"{img.seconds:.6f}",
-                    "nonfinite_pixels": img.nonfinite_pixels,
-                }
-            )
-    path.write_text(buf.getvalue())
+    for res in _as_results(result):
+        for bench in res.benchmarks:
+            for img in bench.images:
+                writer.writerow(
+                    {
+                        "model": res.model,
+                        "task": res.task,
+                        "scale": res.scale,
+                        "sigma": "" if res.sigma is None else res.sigma,
+                        "quality": "" if res.quality is None else res.quality,
+                        "benchmark": img.benchmark,
+                        "name": img.name,
+                        "psnr": repr(img.psnr),
+                        "ssim": repr(img.ssim),
+                        "seconds": f"{img.seconds:.6f}",
+                        "nonfinite_pixels": img.nonfinite_pixels,
+                    }
+                )
+    atomic_write(path, buf.getvalue())
     return path
 
 
 def write_results_json(
-    result: EvaluationResult, path: str | Path, *, overwrite: bool = False
+    result: EvaluationResult | Sequence[EvaluationResult],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """The whole result (settings, per-set means, per-image scores) as JSON.
 
-    Infinite PSNR (identical images) is written as the string ``"inf"``.
+    One result is one JSON object; a sequence (several noise levels or JPEG
+    qualities, a baseline) is a JSON list of such objects. Infinite PSNR
+    (identical images) is written as the string ``"inf"``.
     """
     path = check_writable(path, overwrite=overwrite)
 
@@ -451,5 +546,9 @@ def write_results_json(
             return [clean(v) for v in obj]
         return obj
 
-    path.write_text(json.dumps(clean(result.to_dict()), indent=2) + "\n")
+    if isinstance(result, EvaluationResult):
+        data: Any = result.to_dict()
+    else:
+        data = [r.to_dict() for r in result]
+    atomic_write(path, json.dumps(clean(data), indent=2) + "\n")
     return path

@@ -5,7 +5,7 @@ feature magnitudes far beyond it (the i-LN paper, Sec. 3.4), and an fp16 run,
 cast or under CUDA autocast, then fills the output with NaN/inf "black dots";
 i-LN keeps features bounded. This module measures ``max |x|`` over every
 module's output on a probe batch in fp32
-(:func:`irformer.engine.lowprec.feature_magnitudes`) and calls the model
+(:func:`irformer.analysis.magnitudes.feature_magnitudes`) and calls the model
 fp16-safe when the largest stays below ``65504 / safety`` (default safety 4:
 the probe need not hold the image with the largest features).
 
@@ -17,10 +17,12 @@ the probe need not hold the image with the largest features).
   can be re-measured anywhere without the benchmark data.
 * :func:`resolve_fp16_precision`: what an fp16 run does with an unsafe model:
   refuse (:class:`Fp16UnsafeError`, naming the layer) or fall back to bf16
-  (same exponent range as fp32) with a warning naming the layer.
+  (same exponent range as fp32) with a warning naming the layer;
+  :func:`resolve_fp16_options` applies it to a ``(precision, autocast)`` pair
+  (:mod:`irformer.engine.precision`): fp16 weights and fp16 autocast -- the
+  usual CUDA path -- overflow alike, so both are checked.
 
-(The magnitude functions live in :mod:`irformer.engine.lowprec`; the lead's
-redesign moves them to ``irformer.analysis.magnitudes``.)
+(The magnitude functions live in :mod:`irformer.analysis.magnitudes`.)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from irformer.engine.lowprec import (
+from irformer.analysis.magnitudes import (
     DEFAULT_SAFETY,
     FP16_MAX,
     Fp16OverflowWarning,
@@ -51,6 +53,7 @@ __all__ = [
     "Fp16UnsafeError",
     "default_fp16_probe",
     "measure_fp16_safety",
+    "resolve_fp16_options",
     "resolve_fp16_precision",
 ]
 
@@ -176,7 +179,7 @@ def resolve_fp16_precision(
 
     An unsafe model raises :class:`Fp16UnsafeError` (``on_unsafe="refuse"``),
     returns ``("bf16", verdict)`` after a warning (``"bf16"``) or ``("fp16",
-    verdict)`` after an :class:`~irformer.engine.lowprec.Fp16OverflowWarning`
+    verdict)`` after an :class:`~irformer.analysis.magnitudes.Fp16OverflowWarning`
     (``"run"``); each names the layer where the margin is first exceeded.
     """
     if on_unsafe not in FP16_UNSAFE_ACTIONS:
@@ -197,3 +200,26 @@ def resolve_fp16_precision(
         return "fp16", verdict
     logger.warning("%s; running in bf16 instead (same range as fp32)", detail)
     return "bf16", verdict
+
+
+def resolve_fp16_options(
+    model: nn.Module,
+    precision: str,
+    autocast: str | None,
+    *,
+    probe: Tensor | None = None,
+    on_unsafe: Fp16UnsafeAction = "refuse",
+    safety: float = DEFAULT_SAFETY,
+) -> tuple[str, str | None]:
+    """``(precision, autocast)`` to run with: unchanged unless one of them is fp16.
+
+    Then the model is measured (:func:`resolve_fp16_precision`): safe models keep
+    fp16; unsafe ones raise :class:`Fp16UnsafeError`, or run the same option in
+    bf16 (``on_unsafe="bf16"``), or in fp16 after a warning (``"run"``).
+    """
+    if "fp16" not in (precision, autocast):
+        return precision, autocast
+    chosen, _ = resolve_fp16_precision(model, probe, on_unsafe=on_unsafe, safety=safety)
+    if chosen == "fp16":
+        return precision, autocast
+    return ("bf16", autocast) if precision == "fp16" else (precision, "bf16")

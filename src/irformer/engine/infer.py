@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,12 +35,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from irformer.engine.memory import MemoryBudgetError, default_budget, plan_restore
+from irformer.engine.precision import (
+    AutocastDtype,
+    Precision,
+    autocast_context,
+    check_precision_options,
+    model_dtype,
+    precision_dtype,
+    prepare_model_for_precision,
+)
 from irformer.execution import execution_context
+from irformer.progress import Progress
+from irformer.progress import report as report_progress
 
 __all__ = [
-    "PRECISIONS",
+    "AlphaMode",
     "NonFiniteReport",
-    "Precision",
     "PrecisionModel",
     "RestoreFailure",
     "RestoreOptions",
@@ -52,73 +63,24 @@ __all__ = [
     "forward_tiled",
     "is_complete_output",
     "locate_first_nonfinite",
-    "model_dtype",
     "plan_outputs",
-    "precision_dtype",
-    "prepare_model_for_precision",
     "restore_files",
     "restore_tensor",
     "run_with_precision",
     "self_ensemble",
+    "tiling_note",
 ]
 
 logger = logging.getLogger(__name__)
-
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
 
 DEFAULT_WINDOWS_PER_CHUNK = 256
 """Windows per attention chunk in the exact path: 256 windows of 8x8 tokens are
 16k tokens, a few MB of scores per head, while keeping the GEMMs large."""
 
 Blend = Literal["mean", "ramp"]
+AlphaMode = Literal["keep", "drop"]
+"""What :func:`restore_files` does with an alpha channel (see there)."""
 ModelFn = Callable[[Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------- precision
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    """``fp32|bf16|fp16`` -> torch dtype; unknown names raise ``ValueError``."""
-    try:
-        return _DTYPES[precision]
-    except KeyError:
-        raise ValueError(
-            f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
-        ) from None
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (fp32 if it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def prepare_model_for_precision(
-    model: nn.Module, precision: str, *, channels_last: bool = True
-) -> nn.Module:
-    """Cast weights and buffers to ``precision`` in place, eval mode; returns ``model``.
-
-    Features follow the weights (the input is cast in :func:`run_with_precision`);
-    i-LN's holistic statistics are still computed in fp32 by
-    :func:`irformer.norms.holistic_stats`, and attention masks are cast per call.
-    Conv weights go channels-last, matching the channels-last feature maps of
-    the Swin models, so oneDNN needs no layout reorders (fastest bf16 on CPU).
-    Copy the model first (``copy.deepcopy``) to keep an fp32 original.
-    """
-    dtype = precision_dtype(precision)
-    model.eval()
-    model.to(dtype=dtype)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
 
 
 @dataclass(frozen=True)
@@ -364,13 +326,16 @@ class RestoreOptions:
     chunk_tokens: int | None = None
     ensemble: bool = False
     precision: Precision = "fp32"
+    """Cast weights and features to this dtype (:mod:`irformer.engine.precision`)."""
+    autocast: AutocastDtype | None = None
+    """Run fp32 weights under ``torch.autocast`` in this dtype (precision must be fp32)."""
     locate_nonfinite: bool = True
     """Re-run with hooks to name the first non-finite layer when the output has NaN/inf."""
     sanitize: bool = True
     """Return NaN as 0 and +-inf as 1/0 (the black dots), counted in the report."""
 
     def __post_init__(self) -> None:
-        precision_dtype(self.precision)
+        check_precision_options(self.precision, self.autocast)
         if self.tile is not None and self.chunk_windows is not None:
             raise ValueError(
                 f"choose tiling (tile={self.tile}) or the exact chunked path "
@@ -403,7 +368,7 @@ def restore_tensor(
 
     The model is cast to ``options.precision`` in place (a no-op when it already
     is; see :func:`prepare_model_for_precision`) and ``x`` is moved to the
-    model's device and dtype.
+    model's device and dtype; ``options.autocast`` runs it under ``torch.autocast``.
     """
     options = options or RestoreOptions()
     dtype = precision_dtype(options.precision)
@@ -413,7 +378,12 @@ def restore_tensor(
     device = next((p.device for p in model.parameters()), x.device)
     x = x.to(device=device, dtype=dtype)
     single = _single_pass(model, options)
-    fn: ModelFn = (lambda t: self_ensemble(single, t)) if options.ensemble else single
+    ensembled: ModelFn = (lambda t: self_ensemble(single, t)) if options.ensemble else single
+
+    def fn(t: Tensor) -> Tensor:
+        with autocast_context(device, options.autocast):
+            return ensembled(t)
+
     with torch.no_grad():
         out = fn(x).float()
     report = count_nonfinite(out)
@@ -427,7 +397,7 @@ def restore_tensor(
                     report.total_pixels,
                     *located,
                 )
-        logger.warning("%s: %s", options.precision, report.summary())
+        logger.warning("%s: %s", options.autocast or options.precision, report.summary())
         if options.sanitize:
             out = torch.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
     return out, report
@@ -443,6 +413,7 @@ def run_with_precision(
     chunk_windows: int | None = None,
     ensemble: bool = False,
     sanitize: bool = True,
+    autocast: AutocastDtype | None = None,
 ) -> tuple[Tensor, NonFiniteReport]:
     """:func:`restore_tensor` with the precision and path as keyword arguments.
 
@@ -455,6 +426,7 @@ def run_with_precision(
         chunk_windows=chunk_windows,
         ensemble=ensemble,
         precision=precision,  # type: ignore[arg-type]
+        autocast=autocast,
         sanitize=sanitize,
     )
     return restore_tensor(model, x, options)
@@ -516,11 +488,26 @@ def plan_outputs(
 
     if ext is not None and ext.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"output extension {ext!r}: expected one of {', '.join(IMAGE_SUFFIXES)}")
+    if ext is None:  # the input's own suffix: irformer must be able to write it
+        unwritable = sorted(
+            {Path(i).suffix.lower() for i in inputs if Path(i).is_file()} - set(IMAGE_SUFFIXES)
+        )
+        if unwritable:
+            raise ValueError(
+                f"cannot write {', '.join(unwritable)} files (keeping the input's suffix); "
+                f"choose an output suffix, e.g. --ext .png"
+            )
     sources: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            sources.extend(list_images(path))
+            listed = list_images(path)
+            if ext is None and any(p.suffix.lower() not in IMAGE_SUFFIXES for p in listed):
+                raise ValueError(
+                    f"{path} holds images irformer reads but cannot write in their own format "
+                    "(.webp); choose an output suffix, e.g. --ext .png"
+                )
+            sources.extend(listed)
         elif path.is_file():
             sources.append(path)
         else:
@@ -546,7 +533,8 @@ def plan_outputs(
 
 @dataclass(frozen=True)
 class RestoreFailure:
-    """An input :func:`restore_files` could not read (it went on with the others)."""
+    """An input :func:`restore_files` could not read or fit in memory (it went on with the
+    others)."""
 
     source: Path
     output: Path
@@ -561,6 +549,9 @@ class RestoreResult:
     skipped: list[tuple[Path, Path]]
     """``(source, output)`` pairs whose complete output already existed (``skip_existing``)."""
     failed: list[RestoreFailure]
+    alpha_dropped: list[Path] = field(default_factory=list)
+    """Inputs whose alpha channel is not in the output (``alpha="drop"``, or an output
+    format without alpha such as JPEG)."""
 
     @property
     def ok(self) -> bool:
@@ -596,8 +587,11 @@ def restore_files(
     skip_existing: bool = False,
     ext: str | None = ".png",
     guard: bool = True,
+    alpha: AlphaMode = "keep",
     on_done: Callable[[RestoredFile], None] | None = None,
     on_error: Callable[[RestoreFailure], None] | None = None,
+    progress: Progress | None = None,
+    max_memory: int | Literal["default"] | None = "default",
     fp16_unsafe: str = "refuse",
 ) -> RestoreResult:
     """Restore image files and folders into ``out_dir``, one image at a time.
@@ -612,24 +606,51 @@ def restore_files(
     image (or an RGB one with three equal channels) meeting a 3-channel model
     is replicated in and averaged out, so grey stays grey. For fp16, ``guard``
     first measures feature magnitudes on a 64x64 crop of the first readable
-    image in fp32; where they exceed fp16's safe margin it refuses
-    (:class:`irformer.engine.fp16.Fp16UnsafeError`, naming the layer) or, with
-    ``fp16_unsafe="bf16"``, runs in bf16 instead
-    (:func:`irformer.engine.fp16.resolve_fp16_precision`). ``on_done`` is called
-    after each image (progress display).
+    image in fp32 (``precision`` or ``autocast`` fp16); where they exceed fp16's
+    safe margin it refuses (:class:`irformer.engine.fp16.Fp16UnsafeError`, naming
+    the layer) or, with ``fp16_unsafe="bf16"``, runs in bf16 instead
+    (:func:`irformer.engine.fp16.resolve_fp16_options`). ``on_done`` is called
+    after each image, ``progress`` (:mod:`irformer.progress`) before the first and
+    after each.
+
+    Memory: each image's path is planned within ``max_memory`` bytes
+    (:func:`irformer.engine.memory.plan_restore`; ``"default"``: half the memory
+    available, None: no limit). A path set in ``options`` (tile or exact) is
+    kept and an image it would not fit is refused like an unreadable one (named
+    at the end, with the estimates and the options that would fit); otherwise
+    the planner picks plain, exact or (for per-token norms) tiled.
+
+    Alpha channels (``alpha``): ``"keep"`` (default) restores the colour channels with
+    the model and resizes the alpha channel by the model's scale with MATLAB bicubic
+    (:func:`~irformer.data.degradations.matlab_imresize`, rounded and clipped), as the
+    bicubic baseline upscales an image; ``"drop"`` writes colour only. Inputs whose
+    alpha is not written (``drop``, or a JPEG output) are listed in
+    :attr:`RestoreResult.alpha_dropped` and named in one warning. Tiling a model that
+    normalises with whole-image statistics (i-LN, LN*, InstanceNorm) on request
+    (``options.tile``) logs one warning: each tile is normalised with its own
+    statistics; ``chunk_windows`` (the exact path) is the bounded-memory way that keeps
+    the model's output.
     """
     from irformer.data.io import (
+        ChannelMode,
         ImageReadError,
         check_folder_writable,
         check_writable,
+        convert_channels,
         image_to_tensor,
         read_image,
+        split_alpha,
         write_image,
     )
 
     if overwrite and skip_existing:
         raise ValueError("overwrite and skip_existing contradict each other: pick one")
+    if alpha not in ("keep", "drop"):
+        raise ValueError(f"alpha must be 'keep' or 'drop', got {alpha!r}")
     options = options or RestoreOptions()
+    note = tiling_note(model, options)
+    if note is not None:
+        logger.warning("%s", note)
     pairs = plan_outputs(inputs, out_dir, ext=ext)
     protected = [source for source, _ in pairs]
     check_folder_writable(out_dir)
@@ -648,8 +669,12 @@ def restore_files(
         check_writable(output, overwrite=overwrite or redo, protected=protected)
         pending.append((source, output, redo))
     in_chans = getattr(model, "in_chans", 3)
-    channels = "grey" if in_chans == 1 else "rgb"
+    channels: ChannelMode = "grey" if in_chans == 1 else "rgb"
     result = RestoreResult(restored=[], skipped=skipped, failed=[])
+
+    def read(source: Path) -> tuple[np.ndarray, np.ndarray | None]:
+        colour, alpha_channel = split_alpha(read_image(source, channels="keep"))
+        return convert_channels(colour, channels, source=source), alpha_channel
 
     def fail(source: Path, output: Path, exc: Exception) -> None:
         failure = RestoreFailure(source, output, str(exc))
@@ -659,40 +684,60 @@ def restore_files(
             on_error(failure)
 
     unreadable = (ImageReadError, OSError)
-    if options.precision == "fp16" and guard:
-        from irformer.engine.fp16 import resolve_fp16_precision
+    if "fp16" in (options.precision, options.autocast) and guard:
+        from irformer.engine.fp16 import resolve_fp16_options
 
         for source, _, _ in pending:
             try:
-                image = read_image(source, channels=channels)
+                image, _ = read(source)
             except unreadable:
                 continue  # reported when its turn comes
             probe = image_to_tensor(_centre_crop(image, 64))
-            precision, _ = resolve_fp16_precision(
+            precision, autocast = resolve_fp16_options(
                 model,
-                probe[None],
+                options.precision,
+                options.autocast,
+                probe=probe[None],
                 on_unsafe=fp16_unsafe,  # type: ignore[arg-type]
             )
-            if precision != options.precision:
-                options = dataclasses.replace(options, precision=precision)  # type: ignore[arg-type]
+            options = dataclasses.replace(options, precision=precision, autocast=autocast)  # type: ignore[arg-type]
             break
     prepare_model_for_precision(model, options.precision)
-    for source, output, redo in pending:
+    budget = default_budget() if max_memory == "default" else max_memory
+    explicit = options.tile is not None or options.chunk_windows is not None
+    report_progress(progress, 0, len(pending), "restore")
+    for done_count, (source, output, redo) in enumerate(pending, 1):
         try:
-            image = read_image(source, channels=channels)
+            image, alpha_channel = read(source)
         except unreadable as exc:
             fail(source, output, exc)
+            report_progress(progress, done_count, len(pending), "restore")
             continue
+        run_options = options
+        if budget is not None:
+            try:
+                run_options = plan_restore(
+                    model, image.shape[:2], options, max_memory=budget, explicit=explicit
+                )
+            except MemoryBudgetError as exc:
+                fail(source, output, exc)
+                report_progress(progress, done_count, len(pending), "restore")
+                continue
         grey = image.shape[2] == 3 and bool(
             np.array_equal(image[..., 0], image[..., 1])
             and np.array_equal(image[..., 0], image[..., 2])
         )
         start = time.perf_counter()
-        out, report = restore_tensor(model, image_to_tensor(image)[None], options)
+        out, report = restore_tensor(model, image_to_tensor(image)[None], run_options)
         seconds = time.perf_counter() - start
         if grey:
             out = out.mean(dim=1, keepdim=True)
         restored = _to_image(out, image.dtype)
+        if alpha_channel is not None:
+            if alpha == "keep" and output.suffix.lower() not in (".jpg", ".jpeg"):
+                restored = _with_alpha(restored, alpha_channel)
+            else:
+                result.alpha_dropped.append(source)
         write_image(output, restored, overwrite=overwrite or redo, protected=protected)
         done = RestoredFile(
             source=source,
@@ -702,11 +747,54 @@ def restore_files(
             seconds=seconds,
             report=report,
         )
-        logger.info("%s -> %s (%.2f s; %s)", source, output, seconds, report.summary())
+        # Debug only: the caller reports each image (on_done), so it is reported once.
+        logger.debug("%s -> %s (%.2f s; %s)", source, output, seconds, report.summary())
         result.restored.append(done)
         if on_done is not None:
             on_done(done)
+        report_progress(progress, done_count, len(pending), "restore")
+    if result.alpha_dropped:
+        first = result.alpha_dropped[0]
+        more = f" and {len(result.alpha_dropped) - 1} more" if len(result.alpha_dropped) > 1 else ""
+        reason = "alpha='drop'" if alpha == "drop" else "the output format has no alpha"
+        logger.warning("alpha channel not written (%s) for %s%s", reason, first, more)
     return result
+
+
+def tiling_note(model: nn.Module, options: RestoreOptions) -> str | None:
+    """The warning that tiled inference of ``model`` is not its output (None when
+    ``options`` do not tile or the model's norms are per token)."""
+    if options.tile is None:
+        return None
+    from irformer.norms import image_statistics_norms
+
+    # A model without norm modules (an ONNX file: OnnxRuntimeModel) names its own.
+    norms = image_statistics_norms(model) or list(getattr(model, "image_statistics_norms", ()))
+    if not norms:
+        return None
+    return (
+        f"tiling a model with whole-image normalisation ({', '.join(norms)}): each "
+        f"{options.tile}px tile is normalised with its own statistics, so tiles disagree "
+        "with the whole image and may leave seams; --exact-chunk K gives the model's own "
+        "output in bounded memory"
+    )
+
+
+def _with_alpha(restored: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``restored`` (H, W, 1|3) with ``alpha`` (h, w, 1) resized to (H, W) by MATLAB
+    bicubic (``imresize`` on the integer image: rounded and clipped as MATLAB does);
+    grey becomes RGB (no grey+alpha output format is written)."""
+    from irformer.data.degradations import matlab_imresize
+    from irformer.data.io import quantize, to_float32
+
+    h, w = restored.shape[:2]
+    resized = alpha
+    if alpha.shape[:2] != (h, w):
+        resized = np.asarray(matlab_imresize(alpha[..., 0], size=(h, w)))[..., None]
+    if resized.dtype != restored.dtype:
+        resized = quantize(to_float32(resized), restored.dtype.type)
+    colour = np.repeat(restored, 3, axis=2) if restored.shape[2] == 1 else restored
+    return np.concatenate([colour, resized], axis=2)
 
 
 def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:

@@ -1,11 +1,11 @@
-"""Process-level CPU runtime settings: keep freed tensor memory mapped.
+"""Process-level runtime settings: keep freed tensor memory mapped; deterministic kernels.
 
 glibc returns every freed block above its mmap threshold (at most 32 MB) to the
 kernel and trims the heap top eagerly, so a multi-MB activation allocated again
-on the next layer page-faults on every 4 KB page it touches. On this kind of CPU
-that made i-LN's normalisation of a 128x128 SwinIR feature map ~15x slower than
-its arithmetic (4 ms instead of 0.26 ms), and it taxes every large elementwise
-op in inference, training and fake quantisation alike. PyTorch's documentation
+on the next layer page-faults on every 4 KB page it touches, which can cost
+more than the arithmetic of a large elementwise op (i-LN's normalisation of a
+feature map is the measured case, BENCHMARKS.md) in inference, training and
+fake quantisation alike. PyTorch's documentation
 suggests swapping the allocator (jemalloc/tcmalloc via ``LD_PRELOAD``); raising
 glibc's thresholds with ``mallopt`` gets the same effect without a dependency.
 
@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 
-__all__ = ["tune_cpu_allocator"]
+__all__ = ["CUBLAS_WORKSPACE", "enable_determinism", "tune_cpu_allocator"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +58,26 @@ def tune_cpu_allocator() -> bool:
     if not ok:
         logger.debug("mallopt refused the allocator thresholds; keeping glibc's defaults")
     return ok
+
+
+CUBLAS_WORKSPACE = ":4096:8"
+"""cuBLAS workspace setting that makes its GEMMs deterministic (CUDA >= 10.2; see
+PyTorch's reproducibility notes)."""
+
+
+def enable_determinism() -> None:
+    """Make CUDA training bit-reproducible: deterministic kernels, no cuDNN autotuning.
+
+    On the CPU the trainer is deterministic already; on a GPU some backward
+    kernels add with atomics in a varying order, so an exact resume (same losses
+    bit for bit) needs this. Call it before the first CUDA operation (the cuBLAS
+    workspace variable is read when its handle is created). An op without a
+    deterministic CUDA kernel then raises instead of drifting silently: HAT's
+    channel attention (``adaptive_avg_pool2d`` backward) is one, in torch 2.x.
+    """
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

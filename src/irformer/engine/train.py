@@ -13,8 +13,11 @@ Guarantees:
   state, the optimiser, scheduler and EMA are checkpointed; validation and
   hooks run with the RNGs saved and restored. A killed run resumed from its
   last checkpoint reproduces the uninterrupted run's losses bit for bit (CPU).
-* **DDP = big batch.** N ranks with batch B see the samples of one process
-  with batch N*B and average gradients, so they train the same model.
+* **DDP = big batch = accumulation.** N ranks with batch B see the samples of
+  one process with batch N*B and average gradients, so they train the same
+  model; ``train.grad_accum = k`` sums the gradients of k micro-batches per
+  step, so N ranks x k micro-batches of B train the model one process with
+  batch N*k*B trains (float rounding aside).
 * **Non-finite loss stops the run** before the optimiser step, naming the
   iteration and the last good checkpoint (never overwritten afterwards).
   Weights (and EMA) are checked for NaN/inf before every checkpoint and every
@@ -31,6 +34,7 @@ iterations on rank 0) are where :mod:`irformer.analysis` probes attach.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -44,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 import irformer
@@ -60,7 +65,13 @@ from irformer.engine.checkpoint import (
     set_aside,
     set_rng_state,
 )
-from irformer.engine.config import Config, config_to_dict, dump_config
+from irformer.engine.config import (
+    RUN_CONFIG_FILE,
+    Config,
+    config_differences,
+    config_to_dict,
+    dump_config,
+)
 from irformer.engine.data import ItemDataset, build_train_dataset, make_loader
 from irformer.engine.distributed import (
     DistInfo,
@@ -72,6 +83,7 @@ from irformer.engine.distributed import (
     wrap_ddp,
 )
 from irformer.errors import CheckpointReadError, IrformerError, RunExistsError
+from irformer.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -151,15 +163,28 @@ def train(
     same loop. ``progress(state)`` is called after every iteration on rank 0
     (the CLI draws its progress bar there). ``log.out_dir`` holding an earlier
     run is an error (:class:`~irformer.errors.RunExistsError`) unless
-    ``resume`` or ``overwrite`` (see :func:`prepare_run_dir`).
+    ``resume`` or ``overwrite`` (see :func:`prepare_run_dir`). Resuming a run whose
+    newest checkpoint has reached ``train.iters`` logs that it is finished and returns
+    its state without training (``state.iteration == state.start_iteration``).
     """
     info = dist_info or init_distributed(device)
     run_dir = Path(cfg.log.out_dir)
     tc = cfg.train
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, info=info)
 
+    # Where to start: a checkpoint of this run (found first: a finished run needs no data).
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path: Path | None = None
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        ckpt_path, ckpt = find_resume_checkpoint(ckpt_dir, info)
+        if ckpt_path is None:
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+    finished = ckpt is not None and int(ckpt["iteration"]) >= tc.iters
+
     # Data first: a wrong folder should fail before a large model is built.
-    if train_set is None:
+    if train_set is None and not finished:
         train_set = build_train_dataset(cfg)
 
     # Model: seeded so that every fresh run with this seed starts identically.
@@ -174,18 +199,22 @@ def train(
     scheduler = build_scheduler(optimizer, cfg)
     state = TrainState(cfg, model, ema_model, optimizer, scheduler, run_dir, info)
 
-    # Where to start: a checkpoint of this run, a warm start, or scratch.
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path: Path | None = None
     resumed_rng: Any = None
-    if resume:
-        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        ckpt_path, ckpt = find_resume_checkpoint(ckpt_dir, info)
-        if ckpt_path is None:
-            logger.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-        else:
-            resumed_rng = restore_checkpoint(state, ckpt)
-            logger.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
+    if ckpt_path is not None and ckpt is not None:
+        resumed_rng = restore_checkpoint(state, ckpt, source=ckpt_path)
+        if finished:
+            logger.info(
+                "%s is finished (iteration %d of %d, %s); nothing to do. To train longer, "
+                "resume with --set train.iters=N (N > %d)",
+                run_dir,
+                state.iteration,
+                tc.iters,
+                ckpt_path.name,
+                state.iteration,
+            )
+            state.start_iteration = state.iteration
+            return state
+        logger.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
     if ckpt_path is None and tc.warm_start:
         warm_start(
             model,
@@ -198,11 +227,11 @@ def train(
     state.start_iteration = state.iteration
 
     # Data: an endless stream positioned after the samples already consumed.
-    global_batch = cfg.data.batch_size * info.world_size
+    assert train_set is not None
     loader = make_loader(
         train_set,
         seed=tc.seed,
-        start=state.iteration * global_batch,
+        start=state.iteration * samples_per_iteration(cfg, info),
         batch_size=cfg.data.batch_size,
         rank=info.rank,
         world_size=info.world_size,
@@ -214,7 +243,7 @@ def train(
         validator = default_validator(cfg, info.device)
 
     if info.is_main:
-        write_run_config(cfg, run_dir)
+        write_run_config(cfg, run_dir, differences_logged=ckpt is not None and "config" in ckpt)
         state.metrics_log = MetricsLog(run_dir, cfg, truncate_after=state.iteration)
     net = wrap_ddp(model, info)
     feature_taps = FeatureTaps(model) if tc.kl_weight > 0 else None
@@ -230,25 +259,36 @@ def train(
     it_last = state.iteration
     try:
         for it in range(state.iteration + 1, tc.iters + 1):
-            batch = next(batches)
-            lq = batch["lq"].to(info.device, non_blocking=True)
-            gt = batch["gt"].to(info.device, non_blocking=True)
-
             model.train()
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-                out = net(lq)
-                loss = F.l1_loss(out.float(), gt)
-                if feature_taps is not None:
-                    loss = loss + tc.kl_weight * feature_taps.kl_to_standard_normal()
-            loss_value = all_reduce_mean(loss.detach(), info).item()
+            optimizer.zero_grad(set_to_none=True)
+            loss_total: Tensor | None = None
+            for micro in range(tc.grad_accum):
+                batch = next(batches)
+                lq = batch["lq"].to(info.device, non_blocking=True)
+                gt = batch["gt"].to(info.device, non_blocking=True)
+                # DDP all-reduces the gradients once, after the last micro-batch.
+                last_micro = micro == tc.grad_accum - 1
+                no_sync = getattr(net, "no_sync", None)
+                sync = contextlib.nullcontext() if last_micro or no_sync is None else no_sync()
+                with sync:
+                    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                        out = net(lq)
+                        loss = F.l1_loss(out.float(), gt)
+                        if feature_taps is not None:
+                            loss = loss + tc.kl_weight * feature_taps.kl_to_standard_normal()
+                    # Mean over micro-batches of per-batch means = the mean over one
+                    # batch of their union (equal micro-batch sizes).
+                    (loss / tc.grad_accum if tc.grad_accum > 1 else loss).backward()
+                detached = loss.detach()
+                loss_total = detached if loss_total is None else loss_total + detached
+            assert loss_total is not None
+            loss_value = all_reduce_mean(loss_total / tc.grad_accum, info).item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss_value}) at iteration {it} of {cfg.name}; stopped "
                     f"before the optimiser step. Last good checkpoint: "
                     f"{last_good if last_good else 'none written yet'}"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if tc.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
@@ -301,6 +341,12 @@ def train(
 # --------------------------------------------------------------------------- building
 
 
+def samples_per_iteration(cfg: Config, info: DistInfo) -> int:
+    """Training samples one optimiser step consumes over all ranks (the global batch):
+    ``data.batch_size * world_size * train.grad_accum``."""
+    return cfg.data.batch_size * info.world_size * cfg.train.grad_accum
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), numpy and python's ``random``."""
     import random
@@ -338,21 +384,17 @@ def default_validator(cfg: Config, device: torch.device) -> Validator:
 
     Benchmarks are resolved (folders checked) once, before training starts.
     """
-    from irformer.data.benchmarks import load_benchmark
+    from irformer.data.benchmarks import resolve_benchmarks
     from irformer.engine.evaluate import evaluate_benchmark
 
-    task, scale = cfg.data.task, cfg.model.scale
-    sets = [
-        load_benchmark(
-            name,
-            cfg.val.root,
-            task=task,
-            scale=scale,
-            sigma=cfg.data.sigma,
-            quality=cfg.data.quality,
-        )
-        for name in cfg.val.benchmarks
-    ]
+    sets = resolve_benchmarks(
+        cfg.val.benchmarks,
+        cfg.val.root,
+        task=cfg.data.task,
+        scale=cfg.model.scale,
+        sigma=cfg.data.sigma,
+        quality=cfg.data.quality,
+    )
 
     def run(model: nn.Module) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -602,11 +644,13 @@ def model_meta(cfg: Config, model: nn.Module) -> dict[str, Any]:
     What ``build_model`` recorded on the model (arch, preset, norm, scale, task,
     full constructor kwargs), so :func:`irformer.archs.load_checkpoint_model`
     rebuilds the network from a checkpoint alone; models built elsewhere get
-    the config's names.
+    the config's names. ``task`` is always the config's ``data.task``.
     """
     meta = getattr(model, "irformer_meta", None)
     if isinstance(meta, Mapping):
-        return dict(meta)
+        # The task trained on (a preset built for another task, or an architecture
+        # name without a preset, takes the config's).
+        return {**meta, "task": cfg.data.task}
     return {
         "arch": type(model).__name__.lower(),
         "preset": cfg.model.arch,
@@ -641,7 +685,7 @@ def write_checkpoint(state: TrainState) -> Path | None:
             "scheduler": state.scheduler.state_dict() if state.scheduler is not None else {},
             "rng": rngs,
             "data": {
-                "position": state.iteration * cfg.data.batch_size * info.world_size,
+                "position": state.iteration * samples_per_iteration(cfg, info),
                 "seed": cfg.train.seed,
             },
             "iteration": state.iteration,
@@ -656,21 +700,49 @@ def write_checkpoint(state: TrainState) -> Path | None:
     return path
 
 
-def restore_checkpoint(state: TrainState, ckpt: Mapping[str, Any]) -> Any:
+def restore_checkpoint(
+    state: TrainState, ckpt: Mapping[str, Any], *, source: str | Path = "checkpoint"
+) -> Any:
     """Load weights/optimiser/scheduler into ``state``; returns this rank's RNG states.
 
     The RNG states are returned, not applied, so the caller can restore them
-    after everything that still draws random numbers during setup.
+    after everything that still draws random numbers during setup. Where the
+    config differs from the one the checkpoint was written with, the differences
+    are logged; weights that do not fit the model are one error naming them
+    (:class:`~irformer.archs.CheckpointMismatchError`), not PyTorch's key listing.
     """
     meta = ckpt.get("irformer", {})
     cfg = state.config
+    saved = ckpt.get("config")
+    differences = config_differences(saved, cfg) if isinstance(saved, Mapping) else []
+    if differences and state.dist.is_main:
+        logger.warning(
+            "resume: the config differs from the one %s was trained with: %s",
+            Path(source).name,
+            "; ".join(differences),
+        )
     for key, expected in (("preset", cfg.model.arch), ("norm", cfg.model.norm)):
         if meta.get(key) not in (None, expected):
             raise ValueError(
                 f"resume: checkpoint was trained with {key}={meta.get(key)!r} "
                 f"but the config says {expected!r}"
             )
-    state.model.load_state_dict(ckpt["params"])
+    try:
+        state.model.load_state_dict(ckpt["params"])
+    except RuntimeError as exc:
+        from irformer.archs import CheckpointMismatchError
+
+        model_keys = [d for d in differences if d.startswith(("model.", "data.grayscale"))]
+        cause = (
+            "the config differs from the run's: " + "; ".join(model_keys or differences)
+            if differences
+            else f"no config difference recorded ({str(exc).splitlines()[0]})"
+        )
+        raise CheckpointMismatchError(
+            f"resume: the weights in {source} do not fit the model this config builds; "
+            f"{cause}. Resume with the run's own config (irformer train --resume RUN_DIR) "
+            "or start a new run"
+        ) from None
     if state.ema_model is not None:
         state.ema_model.load_state_dict(ckpt["params_ema"] or ckpt["params"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -678,10 +750,10 @@ def restore_checkpoint(state: TrainState, ckpt: Mapping[str, Any]) -> Any:
         state.scheduler.load_state_dict(ckpt["scheduler"])
     state.iteration = int(ckpt["iteration"])
     state.best = dict(ckpt.get("best", {}))
-    expected_position = state.iteration * cfg.data.batch_size * state.dist.world_size
+    expected_position = state.iteration * samples_per_iteration(cfg, state.dist)
     if ckpt["data"]["position"] != expected_position:
         logger.warning(
-            "resume: batch size or world size changed (position %d, now %d per iteration); "
+            "resume: batch size, world size or grad_accum changed (position %d, now %d); "
             "the sample stream continues from iteration %d",
             ckpt["data"]["position"],
             expected_position,
@@ -796,13 +868,22 @@ class FeatureTaps:
 # --------------------------------------------------------------------------- logging
 
 
-def write_run_config(cfg: Config, run_dir: Path) -> None:
-    """``config.yaml`` in the run folder; warn when a resumed run's config differs."""
-    path = run_dir / "config.yaml"
+def write_run_config(cfg: Config, run_dir: Path, *, differences_logged: bool = False) -> None:
+    """``config.yaml`` in the run folder; warn when a resumed run's config differs
+    (unless ``differences_logged``: the resume already named them)."""
+    path = run_dir / RUN_CONFIG_FILE
     text = dump_config(cfg)
-    if path.is_file() and path.read_text() != text:
-        logger.warning("%s differs from the current config; keeping the new one", path)
-    path.write_text(text)
+    if path.is_file() and path.read_text() != text and not differences_logged:
+        try:
+            differences = config_differences(yaml.safe_load(path.read_text()) or {}, cfg)
+        except yaml.YAMLError:
+            differences = ["(the old file is not valid YAML)"]
+        logger.warning(
+            "%s differs from the current config (%s); keeping the new one",
+            path,
+            "; ".join(differences) or "formatting only",
+        )
+    atomic_write(path, text)
 
 
 class MetricsLog:
@@ -859,7 +940,7 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> None:
             continue  # a line cut short by a kill
         if int(record.get("iter", record.get("iteration", 0))) <= last_iteration:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -28,6 +28,8 @@ from irformer.export.onnx_file import read_onnx_metadata
 
 __all__ = ["OnnxRuntimeModel"]
 
+IMAGE_STATISTICS_NORMS: tuple[str, ...] = ("iln", "ln_star", "in")
+"""Norm names (irformer metadata) whose statistics span the whole image."""
 _NUMPY_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -82,6 +84,11 @@ class OnnxRuntimeModel(nn.Module):
         )
         self.window_size = int(kwargs.get("window_size", 8))  # type: ignore[union-attr]
         self.norm_name = str(meta.get("norm", "unknown"))
+        self.image_statistics_norms: tuple[str, ...] = (
+            (self.norm_name,) if self.norm_name in IMAGE_STATISTICS_NORMS else ()
+        )
+        """The file's norm when it pools whole-image statistics (tiling then changes
+        the output: :func:`irformer.engine.infer.tiling_note`)."""
 
     @property
     def precision(self) -> str:

@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 
 from irformer.analysis.probes import read_feature_records
-from irformer.analysis.studies import (
+from irformer.engine.config import config_from_dict
+from irformer.experiments.norm_study import (
     norm_variants,
     run_study,
     scale_variants,
     write_study_report,
 )
-from irformer.engine.config import config_from_dict
 
 ITERS = 4
 

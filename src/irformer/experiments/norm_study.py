@@ -13,14 +13,15 @@ Results land in ``OUT/<label>/`` (the run folder, with ``features.jsonl`` and
 the overlaid figures. A study can be resumed: finished runs (with a
 ``result.json``) are skipped.
 
-This module orchestrates the trainer, so unlike the probes it imports
-:mod:`irformer.engine`.
+An experiment (:mod:`irformer.experiments`): it orchestrates the trainer,
+the probes and the evaluation.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -31,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from irformer.analysis.plots import (
@@ -42,15 +42,14 @@ from irformer.analysis.plots import (
 )
 from irformer.analysis.probes import FEATURES_FILE, FeatureProbe, read_feature_records
 from irformer.engine.config import Config
+from irformer.engine.data import probe_batch_for
 from irformer.errors import IrformerError
+from irformer.files import atomic_write
 from irformer.norms import NORM_NAMES, set_batchnorm_eval_mode
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-PROBE_SEED_TAG = 7919
-"""Offset of the probe batch's sample stream from the training stream (a fixed
-batch of training-like patches the model is never trained on at that position)."""
 
 
 class StudyExistsError(IrformerError, FileExistsError, ValueError):
@@ -223,14 +222,6 @@ def scale_variants(
 # --------------------------------------------------------------------------- running
 
 
-def probe_batch_for(cfg: Config, *, count: int = 4) -> Tensor:
-    """``count`` training-like LQ patches: positions ``0..count-1`` of a separate sample stream."""
-    from irformer.engine.data import PositionedDataset, build_train_dataset
-
-    stream = PositionedDataset(build_train_dataset(cfg), cfg.train.seed + PROBE_SEED_TAG)
-    return torch.stack([stream[k]["lq"] for k in range(count)])
-
-
 def run_study(
     runs: Sequence[StudyRun],
     *,
@@ -275,7 +266,7 @@ def run_study(
             device=device,
             progress=progress,
         )
-        done.write_text(json.dumps(dataclasses.asdict(result), indent=1))
+        atomic_write(done, json.dumps(dataclasses.asdict(result), indent=1))
         results.append(result)
     return results
 
@@ -420,6 +411,9 @@ def _fmt(value: float, spec: str) -> str:
 
 def table_rows(results: Sequence[RunResult], benchmarks: Sequence[str]) -> list[dict[str, str]]:
     """One row per run (two for BatchNorm: running and batch statistics)."""
+    from irformer.data.benchmarks import benchmark_label, split_benchmark_list
+
+    labels = [benchmark_label(b) for b in split_benchmark_list(benchmarks)]
     rows = []
     for r in results:
         variants = [("", r.metrics)]
@@ -430,7 +424,7 @@ def table_rows(results: Sequence[RunResult], benchmarks: Sequence[str]) -> list[
             for key, value in r.params.items():
                 if key != "norm":
                     row[key] = str(value)
-            for b in benchmarks:
+            for b in labels:
                 row[f"{b} PSNR"] = _fmt(metrics.get(f"{b}/psnr", math.nan), ".2f")
                 row[f"{b} SSIM"] = _fmt(metrics.get(f"{b}/ssim", math.nan), ".4f")
             row.update(
@@ -473,20 +467,22 @@ def write_study_report(
         if r.diverged:
             lines.append(f"- {r.label}: {r.divergence}")
     paths["table.md"] = out / "table.md"
-    paths["table.md"].write_text("\n".join(lines) + "\n")
+    atomic_write(paths["table.md"], "\n".join(lines) + "\n")
 
     paths["table.csv"] = out / "table.csv"
-    with paths["table.csv"].open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(paths["table.csv"], buffer.getvalue())
 
     paths["summary.json"] = out / "summary.json"
-    paths["summary.json"].write_text(
+    atomic_write(
+        paths["summary.json"],
         json.dumps(
             {"title": title, "command": command, "runs": [dataclasses.asdict(r) for r in results]},
             indent=1,
-        )
+        ),
     )
     paths.update(write_study_plots(results, out))
     return paths

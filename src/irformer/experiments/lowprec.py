@@ -1,32 +1,21 @@
-"""Low-precision inference: fp16 overflow guard and the LN vs i-LN report (i-LN paper, Table 4).
+"""The low-precision report: LN vs i-LN under fp16/bf16 casts and int8/int4 weights (Table 4).
 
 The i-LN paper's claim (Sec. 3.4): LN models grow feature magnitudes beyond
-fp16's largest finite value (65504), so half-precision inference fills the
-output with NaN/inf "black dots", and they lose several dB under weight-only
-int8/int4 quantisation; i-LN models keep bounded features and survive both.
-
-* :func:`feature_magnitudes` measures ``max |output|`` of every module on a
-  probe batch (fp32); :func:`load_recorded_magnitudes` reads the records of
-  ``irformer analyze features`` / the training :class:`~irformer.analysis.probes.
-  FeatureProbe`; :func:`check_fp16_overflow` warns when any exceeds
-  ``65504 / safety``, before an fp16 run.
-* :func:`lowprec_report` evaluates a pair of checkpoints in fp32, fp16, bf16
-  and weight-only int8/int4 on benchmarks, with PSNR/SSIM and non-finite
-  pixel counts; :func:`format_lowprec_table` prints it in Table 4's layout.
-
-The precision casts themselves live in :mod:`irformer.engine.infer`
-(:func:`~irformer.engine.infer.prepare_model_for_precision`,
-:func:`~irformer.engine.infer.run_with_precision`).
+fp16's range, so half-precision inference fills the output with NaN/inf "black
+dots", and they lose several dB under weight-only int8/int4 quantisation; i-LN
+models keep bounded features and survive both. :func:`lowprec_report`
+evaluates a pair of checkpoints in fp32, fp16, bf16 and weight-only int8/int4
+on benchmarks, with PSNR/SSIM and non-finite pixel counts;
+:func:`format_lowprec_table` prints it in Table 4's layout. The casts are
+:mod:`irformer.engine.precision`'s, the fp16 guard
+:mod:`irformer.analysis.magnitudes`'.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,39 +24,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from irformer.engine.infer import (
-    NonFiniteReport,
-    PrecisionModel,
-    RestoreOptions,
-    prepare_model_for_precision,
-    run_with_precision,
-)
+from irformer.analysis.magnitudes import check_fp16_overflow
+from irformer.archs import load_checkpoint_model
+from irformer.compress.quantizers import quantize_weights_
+from irformer.data.benchmarks import resolve_benchmarks
+from irformer.engine.evaluate import eval_task_of, evaluate_benchmark, resolve_device
+from irformer.engine.infer import NonFiniteReport, PrecisionModel, RestoreOptions
+from irformer.progress import Progress
+from irformer.progress import report as report_progress
 
 __all__ = [
-    "FP16_MAX",
     "LOWPREC_SETTINGS",
-    "Fp16OverflowWarning",
     "LowPrecReport",
     "LowPrecRow",
-    "OverflowRisk",
-    "check_fp16_overflow",
-    "feature_magnitudes",
     "format_lowprec_table",
-    "fp16_overflow_risks",
-    "load_recorded_magnitudes",
     "lowprec_report",
-    "prepare_model_for_precision",
-    "run_with_precision",
 ]
 
 logger = logging.getLogger(__name__)
-
-FP16_MAX = float(torch.finfo(torch.float16).max)
-"""65504: the largest finite fp16 value."""
-
-DEFAULT_SAFETY = 4.0
-"""Headroom factor of the guard: warn above 65504 / 4 = 16376, because the probe
-batch need not contain the image with the largest features."""
 
 LOWPREC_SETTINGS: dict[str, tuple[str, str]] = {
     # name -> (Table 4 "Quantization" column, what is reduced)
@@ -79,144 +53,6 @@ LOWPREC_SETTINGS: dict[str, tuple[str, str]] = {
 }
 """Settings of :func:`lowprec_report`: ``W+F`` casts weights and features,
 ``W`` quantises weights only (features in fp32)."""
-
-
-class Fp16OverflowWarning(UserWarning):
-    """Recorded feature magnitudes are too close to fp16's range for a safe fp16 run."""
-
-
-# --------------------------------------------------------------------------- guard
-
-
-def feature_magnitudes(model: nn.Module, x: Tensor) -> dict[str, float]:
-    """``max |output|`` of every module (qualified name -> value) on ``x`` (B, C, H, W).
-
-    One fp32 pass without gradients; ``""`` is the model output. Modules called
-    several times (chunked attention) report their maximum over calls.
-    """
-    found: dict[str, Tensor] = {}
-
-    def hook(name: str) -> Callable[[nn.Module, object, object], None]:
-        def record(module: nn.Module, inputs: object, output: object) -> None:
-            t = output[0] if isinstance(output, (tuple, list)) and output else output
-            if isinstance(t, Tensor) and t.is_floating_point() and t.numel():
-                value = t.detach().abs().amax().float()
-                found[name] = value if name not in found else torch.maximum(found[name], value)
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next((p.device for p in model.parameters()), x.device)
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
-            model(x.to(device=device, dtype=dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(training)
-    return {name: float(v) for name, v in found.items()}
-
-
-def load_recorded_magnitudes(path: str | os.PathLike[str]) -> dict[str, float]:
-    """Block name -> ``max_abs`` from recorded analysis output.
-
-    Accepts ``features.json`` of ``irformer analyze features`` (``{"blocks":
-    [{"block", "max_abs", ...}]}``), a training run's ``features.jsonl`` (or its
-    run directory; the latest iteration is used) and a plain JSON mapping
-    ``{name: max_abs}``.
-    """
-    from irformer.analysis.probes import read_feature_records
-
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".jsonl":
-        records = read_feature_records(path)
-        if not records:
-            raise ValueError(f"{path} holds no feature records")
-        last = max(int(r["iter"]) for r in records)
-        return {str(r["block"]): float(r["max_abs"]) for r in records if int(r["iter"]) == last}
-    if not path.is_file():
-        raise FileNotFoundError(f"feature magnitude record not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON: {exc}") from exc
-    if isinstance(data, Mapping) and isinstance(data.get("blocks"), list):
-        try:
-            return {str(b["block"]): float(b["max_abs"]) for b in data["blocks"]}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: block records need 'block' and 'max_abs' ({exc})") from exc
-    if isinstance(data, Mapping) and all(isinstance(v, (int, float)) for v in data.values()):
-        return {str(k): float(v) for k, v in data.items()}
-    raise ValueError(
-        f"{path}: expected analyze-features JSON ({{'blocks': [...]}}) or a {{name: max_abs}} map"
-    )
-
-
-@dataclass(frozen=True)
-class OverflowRisk:
-    """A module whose recorded ``max |x|`` is within ``safety`` of fp16's range."""
-
-    name: str
-    max_abs: float
-    threshold: float
-
-    @property
-    def overflows(self) -> bool:
-        """Already beyond 65504 on the probe: fp16 will produce inf."""
-        return self.max_abs > FP16_MAX or not math.isfinite(self.max_abs)
-
-
-def fp16_overflow_risks(
-    magnitudes: Mapping[str, float], *, safety: float = DEFAULT_SAFETY
-) -> list[OverflowRisk]:
-    """Entries of ``magnitudes`` above ``65504 / safety``, largest first."""
-    if safety < 1:
-        raise ValueError(f"safety must be >= 1, got {safety}")
-    threshold = FP16_MAX / safety
-    risks = [
-        OverflowRisk(name or "<model output>", value, threshold)
-        for name, value in magnitudes.items()
-        if not value <= threshold  # NaN counts as a risk
-    ]
-    return sorted(risks, key=lambda r: -r.max_abs if math.isfinite(r.max_abs) else -math.inf)
-
-
-def check_fp16_overflow(
-    magnitudes: Mapping[str, float] | None = None,
-    *,
-    model: nn.Module | None = None,
-    probe: Tensor | None = None,
-    safety: float = DEFAULT_SAFETY,
-) -> list[OverflowRisk]:
-    """Warn (:class:`Fp16OverflowWarning`) before an fp16 run that would overflow.
-
-    Give recorded ``magnitudes`` (see :func:`load_recorded_magnitudes`) or a
-    ``model`` and ``probe`` batch to measure them now (fp32 copy). Returns the
-    risks found (empty: no warning).
-    """
-    if magnitudes is None:
-        if model is None or probe is None:
-            raise ValueError("check_fp16_overflow needs magnitudes, or a model and a probe batch")
-        fp32 = copy.deepcopy(model).float()
-        magnitudes = feature_magnitudes(fp32, probe.float())
-    risks = fp16_overflow_risks(magnitudes, safety=safety)
-    if risks:
-        worst = risks[0]
-        verdict = "will overflow" if worst.overflows else "is close to overflowing"
-        message = (
-            f"fp16 {verdict}: {len(risks)} module(s) reach |x| > {worst.threshold:.0f} "
-            f"(65504 / safety {safety:g}); largest {worst.max_abs:.4g} at {worst.name}. "
-            "Use bf16 or fp32 (or an i-LN model)."
-        )
-        logger.warning(message)
-        warnings.warn(message, Fp16OverflowWarning, stacklevel=2)
-    return risks
-
-
-# --------------------------------------------------------------------------- report
 
 
 @dataclass(frozen=True)
@@ -272,8 +108,6 @@ def _setting_model(
     model = copy.deepcopy(base).float().eval()
     if setting in ("fp32", "fp16", "bf16"):
         return model, setting
-    from irformer.compress.quantizers import quantize_weights_
-
     bits = int(setting.removeprefix("int"))
     modules: tuple[type[nn.Module], ...] = (nn.Linear,) if linear_only else (nn.Linear, nn.Conv2d)
     quantize_weights_(model, bits, granularity, symmetric, modules=modules)  # type: ignore[arg-type]
@@ -284,8 +118,8 @@ def lowprec_report(
     ckpt_ln: str | os.PathLike[str] | nn.Module,
     ckpt_iln: str | os.PathLike[str] | nn.Module,
     *,
-    benchmarks: Sequence[str] = ("Set5",),
-    data_root: str | os.PathLike[str],
+    benchmarks: str | Sequence[str] = ("Set5",),
+    data_root: str | os.PathLike[str] | None,
     task: str | None = None,
     scale: int | None = None,
     sigma: float | None = None,
@@ -297,7 +131,8 @@ def lowprec_report(
     linear_only: bool = False,
     options: RestoreOptions | None = None,
     device: str | torch.device = "cpu",
-    progress: Callable[[LowPrecRow], None] | None = None,
+    on_row: Callable[[LowPrecRow], None] | None = None,
+    progress: Progress | None = None,
 ) -> LowPrecReport:
     """The i-LN paper's Table 4 for any pair of models: settings x models x benchmarks.
 
@@ -308,11 +143,10 @@ def lowprec_report(
     (``linear_only``: Linear only) to ``granularity`` (``per_tensor`` or
     ``per_channel``) with ``symmetric`` ranges and run in fp32 (``W``). Non-finite
     outputs are counted, located, and scored as black (NaN -> 0), as the paper's
-    fp16 LN rows are. ``options`` sets tiling / exact path / ensemble.
+    fp16 LN rows are. ``options`` sets tiling / exact path / ensemble. ``on_row``
+    receives each row as it is measured; ``progress`` (:mod:`irformer.progress`)
+    counts the rows.
     """
-    from irformer.data.benchmarks import load_benchmark
-    from irformer.engine.evaluate import eval_task_of, evaluate_benchmark, resolve_device
-
     unknown = [s for s in settings if s not in LOWPREC_SETTINGS]
     if unknown:
         raise ValueError(f"unknown settings {unknown}; valid: {', '.join(LOWPREC_SETTINGS)}")
@@ -327,17 +161,14 @@ def lowprec_report(
         if "scale" in meta and int(meta["scale"]) != scale:  # type: ignore[arg-type]
             raise ValueError(f"{label} model {source} has scale {meta['scale']}, expected {scale}")
     dev = resolve_device(device)
-    resolved = [
-        load_benchmark(
-            b,
-            data_root,
-            task=task,
-            scale=scale if task == "sr" else 1,
-            sigma=sigma,
-            quality=quality,
-        )
-        for b in benchmarks
-    ]
+    resolved = resolve_benchmarks(
+        benchmarks,
+        data_root,
+        task=task,
+        scale=scale if task == "sr" else 1,
+        sigma=sigma,
+        quality=quality,
+    )
     base_options = options or RestoreOptions()
     report = LowPrecReport(
         task=task,
@@ -349,6 +180,8 @@ def lowprec_report(
             "modules": "Linear" if linear_only else "Linear+Conv2d",
         },
     )
+    total = len(settings) * len(models) * len(resolved)
+    report_progress(progress, 0, total, "lowprec")
     for setting in settings:
         for label, source, base, _ in models:
             model, precision = _setting_model(
@@ -366,7 +199,7 @@ def lowprec_report(
             )
             for bench in resolved:
                 wrapped = PrecisionModel(model, run_options)
-                result = evaluate_benchmark(wrapped, bench, device=dev, precision="fp32")
+                result = evaluate_benchmark(wrapped, bench, device=dev)
                 rep: NonFiniteReport = wrapped.report
                 row = LowPrecRow(
                     model=label,
@@ -392,8 +225,9 @@ def lowprec_report(
                     row.ssim,
                     row.nonfinite_pixels,
                 )
-                if progress is not None:
-                    progress(row)
+                if on_row is not None:
+                    on_row(row)
+                report_progress(progress, len(report.rows), total, "lowprec")
     return report
 
 
@@ -409,8 +243,6 @@ def _load(ckpt: str | os.PathLike[str] | nn.Module) -> tuple[nn.Module, dict[str
     if isinstance(ckpt, nn.Module):
         meta = getattr(ckpt, "irformer_meta", None)
         return ckpt, dict(meta) if isinstance(meta, Mapping) else {}
-    from irformer.archs import load_checkpoint_model
-
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

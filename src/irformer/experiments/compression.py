@@ -1,16 +1,20 @@
 """The compression experiment: methods x bit widths -> quality, size and latency tables.
 
 :func:`run_compression` quantises one FP model with every requested method at
-every bit width, scores each quantised model with a caller-supplied
-``evaluator`` (the CLI passes the benchmark evaluation of
-:mod:`irformer.engine.evaluate`; ``compress`` sits below ``engine`` and does
-not import it), and measures storage (:func:`irformer.compress.pack.storage_report`,
-optionally a real packed file that is reloaded and checked) and latency
-(warm, synchronised, median of repeats).
+every bit width, scores each quantised model with an ``evaluator`` (by default
+the benchmark evaluation of :mod:`irformer.engine.evaluate`:
+:func:`benchmark_evaluator`), and measures storage
+(:func:`irformer.compress.pack.storage_report`, optionally a real packed file
+that is reloaded and checked) and latency (warm, synchronised, median of
+repeats). :func:`run_experiment` does that for several checkpoints into one
+output folder (``rows.jsonl``, the tables, ``results.json``), :func:`merge_runs`
+merges folders measured in parallel, :func:`statistics_experiment` and
+:func:`sensitivity_experiment` are ``irformer compress stats|sensitivity``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -24,21 +28,50 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from irformer.archs import load_checkpoint_model, read_state_dict
+from irformer.archs.zoo import weights_path
 from irformer.compress.calibration import calibration_batch, patch_stream
 from irformer.compress.methods import QuantResult, method_config, quantize_model
 from irformer.compress.pack import load_packed, save_packed, storage_report
+from irformer.compress.sensitivity import (
+    level_usage,
+    quantizer_groups,
+    sensitivity,
+    sensitivity_table,
+    usage_table,
+)
+from irformer.compress.stats import (
+    EPS_SWEEP,
+    StatsReport,
+    activation_tensors,
+    compare_pre_post,
+    weight_tensors,
+)
+from irformer.data.benchmarks import resolve_benchmarks
+from irformer.engine.evaluate import evaluate_benchmark
+from irformer.files import atomic_write
+from irformer.progress import Progress
+from irformer.progress import report as report_progress
 
 __all__ = [
+    "ROWS_FILE",
     "CompressionRow",
     "CompressionSettings",
     "Evaluator",
+    "benchmark_evaluator",
     "calibration_batches",
+    "checkpoint_scale",
     "complexity_table",
     "drop_table",
     "measure_latency",
+    "merge_runs",
     "quality_table",
     "quantize_with_settings",
+    "read_rows",
     "run_compression",
+    "run_experiment",
+    "sensitivity_experiment",
+    "statistics_experiment",
 ]
 
 logger = logging.getLogger(__name__)
@@ -411,3 +444,314 @@ def complexity_table(rows: Sequence[CompressionRow], device: str) -> str:
 
 def rows_as_dicts(rows: Sequence[CompressionRow]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
+
+
+# --------------------------------------------------------------------------- experiments
+
+ROWS_FILE = "rows.jsonl"
+
+
+def model_scale(model: nn.Module, meta: dict[str, Any]) -> int:
+    """The SR scale: the checkpoint's metadata, else the model's ``upscale``."""
+    return int(meta.get("scale") or getattr(model, "upscale", 1))
+
+
+def checkpoint_scale(path: str | Path, arch: str | None = None) -> int:
+    """The SR scale of a checkpoint (a weights file or shipped model name): its irformer
+    metadata, else its model's ``upscale``."""
+    path = weights_path(path)
+    _, meta = read_state_dict(path)
+    if meta.get("scale"):
+        return int(meta["scale"])  # type: ignore[call-overload]
+    model, meta = load_checkpoint_model(path, arch)
+    return model_scale(model, meta)
+
+
+def benchmark_evaluator(
+    names: str | Sequence[str], data_root: Path | None, scale: int, device: torch.device
+) -> tuple[Evaluator, list[str]]:
+    """Benchmarks resolved once; each call scores a model on all of them (PSNR, SSIM)."""
+    benches = resolve_benchmarks(names, data_root, task="sr", scale=scale)
+
+    def evaluator(model: nn.Module) -> dict[str, tuple[float, float]]:
+        # The model's own device: PyTorch's int8 kernels run on CPU only.
+        param = next(iter(model.parameters()), None)
+        dev = param.device if param is not None else device
+        out = {}
+        for bench in benches:
+            res = evaluate_benchmark(model.eval(), bench, device=dev)
+            out[bench.name] = (res.psnr, res.ssim)
+        return out
+
+    return evaluator, [b.name for b in benches]
+
+
+def _label(path: Path, meta: dict[str, Any], taken: set[str]) -> str:
+    label = f"{path.stem} ({meta.get('norm', '?')})"
+    while label in taken:
+        label += "'"
+    taken.add(label)
+    return label
+
+
+def write_tables(
+    rows: Sequence[CompressionRow], benchmarks: Sequence[str], device: str, out: Path
+) -> dict[str, str]:
+    """``quality.md``, ``psnr_drop.md`` and ``complexity.md`` in ``out``; returns their texts."""
+    tables = {
+        "quality.md": quality_table(rows, benchmarks),
+        "psnr_drop.md": drop_table(rows, benchmarks),
+        "complexity.md": complexity_table(rows, device),
+    }
+    for name, text in tables.items():
+        atomic_write(out / name, text)
+    return tables
+
+
+def _rows_jsonl(rows: Sequence[CompressionRow]) -> str:
+    return "".join(json.dumps(asdict(r), default=str) + "\n" for r in rows)
+
+
+def run_experiment(
+    checkpoints: Sequence[str | Path],
+    settings: CompressionSettings,
+    *,
+    benchmarks: Sequence[str],
+    data_root: Path | None,
+    device: torch.device,
+    out_dir: Path,
+    arch: str | None = None,
+    on_row: Callable[[CompressionRow], None] | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[CompressionRow], dict[str, str]]:
+    """Every checkpoint x method x bit width into one folder; returns ``(rows, tables)``.
+
+    Rows are appended to ``out_dir/rows.jsonl`` as they finish (a long run that
+    dies keeps what it measured); the tables and ``results.json`` are written at
+    the end. The checkpoints (weights files or shipped model names,
+    :func:`irformer.archs.zoo.weights_path`) must share their scale. ``progress``
+    (:mod:`irformer.progress`) counts the rows.
+    """
+    checkpoints = [weights_path(p) for p in checkpoints]
+    loaded = [(p, *load_checkpoint_model(p, arch)) for p in checkpoints]
+    scales = {model_scale(m, meta) for _, m, meta in loaded}
+    if len(scales) != 1:
+        raise ValueError(f"checkpoints {list(map(str, checkpoints))} have scales {sorted(scales)}")
+    if settings.scale not in scales:
+        raise ValueError(f"settings.scale {settings.scale} but the checkpoints are x{scales}")
+    evaluator, bench_names = benchmark_evaluator(benchmarks, data_root, settings.scale, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_file = out_dir / ROWS_FILE
+    atomic_write(rows_file, "")
+    rows: list[CompressionRow] = []
+    taken: set[str] = set()
+    per_model = 1 + int(settings.int8_kernel) + len(settings.methods) * len(settings.bits)
+    total, written = per_model * len(loaded), 0
+    report_progress(progress, 0, total, "compress")
+
+    def finished(row: CompressionRow) -> None:
+        nonlocal written
+        with rows_file.open("a") as handle:
+            handle.write(json.dumps(asdict(row), default=str) + "\n")
+        if on_row is not None:
+            on_row(row)
+        written += 1
+        report_progress(progress, written, total, "compress")
+
+    for path, model, meta in loaded:
+        rows += run_compression(
+            model,
+            settings,
+            evaluator,
+            device=device,
+            out_dir=out_dir,
+            on_row=finished,
+            label=_label(path, meta, taken),
+        )
+    tables = write_tables(rows, bench_names, str(device), out_dir)
+    payload = {
+        "command": "irformer compress run",
+        "models": {str(p): meta for p, _, meta in loaded},
+        "device": str(device),
+        "torch": torch.__version__,
+        "settings": {**settings.__dict__, "bits": [list(b) for b in settings.bits]},
+        "rows": rows_as_dicts(rows),
+    }
+    atomic_write(out_dir / "results.json", json.dumps(payload, indent=1, default=str))
+    return rows, tables
+
+
+def read_rows(run_dir: Path) -> list[CompressionRow]:
+    """The rows one :func:`run_experiment` wrote to ``RUN_DIR/rows.jsonl``."""
+    path = run_dir / ROWS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: expected a `compress run` output folder")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            data["scores"] = {b: tuple(v) for b, v in data["scores"].items()}
+            rows.append(CompressionRow(**data))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{path}:{n}: not a compression row ({err})") from err
+    return rows
+
+
+def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> dict[str, str]:
+    """One set of tables from folders measured separately (e.g. one per model in parallel).
+
+    Every run re-measures its FP model; identical FP rows merge, any other row
+    measured twice is an error naming both folders.
+    """
+    rows: list[CompressionRow] = []
+    seen: dict[tuple[str, str, int, int, float], Path] = {}
+    fp_scores: dict[str, dict[str, tuple[float, float]]] = {}
+    for run_dir in run_dirs:
+        for row in read_rows(run_dir):
+            key = (row.model, row.method, row.wbits, row.abits, row.prune)
+            if row.method == "fp32" and fp_scores.get(row.model) == row.scores:
+                continue
+            if key in seen:
+                raise ValueError(
+                    f"{run_dir}: row {key} is also in {seen[key]}; merge runs that measured "
+                    "different models or settings"
+                )
+            seen[key] = run_dir
+            if row.method == "fp32":
+                fp_scores[row.model] = row.scores
+            rows.append(row)
+    benchmarks = list(dict.fromkeys(b for r in rows for b in r.scores))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = write_tables(rows, benchmarks, "see each run", out_dir)
+    atomic_write(out_dir / ROWS_FILE, _rows_jsonl(rows))
+    return tables
+
+
+def stats_markdown(report: StatsReport) -> str:
+    """The pre vs post-Hadamard tests as a markdown table (CompSRT's Table 5 layout)."""
+    lines = [
+        "| Tensors | Test (one-sided) | n | mean diff | Cohen d_z | Wilcoxon p | Shapiro p of d |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in report.tests:
+        p = "-" if math.isnan(t.p_value) else f"{t.p_value:.3g}"
+        lines.append(
+            f"| {t.kind} | {t.metric} | {t.n} | {t.mean_diff:.4g} | {t.cohen_dz:.3f} | {p} | "
+            f"{t.diff_shapiro_p:.3g} |"
+        )
+    zeros = sum(p.padding_zeros for p in report.pairs)
+    lines.append("")
+    lines.append(f"Exact zeros introduced by padding (in the post tensors): {zeros}")
+    return "\n".join(lines) + "\n"
+
+
+def statistics_experiment(
+    checkpoint: str | Path,
+    *,
+    arch: str | None = None,
+    calib: Path | None = None,
+    calib_batch: int = 32,
+    patch: int = 64,
+    rotation: str = "pow2",
+    paper_padding: bool = False,
+    seed: int = 0,
+    out_dir: Path | None = None,
+) -> str:
+    """Weights (and, with ``calib``, activations) before vs after the Hadamard rotation:
+    the statistical tests as markdown (also ``stats.md``/``stats.json`` in ``out_dir``)."""
+    model, meta = load_checkpoint_model(weights_path(checkpoint), arch)
+    tensors = weight_tensors(model)
+    if calib is not None:
+        batch = calibration_batch(
+            calib, scale=model_scale(model, meta), batch=calib_batch, patch=patch, seed=seed
+        )
+        tensors += activation_tensors(model, batch)
+    report = compare_pre_post(
+        tensors, rotation=rotation, eps=EPS_SWEEP, paper_padding=paper_padding
+    )
+    text = stats_markdown(report)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "stats.md", text)
+        atomic_write(out_dir / "stats.json", json.dumps(report.as_dict(), indent=1))
+    return text
+
+
+def sensitivity_experiment(
+    checkpoint: str | Path,
+    settings: CompressionSettings,
+    *,
+    benchmark: str,
+    data_root: Path | None,
+    device: torch.device,
+    arch: str | None = None,
+    out_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Which quantisers cost the quality: quantise once with one method and width, then
+    re-score with each group FP / quantised alone (and report each activation
+    quantiser's level usage). Returns the markdown report (also written to ``out_dir``);
+    ``progress`` (:mod:`irformer.progress`) counts the scoring passes."""
+    checkpoint = weights_path(checkpoint)
+    model, meta = load_checkpoint_model(checkpoint, arch)
+    scale = model_scale(model, meta)
+    if scale < 2:
+        raise ValueError(f"compress sensitivity scores SR models; {checkpoint} has scale {scale}")
+    if len(settings.methods) != 1 or len(settings.bits) != 1:
+        raise ValueError(
+            f"compress sensitivity takes one method and one bit width, got methods "
+            f"{settings.methods} and bits {settings.bits}"
+        )
+    benches = resolve_benchmarks(benchmark, data_root, task="sr", scale=scale)
+    if len(benches) != 1:
+        raise ValueError(f"compress sensitivity scores one benchmark, got {benchmark!r}")
+    bench = benches[0]
+    model = model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    calib, held_out = calibration_batches(settings)
+    (wbits, abits), method = settings.bits[0], settings.methods[0]
+    result = quantize_with_settings(
+        model, settings, method, wbits, abits, calib, held_out, device=device
+    )
+    qmodel = result.model.eval()
+
+    passes = 2 + 2 * len(quantizer_groups(qmodel))  # all quantised, FP, two per group
+    scored = 0
+    report_progress(progress, 0, passes, "sensitivity")
+
+    def psnr(m: nn.Module) -> float:
+        nonlocal scored
+        value = evaluate_benchmark(m, bench, device=device).psnr
+        scored += 1
+        report_progress(progress, scored, passes, "sensitivity")
+        return value
+
+    scores: list[float] = []
+    usage = level_usage(qmodel, lambda m: scores.append(psnr(m)))  # the all-quantised pass
+    quantized, fp, rows = sensitivity(qmodel, psnr, quantized=scores[0])
+    title = f"{checkpoint} ({meta.get('norm', '?')}), {method} W{wbits}A{abits}, {bench.name} PSNR"
+    text = (
+        f"# Quantisation sensitivity: {title}\n\n"
+        + sensitivity_table(quantized, fp, rows)
+        + "\nActivation quantisers, fewest used levels first (all quantised, "
+        + f"{bench.name}):\n\n"
+        + usage_table(usage)
+    )
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "sensitivity.md", text)
+        payload = {
+            "model": str(checkpoint),
+            "meta": meta,
+            "config": result.config.to_dict(),
+            "benchmark": bench.name,
+            "quantized": quantized,
+            "fp": fp,
+            "groups": [asdict(r) for r in rows],
+            "activations": [asdict(u) for u in usage],
+        }
+        atomic_write(out_dir / "sensitivity.json", json.dumps(payload, indent=1, default=str))
+    return text
