@@ -92,9 +92,7 @@ def check_official_compatible(meta: Mapping[str, object]) -> None:
             f"{', '.join(map(repr, heads))})"
         )
     if kw.get("upsampler") in ("pixelshuffle", "nearest+conv") and int(kw["num_feat"]) != 64:
-        problems.append(
-            f"num_feat={kw['num_feat']} (the original's heads hard-code 64 features)"
-        )
+        problems.append(f"num_feat={kw['num_feat']} (the original's heads hard-code 64 features)")
     if kw.get("qk_scale") is not None:
         problems.append(f"qk_scale={kw['qk_scale']} (not recoverable from the keys)")
     if arch == "hat" and float(kw.get("conv_scale", DEFAULT_CONV_SCALE)) != DEFAULT_CONV_SCALE:
