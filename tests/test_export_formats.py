@@ -137,6 +137,9 @@ def test_restore_backend_onnx_matches_torch(onnx_export: tuple[Path, Path], tmp_
         (["--exact-chunk", "4"], "always computes the whole image"),
         (["--precision", "bf16"], "runs in its own precision"),
         (["--scale", "4"], "restores at scale 2"),
+        (["--autocast", "bf16"], "applies to the PyTorch model"),
+        (["--max-memory", "1G"], "plans the PyTorch model's paths"),
+        (["--task", "dn"], "is a sr model"),
     ],
 )
 def test_restore_backend_onnx_refusals(
