@@ -15,7 +15,11 @@ config reads on its own. Conventions taken from the paper's tables:
   ``datasets/Rain13K`` with ``input``/``target``); override ``data.train``.
 * Type-1/2 models train from scratch; only HAT-dagger x4 warm-starts from x2.
 * i-LN configs also set ``stdnorm`` (the authors' i-LN configs divide the
-  input by the DF2K RGB std; baselines do not).
+  input by the DF2K RGB std; baselines do not). So does ``ln_rs`` (Table 3
+  idx 2): like i-LN its blocks carry the input scale through the body, so the
+  input normalisation goes with the rescale; ``ln_star`` (no rescale) does not.
+* Table 3 (the ablation, x4 SR on HAT_2): ``ln``, ``ln_rs``, ``ln_star``,
+  ``iln`` in ``hat_2/``.
 * Table 9 lists SwinIR_1's DN/DR/CAR settings; its SR configs here use the
   official SwinIR-light SR presets with the SR patch sizes of Tables 10/12.
 * Table 7 (LN + gradient clipping, LN + KL regulariser) gives no clipping
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from irformer.engine.config import config_from_dict, dump_config
+from irformer.norms import RESCALING_NORMS
 
 ROOT = Path(__file__).resolve().parent
 
@@ -105,7 +110,7 @@ def make(
             "arch": preset(variant, t),
             "norm": norm,
             "scale": t.scale,
-            "overrides": {"stdnorm": norm == "iln"},
+            "overrides": {"stdnorm": norm in RESCALING_NORMS},
         },
         "data": {
             "train": RAIN13K if t.task == "dr" else DF2K,
@@ -162,6 +167,11 @@ def all_configs() -> dict[Path, dict]:
             warm_start=warm,
         )
         add("hat_dagger", x4, f"sr_x4_{norm}")
+    # Table 3: the ablation's two middle rows on HAT_2, SR x4 (rows 1 and 4, ln and
+    # iln, are the Table 13 configs above): idx 2 rescaling without spatial
+    # holisticness, idx 3 spatial holisticness without rescaling.
+    for norm in ("ln_rs", "ln_star"):
+        add("hat_2", make("hat_2", SR_X4, norm, schedule=LONG_SCHEDULE), f"sr_x4_{norm}")
     # Table 1: the normalisation comparison on HAT_1, SR x4 (BN is evaluated both
     # with running and with batch statistics; that is an evaluation choice).
     for norm in ("ln", "layerscale", "rms", "rezero", "none", "in", "bn", "ln_star", "iln"):

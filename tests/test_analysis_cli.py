@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,11 @@ def test_study_norms_cli_writes_table(study: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert [r["iters_done"] for r in summary["runs"]] == [3, 3]
     assert (out / "magnitude.png").is_file() and (out / "entropy.png").is_file()
+    # both channel entropies, side by side
+    assert "final entropy (Alg. 1)" in table and "final balance entropy" in table
+    assert all(0 < r["final_balance_entropy"] <= math.log(8) + 1e-6 for r in summary["runs"])
+    for name in ("balance_entropy.png", "balance_entropy_per_block.png", "final_entropies.png"):
+        assert (out / name).is_file()
     # an existing study is not overwritten
     assert main(["study", "norms", "--config", str(study / "base.yaml"), "--norms", "ln",
                  "--iters", "3", "--out", str(out)]) == 2  # fmt: skip
@@ -77,7 +83,25 @@ def test_analyze_run_cli(study: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert "ln" in text and "iln" in text
     assert (out / "magnitude.png").is_file() and (out / "entropy_per_block.png").is_file()
+    assert "final balance H" in text and (out / "balance_entropy.png").is_file()
+    assert main(["analyze", "run", runs[0], "--out", str(out), "--blocks"]) == 0
+    text = capsys.readouterr().out
+    assert "ln @ iter 0" in text and "ln @ iter 3" in text and "eff. ch" in text
+    assert main(["analyze", "run", runs[0], "--out", str(out), "--blocks", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "ln @ iter 2" in text and "ln @ iter 0" not in text
+    assert main(["analyze", "run", runs[0], "--out", str(out), "--blocks", "7"]) == 2
     assert main(["analyze", "run", *runs, "--labels", "a"]) == 2  # wrong label count
+    # a run recorded before the balance entropy existed still reads and plots
+    old = study / "old_run"
+    old.mkdir()
+    lines = (study / "study" / "ln" / "features.jsonl").read_text().splitlines()
+    stripped = [json.loads(line) for line in lines]
+    for rec in stripped:
+        del rec["balance_entropy"]
+    (old / "features.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    assert main(["analyze", "run", str(old), "--out", str(study / "old_curves")]) == 0
+    assert "(not recorded)" in capsys.readouterr().out
 
 
 def test_analyze_checkpoint_clis(study: Path, capsys) -> None:
@@ -89,6 +113,7 @@ def test_analyze_checkpoint_clis(study: Path, capsys) -> None:
                  "--param-key", "params"]) == 0  # fmt: skip
     data = json.loads((out / "features.json").read_text())
     assert data["meta"]["norm"] == "iln"
+    assert all(0 < b["balance_entropy"] <= math.log(8) + 1e-6 for b in data["blocks"])
     assert [b["block"] for b in data["blocks"]] == [
         "layers.0",
         "layers.0.residual_group.blocks.0",

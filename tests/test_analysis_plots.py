@@ -9,9 +9,11 @@ from PIL import Image
 
 from irformer.analysis.plots import (
     _short,
+    has_metric,
     plot_bars,
     plot_bias_alignment,
     plot_block_stats,
+    plot_final_entropies,
     plot_per_block_curves,
     plot_rpe,
     plot_run_overlay,
@@ -84,13 +86,31 @@ def test_training_curve_plots(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="no runs"):
         plot_run_overlay({}, tmp_path / "x.png")
+    _assert_png(
+        plot_final_entropies(
+            {"ln": 3.5, "iln": 3.87}, {"ln": 3.2, "iln": float("nan")}, tmp_path / "f8.png",
+            channels=48,
+        )
+    )  # fmt: skip
+
+
+def test_records_without_a_metric_are_skipped() -> None:
+    """Old features.jsonl files have no balance_entropy: reductions skip them."""
+    recs = _records(1.0)
+    assert not has_metric(recs, "balance_entropy")
+    it, val = reduce_over_blocks(recs, "balance_entropy", "mean")
+    assert it.size == 0 and val.size == 0
+    assert records_by_block(recs, "balance_entropy") == {}
+    recs[0]["balance_entropy"] = 2.5
+    assert has_metric(recs, "balance_entropy")
+    assert reduce_over_blocks(recs, "balance_entropy", "mean")[1].tolist() == [2.5]
 
 
 def test_block_bias_rpe_plots(tmp_path) -> None:
     stats = [
-        BlockStats(f"layers.0.residual_group.blocks.{i}", "layer", 10.0**i, 10.0**i, 3.0 - i)
+        BlockStats(f"layers.0.residual_group.blocks.{i}", "layer", 10.0**i, 10.0**i, 3.0 - i, 2.0)
         for i in range(4)
-    ] + [BlockStats("layers.0", "group", 5.0, 9.0, 1.0)]
+    ] + [BlockStats("layers.0", "group", 5.0, 9.0, 1.0)]  # balance NaN: an old record
     _assert_png(plot_block_stats(stats, tmp_path / "sub" / "blocks.png"))
     rng = np.random.default_rng(0)
     fm = rng.normal(size=16)

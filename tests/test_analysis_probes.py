@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from irformer.analysis.probes import (
     FeatureProbe,
     block_kind,
+    channel_balance_entropy,
     channel_entropy,
     discover_blocks,
     feature_stats,
@@ -68,12 +69,64 @@ def test_entropy_layout_errors() -> None:
         channel_entropy(torch.zeros(2, 3))
 
 
+# --------------------------------------------------------------------------- balance entropy
+
+
+def test_balance_entropy_two_channels_by_hand() -> None:
+    # mean |x| per channel: [1, 2] -> p = [1/3, 2/3]; -sum p ln p = 0.6365142
+    x = torch.tensor([[[1.0, -3.0], [-1.0, 1.0]]])
+    assert channel_balance_entropy(x).item() == pytest.approx(0.6365142, abs=1e-6)
+    assert channel_balance_entropy(torch.ones(1, 5, 4)).item() == pytest.approx(math.log(4))
+
+
+@pytest.mark.parametrize("a", [1e-4, 0.1, 3.0, 1e4, -2.0])
+def test_balance_entropy_is_scale_invariant_and_algorithm1_is_not(a: float) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(3, 40, 16) * torch.linspace(0.2, 3.0, 16)  # an uneven channel profile
+    torch.testing.assert_close(channel_balance_entropy(a * x), channel_balance_entropy(x))
+    if abs(a) >= 1e3:  # Algorithm 1 collapses for large features, same profile ...
+        assert channel_entropy(a * x).max() < 0.01
+    if abs(a) <= 1e-3:  # ... and reads "perfectly balanced" for small ones
+        assert channel_entropy(a * x).min() > math.log(16) - 1e-6
+
+
+def test_balance_entropy_is_per_sample() -> None:
+    """Each sample's value ignores the rest of the batch; maps and tokens agree."""
+    torch.manual_seed(2)
+    maps = torch.randn(3, 6, 4, 5)
+    tokens = maps.flatten(2).transpose(1, 2)
+    full = channel_balance_entropy(maps)
+    assert full.shape == (3,)
+    torch.testing.assert_close(full, channel_balance_entropy(tokens, layout="tokens"))
+    other = torch.cat([maps[1:2], 1000.0 * torch.randn(2, 6, 4, 5)])
+    torch.testing.assert_close(channel_balance_entropy(other)[0], full[1])
+
+
+def test_balance_entropy_detects_concentration() -> None:
+    """One dominant channel gives a value near 0 at any scale; mild and balanced
+    profiles stay near log C; an all-zero sample has no profile (NaN)."""
+    torch.manual_seed(3)
+    x = 0.01 * torch.randn(2, 64, 16)
+    x[..., 3] = 50.0
+    for a in (1e-3, 1.0, 1e3):
+        assert channel_balance_entropy(a * x).max().item() < 0.05
+    assert channel_entropy(1e-3 * x).min().item() > 2.7  # Algorithm 1 misses it when small
+    half = torch.randn(1, 64, 16)
+    half[..., 8:] *= 1e-6  # mass shared by 8 channels: exp(H) = 8 effective channels
+    assert math.exp(channel_balance_entropy(half).item()) == pytest.approx(8.0, rel=0.02)
+    balanced = torch.randn(1, 4096, 16)
+    assert channel_balance_entropy(balanced).item() == pytest.approx(math.log(16), abs=2e-3)
+    assert math.isnan(channel_balance_entropy(torch.zeros(1, 4, 16)).item())
+
+
 def test_feature_stats_numbers() -> None:
     x = torch.tensor([[[1.0, -3.0], [-1.0, 1.0]]])
-    sq, mx, ent = feature_stats(x)
+    sq, mx, ent, bal = feature_stats(x)
     assert sq == pytest.approx((1 + 9 + 1 + 1) / 4)
     assert mx == 3.0
     assert ent == pytest.approx(0.5822031, abs=1e-6)
+    # m = [1, 2] -> p = [1/3, 2/3]; -sum p ln p = 0.6365142
+    assert bal == pytest.approx(0.6365142, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- a tiny model
@@ -202,7 +255,8 @@ def test_feature_probe_hook_writes_jsonl(tmp_path) -> None:
     records = read_feature_records(tmp_path)
     assert len(records) == 2 * 6
     assert [r["iter"] for r in records[:6]] == [10] * 6 and records[-1]["iter"] == 20
-    assert set(records[0]) == {"iter", "block", "kind", "sq_mean", "max_abs", "entropy"}
+    assert set(records[0]) == {
+        "iter", "block", "kind", "sq_mean", "max_abs", "entropy", "balance_entropy"}  # fmt: skip
     assert records[0]["sq_mean"] == pytest.approx(records[6]["sq_mean"])  # same weights
     assert probe.calls == 2 and probe.elapsed_s > 0
     with pytest.raises(AttributeError, match="model"):

@@ -422,7 +422,7 @@ def test_iln_checkpoint_round_trip(tmp_path) -> None:
         load_checkpoint_model(path, norm="ln")
 
 
-@pytest.mark.parametrize("norm", ["ln", "iln", "in", "bn"])
+@pytest.mark.parametrize("norm", ["ln", "iln", "in", "bn", "ln_rs"])
 def test_chunked_exact_path_equals_plain(norm: str) -> None:
     """engine.infer's bounded-memory path chunks HABs and OCABs; the output is unchanged."""
     model = HAT(norm=norm, upscale=2, **TINY).eval()

@@ -16,7 +16,7 @@ from irformer.archs import (
     CheckpointMismatchError,
     build_model,
 )
-from irformer.norms import NORM_NAMES, ChannelAffine, HolisticLayerNorm
+from irformer.norms import NORM_NAMES, ChannelAffine, HolisticLayerNorm, RescaledLayerNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +72,7 @@ def test_every_architecture_has_a_row() -> None:
 def test_arch_norm_matrix(arch: str, norm: str) -> None:
     """Builds, trains one step (forward, backward: finite, non-zero gradients for every
     parameter and the input), keeps the output shape for odd sizes, runs in eval;
-    i-LN turns the embedding and final norms into per-channel affines."""
+    i-LN and ln_rs turn the embedding and final norms into per-channel affines."""
     torch.manual_seed(0)
     model = build_model(arch, norm=norm, upscale=2, **TINY[arch]).train()
     x = torch.rand(2, 3, 11, 17, requires_grad=True)
@@ -93,6 +93,10 @@ def test_arch_norm_matrix(arch: str, norm: str) -> None:
         assert isinstance(model.norm, ChannelAffine)
         branch_norms = [m for m in model.modules() if isinstance(m, HolisticLayerNorm)]
         assert branch_norms and all(m.rescale for m in branch_norms)
+    if norm == "ln_rs":  # Table 3 idx 2: i-LN's roles with per-token statistics
+        assert type(model.patch_embed.norm) is ChannelAffine and type(model.norm) is ChannelAffine
+        assert any(isinstance(m, RescaledLayerNorm) for m in model.modules())
+        assert not any(isinstance(m, HolisticLayerNorm) for m in model.modules())
 
 
 def _official_state(arch: str, spandrel_archs) -> tuple[torch.nn.Module, dict, dict]:

@@ -231,3 +231,137 @@ def test_sensitivity(setup: dict[str, Path], capsys: pytest.CaptureFixture[str])
     assert groups["layers.0"]["only_this_fp"] == pytest.approx(data["fp"], abs=1e-3)
     assert len(data["activations"]) == 16  # (4 Linear inputs + 4 attention operands) x 2 blocks
     assert (out / "sensitivity.md").read_text() == text.rstrip("\n") + "\n"
+
+
+def test_budget_curve_from_one_run_and_resume(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--dqc-iters 0,2,4`` runs 4 iterations once, scoring at 0, 2 and 4 (budget.md
+    with drift); a run killed after some rows resumes with ``--resume`` and measures
+    only what is missing, with the same numbers as an uninterrupted run."""
+    base = ["compress", "run", "--model", str(setup["ckpt"]), "--method", "2dquant,compsrt"]
+    base += ["--wbits", "3", "--calib", str(setup["calib"]), "--calib-batch", "2"]
+    base += ["--patch", "16", "--dqc-patch", "8", "--dqc-batch", "2", "--val-every", "2"]
+    base += ["--dqc-iters", "0,2,4", "--dqc-lr", "0.05", "--bench", "Set5", "--device", "cpu"]
+    base += ["--data-root", str(setup["data"]), "--latency-repeats", "0"]
+    whole = setup["root"] / "budget"
+    assert main([*base, "--out", str(whole)]) == 0
+    rows = [json.loads(line) for line in (whole / "rows.jsonl").read_text().splitlines()]
+    curve = [r for r in rows if r["dqc_checkpoint"] is not None]
+    assert {(r["method"], r["dqc_checkpoint"]) for r in curve if r["dqc_kept"]} == {
+        (m, k) for m in ("dquant2d", "compsrt") for k in (0, 2, 4)
+    }
+    for r in curve:
+        assert r["dqc_iters_done"] == r["dqc_checkpoint"] and r["dqc_val_loss"] > 0
+        assert r["dqc_best_step"] <= r["dqc_checkpoint"]
+        assert r["dqc_kept"] or r["dqc_best_step"] == r["dqc_checkpoint"]
+    zero = next(r for r in curve if r["dqc_checkpoint"] == 0 and r["method"] == "compsrt")
+    assert zero["drift"]["a_alpha_max"] == 0.0
+    last = [r for r in curve if r["dqc_checkpoint"] == 4 and r["method"] == "compsrt"]
+    assert max(r["drift"]["a_upper_shift_mean"] for r in last) > 0
+    budget = (whole / "budget.md").read_text()
+    assert "| 0 it | 2 it | 4 it |" in budget and "A |alpha|" in budget
+    # The quality table holds each configuration once: its final kept row.
+    assert (whole / "quality.md").read_text().count("| compsrt | 3/3 |") == 1
+    assert "DQC 2 it (bounds of" in capsys.readouterr().out
+
+    # Killed after the FP row and 2DQuant's first two checkpoints: resume fills the rest.
+    part = setup["root"] / "budget_resumed"
+    part.mkdir()
+    keep = [
+        line
+        for line in (whole / "rows.jsonl").read_text().splitlines()
+        if json.loads(line)["method"] == "fp32"
+        or (json.loads(line)["method"] == "dquant2d" and json.loads(line)["dqc_checkpoint"] < 4)
+    ]
+    (part / "rows.jsonl").write_text("\n".join(keep) + '\n{"model": "trunc')
+    assert main([*base, "--out", str(part), "--resume"]) == 0
+    measured = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
+    assert not any("fp32" in line for line in measured)
+    assert [line for line in measured if "dquant2d" in line] == [
+        line for line in measured if "dquant2d" in line and "DQC 4 it" in line
+    ]
+    resumed = [json.loads(line) for line in (part / "rows.jsonl").read_text().splitlines()]
+    assert sorted(json.dumps(r["scores"]) for r in resumed) == sorted(
+        json.dumps(r["scores"]) for r in rows
+    )
+    assert (part / "dqc_state").is_dir()
+
+
+def test_paper_benchmarks_and_significance(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--bench paper`` scores every CompSRT test set present (synthetic Urban100 and
+    Manga109 here; Manga109 absent from the second root), and ``compress significance``
+    tests CompSRT against the best baseline over those datasets from the rows."""
+    rng = np.random.default_rng(3)
+    roots = {"all": setup["root"] / "paper_all", "no_manga": setup["root"] / "paper_some"}
+    for key, root in roots.items():
+        names = ["Set5", "Set14", "B100", "Urban100", "Manga109"]
+        for name in names[:4] if key == "no_manga" else names:
+            for i in range(2):
+                hr = _image(rng, 32, 40)
+                write_image(root / "sr" / name / "HR" / f"im{i}.png", hr)
+                lr = matlab_imresize(hr, 0.5)
+                write_image(root / "sr" / name / "LR_bicubic" / "X2" / f"im{i}x2.png", lr)
+    base = ["compress", "run", "--model", str(setup["ckpt"]), "--calib", str(setup["calib"])]
+    base += ["--calib-batch", "2", "--patch", "16", "--dqc-iters", "0", "--bench", "paper"]
+    base += ["--device", "cpu", "--latency-repeats", "0", "--caption", "Protocol: test (DQC 0 it)."]
+    runs = {key: setup["root"] / f"run_{key}" for key in roots}
+    only = {
+        "all": ["--method", "minmax,compsrt", "--wbits", "4,3"],
+        "no_manga": ["--method", "minmax"],
+    }
+    for key, root in roots.items():
+        assert main([*base, *only[key], "--data-root", str(root), "--out", str(runs[key])]) == 0
+    rows = [json.loads(line) for line in (runs["all"] / "rows.jsonl").read_text().splitlines()]
+    assert list(rows[0]["scores"]) == ["Set5", "Set14", "B100", "Urban100", "Manga109"]
+    some = [json.loads(line) for line in (runs["no_manga"] / "rows.jsonl").read_text().splitlines()]
+    assert list(some[0]["scores"]) == ["Set5", "Set14", "B100", "Urban100"]
+    assert (runs["all"] / "quality.md").read_text().startswith("Protocol: test (DQC 0 it).\n")
+    capsys.readouterr()
+    out = setup["root"] / "significance.md"
+    assert main(["compress", "significance", str(runs["all"]), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert table == capsys.readouterr().out.rstrip("\n") + "\n"
+    lines = [line for line in table.splitlines() if line.startswith("| tiny")]
+    assert len(lines) == 2  # W4A4 and W3A3
+    assert "Set5, Set14, B100, Urban100, Manga109" in lines[0]
+    assert main(["compress", "significance", str(runs["all"]), "--baselines", "ptq4vit"]) != 0
+    assert "has both compsrt and one of" in capsys.readouterr().err
+
+
+def test_significance_statistics() -> None:
+    """The best baseline is chosen by mean PSNR; five positive differences give the
+    smallest one-sided p, 2^-5; d_z is mean / sd of the differences."""
+    from irformer.experiments.compression import CompressionRow, significance
+
+    sets = ["A", "B", "C", "D", "E"]
+
+    def row(method: str, psnr: list[float]) -> CompressionRow:
+        return CompressionRow(
+            model="m",
+            method=method,
+            wbits=2,
+            abits=2,
+            prune=0.0,
+            scores={s: (p, p / 100) for s, p in zip(sets, psnr, strict=True)},
+            megabytes=1.0,
+            bits_per_param=2.0,
+            nominal_bits_per_param=2.0,
+            latency_ms=1.0,
+            seconds_to_quantize=0.0,
+        )
+
+    ours = [30.5, 28.4, 27.3, 25.9, 29.8]
+    rows = [
+        row("minmax", [20.0] * 5),
+        row("dquant2d", [30.0, 28.0, 27.0, 25.0, 29.0]),
+        row("compsrt", ours),
+    ]
+    (test,) = significance(rows)
+    assert test.baseline == "dquant2d" and test.benchmarks == tuple(sets)
+    d = np.array(ours) - np.array([30.0, 28.0, 27.0, 25.0, 29.0])
+    assert test.psnr.p_value == pytest.approx(1 / 32)
+    assert test.psnr.cohen_dz == pytest.approx(d.mean() / d.std(ddof=1))
+    assert test.ssim.mean_diff == pytest.approx(d.mean() / 100)

@@ -271,3 +271,36 @@ def test_distillation_with_recompute_equals_without(data) -> None:
     assert logs[0].feature == pytest.approx(logs[1].feature, rel=1e-5)
     for a, b in zip(*bounds, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ablation_variants_configure_what_they_name(data) -> None:
+    """CompSRT's ablations: Hadamard on weights only leaves activations unrotated;
+    scalars-only DQC trains alpha/beta and leaves the bounds at their search result."""
+    calib, _ = data
+    model = tiny_swinir()
+    w_only = quantize_model(
+        model, method_config("2dquant_had_w", wbits=3, abits=3, dqc_iters=0), calib
+    )
+    assert w_only.config.method == "2dquant_had_w" and not w_only.config.scalar_decomposition
+    assert all(aq.rotate_size is None for _, aq in act_quantizers(w_only.model))
+    sizes = {
+        ql.in_features: ql.weight_quantizer.rotate_size for _, ql in quant_linears(w_only.model)
+    }
+    assert sizes == {12: 16, 24: 32}
+    sd = method_config("2dquant_sd", wbits=3, abits=3)
+    assert sd.rotation is None and sd.scalar_decomposition and sd.search == "dobi"
+    cfg = method_config("compsrt_scalars_only", wbits=3, abits=3, dqc_iters=4, dqc_lr=1e-2)
+    undistilled = quantize_model(model, cfg.with_overrides(dqc_iters=0), calib).model
+    result = quantize_model(model, cfg, calib, batches(1))
+    for (name, q0), (_, q1) in zip(
+        undistilled.named_modules(), result.model.named_modules(), strict=True
+    ):
+        if hasattr(q1, "lower") and hasattr(q1, "alpha") and q1.alpha is not None:
+            assert torch.equal(q0.lower, q1.lower) and torch.equal(q0.upper, q1.upper), name
+    moved = [m for m in result.model.modules() if getattr(m, "alpha", None) is not None]
+    assert any(float(m.alpha.abs().max()) > 0 for m in moved)
+    with pytest.raises(ValueError, match="nothing to distil"):
+        bad = method_config("2dquant_had_w", wbits=3, abits=3, dqc_iters=2, learn_bounds=False)
+        quantize_model(model, bad, calib, batches(1))
+    with pytest.raises(ValueError, match="unknown quantisation method"):
+        method_config("compsrt_nope", wbits=3, abits=3)

@@ -171,3 +171,35 @@ def test_paper_settings_in_shipped_configs() -> None:
     assert (dr.data.patch_size, dr.data.batch_size, dr.model.scale) == (128, 8, 1)
     table1 = {p.stem.rsplit("_", 1)[-1] for p in (REPO_ROOT / "configs" / "table1").glob("*.yaml")}
     assert {"ln", "layerscale", "rms", "rezero", "none", "in", "bn", "star", "iln"} <= table1
+
+
+def test_table3_ablation_configs() -> None:
+    """HAT_2 (Table 13 setting) has all four Table 3 rows; the rescaled rows normalise
+    the input (stdnorm) as the authors' i-LN configs do."""
+    rows = {}
+    for norm in ("ln", "ln_rs", "ln_star", "iln"):
+        cfg = load_config(REPO_ROOT / "configs" / "hat_2" / f"sr_x4_{norm}.yaml")
+        assert cfg.model.norm == norm and cfg.model.arch == "hat_2_x4"
+        rows[norm] = cfg
+    assert {n: c.model.overrides["stdnorm"] for n, c in rows.items()} == {
+        "ln": False, "ln_rs": True, "ln_star": False, "iln": True}  # fmt: skip
+    assert len({(c.train, c.data) for c in rows.values()}) == 1  # only the norm differs
+
+
+@pytest.mark.parametrize(
+    "path", ["docs/norm_study/base.yaml", "docs/norm_study/ablation/hat_base.yaml"]
+)
+def test_cpu_study_configs_build_every_table3_norm(path: str) -> None:
+    """The CPU study bases load and build with each Table 3 norm (the study sets it)."""
+    import dataclasses
+
+    from irformer.engine.train import build_network
+
+    base = load_config(REPO_ROOT / path)
+    sizes = set()
+    for norm in ("ln", "ln_rs", "ln_star", "iln"):
+        cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, norm=norm))
+        model = build_network(cfg)
+        assert model.norm_name == norm
+        sizes.add(sum(p.numel() for p in model.parameters()))
+    assert len(sizes) == 1 and 150_000 < sizes.pop() < 250_000  # small, same for all rows

@@ -256,7 +256,7 @@ def test_two_checkouts_share_one_build(
     copy = build_dir / ck.SOURCE.name
     assert calls[-1]["sources"] == [str(copy)]
     assert copy.read_bytes() == ck.SOURCE.read_bytes()
-    assert "compiling irformer's CPU kernels" in caplog.text
+    assert "compiling" in caplog.text
     old = time.time() - 3600
     os.utime(copy, (old, old))
     (build_dir / f"{build_dir.name}.so").touch()

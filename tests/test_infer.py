@@ -55,7 +55,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- exact path
 
 
-@pytest.mark.parametrize("norm", ["ln", "iln", "in"])
+@pytest.mark.parametrize("norm", ["ln", "iln", "in", "ln_rs"])
 def test_exact_chunked_equals_plain(norm: str) -> None:
     model = tiny_swinir(norm, gain=8.0)
     # 14x22 pads to 16x24: 4x6 windows of 4, shifted blocks wrap the border.
@@ -229,7 +229,7 @@ def test_restore_tensor_ensemble_with_exact_path() -> None:
 PRECISION_ATOL = {"bf16": 3e-2, "fp16": 5e-3}
 
 
-@pytest.mark.parametrize("norm", ["ln", "iln"])
+@pytest.mark.parametrize("norm", ["ln", "iln", "ln_rs"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_precision_agrees_with_fp32(norm: str, precision: str) -> None:
     model = tiny_swinir(norm)

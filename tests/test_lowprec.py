@@ -209,3 +209,44 @@ def test_guard_cli(report_inputs: tuple[Path, Path, Path], tmp_path: Path, capsy
     assert HOT in capsys.readouterr().out
     assert cli_main(["lowprec", "guard", str(iln), "--size", "16", "--count", "1"]) == 0
     assert "fp16 looks safe" in capsys.readouterr().out
+
+
+def test_lowprec_report_at_several_noise_levels(
+    report_inputs: tuple[Path, Path, Path], tmp_path: Path, capsys
+) -> None:
+    # Denoisers (scale 1) evaluated at two sigmas: one column per level, named by it; the
+    # CLI takes the same comma list as eval.
+    _, _, root = report_inputs
+    ckpts = []
+    for norm in ("ln", "iln"):
+        torch.manual_seed(0)
+        model = build_model("swinir", **{**TINY, "upscale": 1, "upsampler": ""}, norm=norm)
+        ckpts.append(tmp_path / f"dn_{norm}.safetensors")
+        save_model_weights(ckpts[-1], model.eval())
+    report = lowprec_report(
+        *ckpts,
+        benchmarks=[f"mine={root}/Set5/HR"],
+        data_root=None,
+        task="dn",
+        sigma=[15, 50],
+        settings=["fp32"],
+    )
+    assert report.benchmarks == ("mine sigma15", "mine sigma50")
+    noisy, noisier = (
+        report.row("LN", "fp32", "mine sigma15"),
+        report.row("LN", "fp32", "mine sigma50"),
+    )
+    assert noisy.psnr != noisier.psnr
+    args = [
+        "lowprec",
+        "report",
+        *map(str, ckpts),
+        "--bench",
+        f"mine={root}/Set5/HR",
+        "--task",
+        "dn",
+    ]
+    assert cli_main([*args, "--sigma", "15,50", "--settings", "fp32"]) == 0
+    assert "mine sigma50 PSNR/SSIM" in capsys.readouterr().out
+    assert cli_main([*args, "--sigma", "15,x"]) == 2
+    assert "--sigma '15,x': 'x' is not a number" in capsys.readouterr().err

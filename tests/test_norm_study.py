@@ -13,6 +13,8 @@ from PIL import Image
 from irformer.analysis.probes import read_feature_records
 from irformer.engine.config import config_from_dict
 from irformer.experiments.norm_study import (
+    RunResult,
+    entropy_reading,
     norm_variants,
     run_study,
     scale_variants,
@@ -88,6 +90,7 @@ def test_norm_study_end_to_end(data_root, tmp_path) -> None:
         assert 5.0 < r.metrics["Set5/psnr"] < 60.0 and 0 < r.metrics["Set5/ssim"] <= 1
         assert r.max_sq_mean >= r.final_sq_mean > 0
         assert 0 < r.final_entropy <= math.log(8) + 1e-6
+        assert 0 < r.final_balance_entropy <= math.log(8) + 1e-6
         assert r.probe_calls == 1 + ITERS // 2  # iteration 0 + every 2nd
         assert 0 < r.probe_overhead < 1
         records = read_feature_records(out / r.label)
@@ -101,9 +104,19 @@ def test_norm_study_end_to_end(data_root, tmp_path) -> None:
     paths = write_study_report(
         results, out, benchmarks=["Set5"], title="tiny norm study", command="irformer study norms"
     )
-    table = paths["table.md"].read_text()
+    table, reading = paths["table.md"].read_text().split("Channel entropies at the last probe")
     assert "| bn (eval) |" in table and "| bn (train-mode stats) |" in table
     assert table.count("\n| ") == 1 + 4  # header + ln, bn x2, iln
+    assert "| max \\|x\\| |" in table  # escaped: one Markdown column
+    # the entropy reading against iln: one row per run, gaps from the same numbers
+    ln, iln = results[0], results[2]
+    assert reading.count("\n| ") == 1 + 3 and "| iln |" in reading and "(reference)" in reading
+    alg_gap, bal_gap = (
+        iln.final_entropy - ln.final_entropy,
+        iln.final_balance_entropy - ln.final_balance_entropy,
+    )
+    assert f"| {alg_gap:+.3f} | {bal_gap:+.3f} |" in reading
+    assert "maximum log 8 = 2.079" in reading and "balance entropy is" in reading
     summary = json.loads(paths["summary.json"].read_text())
     assert [r["label"] for r in summary["runs"]] == ["ln", "bn", "iln"]
     for name in ("magnitude.png", "entropy.png", "magnitude_per_block.png", "final_entropy.png"):
@@ -114,6 +127,17 @@ def test_norm_study_end_to_end(data_root, tmp_path) -> None:
         run_study(runs, out_dir=out, benchmarks=["Set5"], probe_count=2)
     again = run_study(runs, out_dir=out, benchmarks=["Set5"], probe_count=2, resume=True)
     assert [r.metrics for r in again] == [r.metrics for r in results]
+    # a result.json written before the balance entropy existed still resumes (NaN)
+    done = out / "ln" / "result.json"
+    data = json.loads(done.read_text())
+    del data["final_balance_entropy"]
+    done.write_text(json.dumps(data))
+    (old,) = run_study(runs[:1], out_dir=out, benchmarks=["Set5"], probe_count=2, resume=True)
+    assert math.isnan(old.final_balance_entropy)
+    assert (
+        "| — |"
+        in write_study_report([old], out, benchmarks=["Set5"], title="t")["table.md"].read_text()
+    )
 
 
 def test_divergence_is_reported(data_root, tmp_path, monkeypatch) -> None:
@@ -159,3 +183,42 @@ def test_scale_variants_labels_and_overrides(data_root, tmp_path) -> None:
             out_dir=tmp_path,
             probe_interval=1,
         )
+
+
+def _fake_result(tmp_path: Path, label: str, norm: str, layers: list[tuple], **kw) -> RunResult:
+    """A finished run whose last probe has the given (sq_mean, entropy, balance) layers."""
+    run_dir = tmp_path / label
+    run_dir.mkdir()
+    records = [
+        {"iter": 10, "block": f"b{i}", "kind": "layer", "sq_mean": sq, "max_abs": 1.0,
+         "entropy": h, "balance_entropy": bal}
+        for i, (sq, h, bal) in enumerate(layers)
+    ]  # fmt: skip
+    (run_dir / "features.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fields = {
+        "label": label, "norm": norm, "run_dir": str(run_dir), "params": {"norm": norm},
+        "num_parameters": 1, "iters_planned": 10, "iters_done": 10, "diverged": False,
+        "divergence": "", "final_loss": 0.1, "train_seconds": 1.0, "probe_seconds": 0.1,
+        "probe_calls": 2, "max_sq_mean": 1.0, "max_abs": 1.0, "final_sq_mean": 1.0,
+        "final_entropy": math.nan, "metrics": {},
+    }  # fmt: skip
+    return RunResult(**(fields | kw))
+
+
+def test_entropy_reading_words_each_run_against_iln(tmp_path: Path) -> None:
+    """The study report's reading: numbers from each run's features.jsonl, the gap to iln
+    and which story the scale-free balance tells; nothing without an iln run."""
+    iln = _fake_result(tmp_path, "iln", "iln", [(0.02, 3.87, 3.78), (0.01, 3.87, 3.76)])
+    ln = _fake_result(tmp_path, "ln", "ln", [(1.0, 3.70, 3.74), (3.0, 3.40, 3.70)])
+    rs = _fake_result(tmp_path, "ln_rs", "ln_rs", [(0.02, 3.87, 3.775), (0.01, 3.87, 3.76)])
+    star = _fake_result(tmp_path, "ln_star", "ln_star", [(2.0, 3.5, 3.3), (2.0, 3.5, 3.3)])
+    bad = _fake_result(tmp_path, "none", "none", [(1.0, 3.0, 3.0)], diverged=True)
+    lines = entropy_reading([ln, rs, star, bad, iln])
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert rows["ln"] == ("| ln | 3 | 3.550 | 3.720 | 41.3 | +0.320 | +0.050 | mostly the scale |")
+    assert rows["ln_rs"].endswith("| same on both |")
+    assert rows["ln_star"].endswith("| balance confirms Alg. 1 |")
+    assert rows["none"].endswith("| diverged |")
+    assert rows["iln"].endswith("| — | — | (reference) |")
+    assert not any("maximum log" in line for line in lines)  # no config.yaml: C unknown
+    assert entropy_reading([ln, star]) == []

@@ -8,12 +8,16 @@ import torch
 from irformer.archs.swinir import SwinIR, SwinTransformerBlock
 from irformer.norms import (
     NORM_NAMES,
+    RESCALING_NORMS,
     BatchNorm,
     ChannelAffine,
     HolisticLayerNorm,
+    RescaledLayerNorm,
     build_norm,
+    image_statistics_norms,
     merge_residual,
     set_batchnorm_eval_mode,
+    token_std,
 )
 
 
@@ -106,7 +110,29 @@ def test_outputs_do_not_depend_on_other_samples(name: str, train: bool) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ln", "iln", "in", "bn"])
+@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("train", [False, True])
+def test_image_statistics_flag_matches_behaviour(name: str, train: bool) -> None:
+    """``image_statistics`` (what the tiling warning and the memory planner read) is
+    True exactly when a token slice is normalised and merged differently from the
+    same tokens inside the whole image: ln_rs, like ln, uses per-token statistics
+    only (its rescale too), so tiles see the model's own numbers; LN*, i-LN, IN
+    and BN with batch statistics do not."""
+    torch.manual_seed(7)
+    x = torch.randn(1, 32, 8) * torch.rand(1, 32, 1) * 5 + 1
+    norm = build_norm(name, 8).train(train)
+    whole = _branch_output(name, x, train)[:, :10]
+    part = _branch_output(name, x[:, :10], train)
+    differs = not torch.allclose(whole, part, rtol=0, atol=1e-6)
+    assert norm.image_statistics == differs
+    model = SwinIR(
+        img_size=8, embed_dim=8, depths=(1,), num_heads=(2,), window_size=4,
+        upscale=2, upsampler="pixelshuffledirect", norm=name,
+    ).train(train)  # fmt: skip
+    assert bool(image_statistics_norms(model)) == differs
+
+
+@pytest.mark.parametrize("name", ["ln", "iln", "in", "bn", "ln_rs"])
 def test_model_outputs_do_not_depend_on_other_samples(name: str) -> None:
     torch.manual_seed(6)
     model = SwinIR(
@@ -151,6 +177,114 @@ def test_ln_block_is_not_homogeneous() -> None:
     assert rel > 1e-2
 
 
+def _per_token_scales(x: torch.Tensor) -> torch.Tensor:
+    """A positive factor per token, (B, L, 1), spanning two orders of magnitude."""
+    torch.manual_seed(11)
+    return torch.exp(torch.empty(x.shape[0], x.shape[1], 1, dtype=x.dtype).uniform_(-2.3, 2.3))
+
+
+def test_ln_rs_block_is_homogeneous_per_token() -> None:
+    """Table 3 idx 2: block(D x) = D block(x) for any positive per-token diagonal D.
+
+    Proof the test checks: LN(a_l x_l) = LN(x_l) for a_l > 0 (up to eps), so every
+    token's normalised input, hence the attention/MLP branch (which mixes tokens
+    only through those normalised inputs), is unchanged; the merge multiplies token
+    l's branch by sqrt(a_l^2 var_l + eps) ~ a_l sqrt(var_l + eps), so both halves of
+    the block map x_l to a_l * out_l. Up to eps = 1e-5 against a variance of ~100.
+    """
+    x = torch.randn(2, 64, 8, dtype=torch.float64) * 10 + 3
+    d = _per_token_scales(x)
+    block = _block("ln_rs")
+    with torch.no_grad():
+        want = d * block(x, (8, 8))
+        rel = (block(d * x, (8, 8)) - want).norm() / want.norm()
+        rel_global = (block(3.0 * x, (8, 8)) - 3.0 * block(x, (8, 8))).norm() / want.norm()
+    assert rel < 1e-6 and rel_global < 1e-6
+
+
+@pytest.mark.parametrize("name", ["iln", "ln", "ln_star"])
+def test_only_ln_rs_is_homogeneous_per_token(name: str) -> None:
+    """i-LN is homogeneous for one global factor only (per-token factors change the
+    holistic statistics and the token geometry); LN and LN* not at all."""
+    x = torch.randn(2, 64, 8, dtype=torch.float64) * 10 + 3
+    d = _per_token_scales(x)
+    block = _block(name)
+    with torch.no_grad():
+        want = d * block(x, (8, 8))
+        rel = (block(d * x, (8, 8)) - want).norm() / want.norm()
+    assert rel > 1e-2
+
+
+def test_ln_rs_merge_is_the_per_token_std_rescale() -> None:
+    """x + sqrt(var_c(x_l) + eps) * branch_l, with LN's biased per-token variance."""
+    torch.manual_seed(12)
+    norm = build_norm("ln_rs", 6).double()
+    assert isinstance(norm, RescaledLayerNorm) and norm.eps == 1e-5
+    x = torch.randn(2, 5, 6, dtype=torch.float64) * torch.rand(2, 5, 1) * 4 + 1
+    branch = torch.randn(2, 5, 6, dtype=torch.float64)
+    stats = norm.statistics(x)
+    std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(merge_residual(x, branch, norm, stats), x + std * branch)
+    torch.testing.assert_close(norm.normalize(x, stats), build_norm("ln", 6).double()(x))
+    # any token slice gets exactly its own std (the chunked inference paths)
+    torch.testing.assert_close(
+        merge_residual(x[:, 1:3], branch[:, 1:3], norm, stats), (x + std * branch)[:, 1:3]
+    )
+    with pytest.raises(ValueError, match="per-token std of the residual input"):
+        norm.rescale_branch(branch, stats)
+
+
+def test_ln_rs_rescale_gradient_flows_through_std() -> None:
+    """As i-LN: the per-token std is not detached; the analytic gradient matches a
+    finite difference, and detaching the std would change it by far more."""
+    torch.manual_seed(13)
+    norm = build_norm("ln_rs", 6)
+    lin = torch.nn.Linear(6, 6)
+
+    def f(x: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        stats = norm.statistics(x)
+        branch = lin(norm.normalize(x, stats))
+        if not detach:
+            return merge_residual(x, branch, norm, stats)
+        return x + token_std(x, norm.eps).detach() * branch
+
+    x = torch.randn(2, 5, 6) * 3 + 1
+    w = torch.randn(2, 5, 6)
+    direction = torch.randn(2, 5, 6)
+    grads = []
+    for detach in (False, True):
+        xg = x.clone().requires_grad_(True)
+        (f(xg, detach) * w).sum().backward()
+        grads.append((xg.grad * direction).sum())
+    h = 1e-2
+    with torch.no_grad():
+        numeric = ((f(x + h * direction) - f(x - h * direction)) * w).sum() / (2 * h)
+    assert abs(grads[0] - numeric) < 2e-3 * abs(numeric)
+    assert abs(grads[1] - numeric) > 20 * abs(grads[0] - numeric)
+
+
+def test_ln_rs_statistics_are_fp32_under_low_precision() -> None:
+    """The rescale's std is computed in fp32 from bf16 tokens (also under autocast);
+    only the final multiply-add runs in the branch dtype."""
+    torch.manual_seed(14)
+    x = (torch.randn(2, 16, 8) * 300 + 50).bfloat16()
+    std = token_std(x, 1e-5)
+    assert std.dtype == torch.float32 and std.shape == (2, 16, 1)
+    torch.testing.assert_close(std, torch.sqrt(x.float().var(-1, unbiased=False, keepdim=True)))
+    norm = build_norm("ln_rs", 8).bfloat16()
+    branch = torch.randn(2, 16, 8).bfloat16()
+    out = merge_residual(x, branch, norm, norm.statistics(x))
+    assert out.dtype == torch.bfloat16
+    exact = x.double() + std.bfloat16().double() * branch.double()
+    assert ((out.double() - exact).abs() <= exact.abs() * 2.0**-7 + 1e-3).all()
+    block = _block("ln_rs").float()
+    xf = torch.randn(1, 64, 8) * 10
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(xf, (8, 8))
+    ref = block(xf, (8, 8)).detach()
+    assert torch.isfinite(y).all() and (y.float() - ref).norm() / ref.norm() < 2e-2
+
+
 def test_iln_rescale_gradient_flows_through_std() -> None:
     """The authors do not detach the std: the gradient has the std term, and it matches
     a finite difference (detaching it would change the gradient by far more)."""
@@ -187,14 +321,19 @@ def test_iln_statistics_are_fp32_under_low_precision() -> None:
     assert norm.normalize(x, stats).dtype == torch.bfloat16
 
 
-def test_iln_embed_and_final_roles_are_affine() -> None:
-    """i-LN replaces the post-embedding and final norms by a per-channel affine."""
+@pytest.mark.parametrize("name", RESCALING_NORMS)
+def test_rescaling_norms_embed_and_final_roles_are_affine(name: str) -> None:
+    """i-LN (and ln_rs, its per-token ablation) replace the post-embedding and final
+    norms by a per-channel affine: a norm there would erase the input scale the
+    rescale carries. LN* (no rescale) keeps its norm there."""
     for role in ("embed", "final"):
-        norm = build_norm("iln", 4, role=role)
-        assert isinstance(norm, ChannelAffine)
+        norm = build_norm(name, 4, role=role)
+        assert type(norm) is ChannelAffine
         x = torch.randn(1, 3, 4)
         torch.testing.assert_close(norm(x), x)  # weight 1, bias 0 at init
+        assert isinstance(build_norm("ln_star", 4, role=role), HolisticLayerNorm)
     assert isinstance(build_norm("iln", 4), HolisticLayerNorm)
+    assert isinstance(build_norm("ln_rs", 4), RescaledLayerNorm)
 
 
 def test_rezero_and_layerscale_start_near_identity() -> None:

@@ -150,6 +150,24 @@ def test_iln_file_never_loads_as_ln(tmp_path) -> None:
     assert load_weights(same, path)["norm"] == "iln"
 
 
+@pytest.mark.parametrize(("saved", "other"), [("ln_rs", "ln"), ("ln", "ln_rs"), ("ln_rs", "iln")])
+def test_ln_rs_file_never_loads_as_another_norm(tmp_path, saved: str, other: str) -> None:
+    """ln_rs keeps LN's key names (its embed/final affines too), so only the metadata
+    tells it apart: a marked file refuses to load under any other norm."""
+    model = build_model("swinir", upscale=2, upsampler="pixelshuffledirect", norm=saved, **TINY)
+    path = save_model_weights(tmp_path / f"{saved}.safetensors", model)
+    with pytest.raises(ValueError, match=rf"norm='{other}' \(file: '{saved}'\)"):
+        load_checkpoint_model(path, norm=other)
+    wrong = build_model("swinir", upscale=2, upsampler="pixelshuffledirect", norm=other, **TINY)
+    with pytest.raises(ValueError, match=f"trained with norm '{saved}' but the model uses"):
+        load_weights(wrong, path)
+    loaded, meta = load_checkpoint_model(path)
+    assert meta["norm"] == saved and loaded.norm_name == saved
+    x = torch.rand(1, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
 def test_marked_file_rejects_other_hyper_parameters(tmp_path) -> None:
     model = build_model(
         "swinir_light_x2", norm="ln_star", embed_dim=12, depths=(1,), num_heads=(2,)

@@ -330,11 +330,14 @@ def test_demo_feature_summary_and_table() -> None:
         {"iter": 20, "block": "b", "kind": "layer", "sq_mean": 9.0, "entropy": 1.0},
         {"iter": 20, "block": "g", "kind": "group", "sq_mean": 99.0, "entropy": 0.0},
     ]
-    assert final_features(records) == (9.0, 1.5)
+    for rec, balance in zip(records, (3.3, 3.0, 2.0, 0.5), strict=True):
+        rec["balance_entropy"] = balance
+    assert final_features(records) == (9.0, 1.5, 2.5)
     scores = {"bicubic": {"x": (30.0, 0.9)}, "LN": {"x": (31.0, 0.91)}}
-    table = markdown_table(scores, {"LN": (9.0, 1.5)}, {"LN": 12.0})
-    assert "| LN | 31.00 / 0.9100 | 31.00 | 9 | 1.500 | 12 |" in table
-    assert "| bicubic | 30.00 / 0.9000 | 30.00 | - | - | - |" in table
+    table = markdown_table(scores, {"LN": (9.0, 1.5, 2.5)}, {"LN": 12.0})
+    assert "Alg. 1 entropy | balance entropy" in table
+    assert "| LN | 31.00 / 0.9100 | 31.00 | 9 | 1.500 | 2.500 | 12 |" in table
+    assert "| bicubic | 30.00 / 0.9000 | 30.00 | - | - | - | - |" in table
 
 
 @pytest.mark.slow
@@ -347,9 +350,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         )
         == 0
     )
-    for name in ("summary.md", "magnitude.png", "entropy.png", "loss.png", "restored.png"):
+    for name in ("summary.md", "magnitude.png", "entropy.png", "balance_entropy.png", "loss.png",
+                 "restored.png"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0
-    assert "| i-LN |" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| i-LN |" in summary and "scale-invariant balance entropy is" in summary
 
 
 @pytest.mark.parametrize("norm", ["ln", "iln"])

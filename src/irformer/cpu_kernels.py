@@ -84,19 +84,27 @@ def machine_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
-def _build_tag() -> str:
+def _build_tag(source: Path = SOURCE, flags: tuple[str, ...] = ()) -> str:
     """:func:`machine_tag` and the kernel source: a build is only loaded where it
     was built for (a shared home directory must not hand an older CPU or another
     torch ABI a build), and two checkouts with different kernel sources get
     different folders instead of rebuilding each other's on every switch."""
-    source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()
-    return hashlib.sha1(f"{machine_tag()} {source}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(source.read_bytes()).hexdigest()
+    extra = f" {' '.join(flags)}" if flags else ""  # none: the tags of existing builds
+    return hashlib.sha1(f"{machine_tag()} {digest}{extra}".encode()).hexdigest()[:10]
 
 
 def _build() -> ModuleType:
+    return build_extension("irformer_cpu_kernels", SOURCE)
+
+
+def build_extension(prefix: str, source: Path, *, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+    """Compile (or load the cached build of) the C++ extension ``source``, named
+    ``prefix`` + :func:`_build_tag` (of the source and the extra flags); raises
+    whatever the build raises."""
     from torch.utils import cpp_extension
 
-    name = f"irformer_cpu_kernels_{_build_tag()}"
+    name = f"{prefix}_{_build_tag(source, extra_cflags)}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
         Path.home() / ".cache" / "torch_extensions"
     )
@@ -113,22 +121,22 @@ def _build() -> ModuleType:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    # Compile a copy inside the build folder: ninja's build file names the source
-    # by path, so two checkouts with the same source (same tag, same folder) would
-    # each find the other's path in it and rebuild on every switch.
-    source = build_dir / SOURCE.name
-    text = SOURCE.read_bytes()
-    if not source.is_file() or source.read_bytes() != text:
-        atomic_write(source, text)
+    # Build from a copy inside the build folder: ninja records the source path, so
+    # checkouts at different paths (git worktrees) sharing one tagged folder would
+    # otherwise rebuild each other's identical extension on every switch.
+    local = build_dir / source.name
+    content = source.read_bytes()
+    if not local.is_file() or local.read_bytes() != content:
+        atomic_write(local, content)
     if (build_dir / f"{name}.so").exists():
         log.debug("loading irformer's CPU kernels from %s", build_dir)
     else:
-        log.info("compiling irformer's CPU kernels (once per machine and version: ~30 s)")
+        log.info("compiling %s (once per machine and version: ~30 s)", source.name)
     return cpp_extension.load(
         name=name,
         build_directory=str(build_dir),
-        sources=[str(source)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        sources=[str(local)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

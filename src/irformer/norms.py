@@ -37,9 +37,20 @@ NormName = Literal[
     "none",
     "layerscale",
     "rezero",
+    "ln_rs",
 ]
 NORM_NAMES: tuple[str, ...] = get_args(NormName)
-"""Every name :func:`build_norm` accepts (the paper's Table 1 set)."""
+"""Every name :func:`build_norm` accepts: the paper's Table 1 set and ``ln_rs``, the
+one Table 3 row that Table 1 lacks (per-token LN with i-LN's rescale).
+
+The four rows of Table 3 are ``ln`` (idx 1), ``ln_rs`` (idx 2: rescaling, no
+spatial holisticness), ``ln_star`` (idx 3: holisticness, no rescaling) and
+``iln`` (idx 4: both)."""
+
+RESCALING_NORMS: tuple[NormName, ...] = ("iln", "ln_rs")
+"""Norms whose branch is multiplied by the input's std before the residual add
+(the paper's "Rs"): their blocks carry the input scale through, and their
+post-embedding and final norms are plain affines (see :func:`build_norm`)."""
 
 NormRole = Literal["branch", "embed", "final"]
 """Where a norm sits: ``branch`` feeds an attention/MLP branch that is merged
@@ -122,6 +133,52 @@ class LayerNorm(_ChannelAffine):
 
     def normalize(self, x: Tensor, stats: Tensor | None) -> Tensor:
         return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+class RescaledLayerNorm(LayerNorm):
+    """Per-token LN with i-LN's rescale: the i-LN paper's Table 3 idx 2 ("Rs" without "SH").
+
+    The branch fed by this norm is multiplied, token by token, by the std of
+    that token over its C channels before the residual add:
+
+        x_l + sqrt(var_c(x_l) + eps) * f(LN(x))_l
+
+    i.e. i-LN (paper Eq. 5) with LN's per-token statistics in place of LN*'s
+    per-image ones. Because ``LN(a_l x_l) = LN(x_l)`` for any positive per-token
+    factor ``a_l`` (up to eps), the whole block is positively homogeneous of
+    degree one *per token*: ``block(D x) = D block(x)`` for every positive
+    diagonal ``D`` over tokens, which is stronger than i-LN's one global factor.
+
+    The per-token std is a function of the token alone, so :meth:`merge`
+    recomputes it (in fp32, even under autocast) from the residual input it is
+    given instead of carrying it in ``stats``: any token slice of ``x`` (the
+    chunked inference paths) then gets exactly its own std without indexing a
+    ``(B, L, 1)`` statistics tensor. :meth:`statistics` therefore returns None,
+    and the gradient flows through the std (not detached), as in i-LN.
+    """
+
+    def merge(self, x: Tensor, branch: Tensor, stats: Tensor | None) -> Tensor:
+        return torch.addcmul(x, branch, token_std(x, self.eps).to(branch.dtype))
+
+    def rescale_branch(self, branch: Tensor, stats: Tensor | None) -> Tensor:
+        raise ValueError(
+            "ln_rs rescales the branch by the per-token std of the residual input, which "
+            "rescale_branch does not see; merge through merge_residual(x, branch, norm, stats)"
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, rescale=per-token"
+
+
+def token_std(x: Tensor, eps: float) -> Tensor:
+    """Per-token ``sqrt(var + eps)`` over the channel dim (biased variance), in fp32.
+
+    x: (..., C). Returns (..., 1) in fp32 (fp64 stays fp64), as LN's own statistics.
+    """
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = (xf - mean).square().mean(dim=-1, keepdim=True)  # two passes: stable
+    return torch.sqrt(var + eps)
 
 
 class HolisticLayerNorm(_ChannelAffine):
@@ -355,6 +412,14 @@ def build_norm(
     and ``final`` norms (after patch embedding / after the body) have no branch,
     so i-LN replaces them with :class:`ChannelAffine` (as the authors' code
     does), and ``rezero``/``none`` with the identity.
+
+    ``ln_rs`` (Table 3 idx 2) does what i-LN does there: an affine, not a
+    per-token LN. A per-token LN after patch embedding would erase each token's
+    input scale, which is exactly what the rescale is meant to carry through the
+    body, and keeping the two roles identical makes ``ln_rs`` vs ``iln`` differ
+    in one factor only (per-token vs per-image statistics), as the ablation
+    intends. (``ln_star``, idx 3, keeps LN* there: without a rescale there is no
+    input scale to preserve, so it normalises like ``ln``.)
     """
     if name not in NORM_NAMES:
         raise ValueError(f"unknown norm {name!r}; valid norms: {', '.join(NORM_NAMES)}")
@@ -362,7 +427,7 @@ def build_norm(
         raise ValueError(f"unknown norm role {role!r}; expected 'branch', 'embed' or 'final'")
     kwargs = {} if eps is None else {"eps": eps}
     if role != "branch":
-        if name == "iln":
+        if name in RESCALING_NORMS:
             return ChannelAffine(dim)
         if name in ("rezero", "none"):
             return Identity()
@@ -370,6 +435,8 @@ def build_norm(
             return LayerNorm(dim, **kwargs)
     if name == "ln":
         return LayerNorm(dim, **kwargs)
+    if name == "ln_rs":
+        return RescaledLayerNorm(dim, **kwargs)
     if name == "ln_star":
         return HolisticLayerNorm(dim, **kwargs)
     if name == "iln":

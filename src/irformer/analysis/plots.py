@@ -48,20 +48,29 @@ def _short(name: str) -> str:
 
 
 def plot_block_stats(stats: Sequence[BlockStats], path: str | Path, *, title: str = "") -> Path:
-    """Per-block magnitude (bars, log axis; ``max|x|`` as dots) and channel entropy (line)."""
+    """Per-block mean square (bars, log axis; ``max|x|`` as dots) and both channel
+    entropies (lines: Algorithm 1 and the scale-invariant balance)."""
     if not stats:
         raise ValueError("no block statistics to plot")
     fig = Figure(figsize=(max(6.0, 0.25 * len(stats) + 2), 4.0), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(stats))
     colours = [KIND_COLOURS.get(s.kind, "tab:gray") for s in stats]
-    ax.bar(x, [max(s.sq_mean, 1e-30) for s in stats], color=colours, label="mean $x^2$")
+    ax.bar(x, [max(s.sq_mean, 1e-30) for s in stats], color=colours, label="mean square $x^2$")
     ax.plot(x, [s.max_abs for s in stats], "k.", label="max |x|")
     ax.set_yscale("log")
     ax.set_ylabel("feature magnitude")
     ax.set_xticks(x, [_short(s.block) for s in stats], rotation=90, fontsize=7)
     ax2 = ax.twinx()
-    ax2.plot(x, [s.entropy for s in stats], "-o", color="tab:red", ms=3, label="channel entropy")
+    ax2.plot(x, [s.entropy for s in stats], "-o", color="tab:red", ms=3, label="Alg. 1 entropy")
+    ax2.plot(
+        x,
+        [s.balance_entropy for s in stats],
+        "--s",
+        color="tab:purple",
+        ms=3,
+        label="balance entropy (scale-free)",
+    )
     ax2.set_ylabel("channel entropy (nats)", color="tab:red")
     ax2.set_ylim(bottom=0)
     handles = ax.get_legend_handles_labels()
@@ -77,10 +86,15 @@ def plot_block_stats(stats: Sequence[BlockStats], path: str | Path, *, title: st
 def records_by_block(
     records: Sequence[Mapping[str, Any]], metric: str, *, kind: str | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``block -> (iterations, values)`` of one metric, in block order of first appearance."""
+    """``block -> (iterations, values)`` of one metric, in block order of first appearance.
+
+    Records without ``metric`` (files written before it was recorded) are skipped.
+    """
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for rec in records:
         if kind is not None and rec.get("kind", kind) != kind:
+            continue
+        if metric not in rec:
             continue
         series[rec["block"]].append((int(rec["iter"]), float(rec[metric])))
     out = {}
@@ -97,10 +111,15 @@ def reduce_over_blocks(
     *,
     kind: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per iteration, the max (or mean) of ``metric`` over all blocks (or those of one kind)."""
+    """Per iteration, the max (or mean) of ``metric`` over all blocks (or those of one kind).
+
+    Records without ``metric`` are skipped (empty arrays if none has it).
+    """
     per_iter: dict[int, list[float]] = defaultdict(list)
     for rec in records:
         if kind is not None and rec.get("kind", kind) != kind:
+            continue
+        if metric not in rec:
             continue
         per_iter[int(rec["iter"])].append(float(rec[metric]))
     iters = np.array(sorted(per_iter))
@@ -110,14 +129,24 @@ def reduce_over_blocks(
     return iters, np.array([fn(per_iter[i]) for i in iters], dtype=float)
 
 
+def has_metric(records: Sequence[Mapping[str, Any]], metric: str) -> bool:
+    """Whether any record carries ``metric`` (old ``features.jsonl`` lack ``balance_entropy``)."""
+    return any(metric in rec for rec in records)
+
+
 def plot_per_block_curves(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
     path: str | Path,
     *,
     metric: str = "sq_mean",
     kind: str = "layer",
+    sharey: bool = True,
 ) -> Path:
-    """One panel per run: ``metric`` of every block vs iteration, coloured by depth (Fig. 1a)."""
+    """One panel per run: ``metric`` of every block vs iteration, coloured by depth (Fig. 1a).
+
+    ``sharey`` gives every panel the same y range, so runs compare at a glance
+    (per-panel ranges would blow a 0.01-nat wiggle up to full height).
+    """
     if not runs:
         raise ValueError("no runs to plot")
     n = len(runs)
@@ -125,8 +154,10 @@ def plot_per_block_curves(
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
     log = metric in ("sq_mean", "max_abs")
+    first = None
     for i, (label, records) in enumerate(runs.items()):
-        ax = fig.add_subplot(rows, cols, i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1, sharey=first if sharey else None)
+        first = first or ax
         series = records_by_block(records, metric, kind=kind) or records_by_block(records, metric)
         cmap = _colormap("viridis")
         for j, (_, (it, val)) in enumerate(series.items()):
@@ -169,9 +200,10 @@ def plot_run_overlay(
 
 
 _METRIC_LABELS = {
-    "sq_mean": "mean $x^2$",
+    "sq_mean": "mean square $x^2$",
     "max_abs": "max |x|",
-    "entropy": "channel entropy (nats)",
+    "entropy": "Alg. 1 channel entropy (nats)",
+    "balance_entropy": "channel balance entropy (nats, scale-free)",
 }
 
 
@@ -199,6 +231,44 @@ def plot_bars(
     if log:
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_final_entropies(
+    alg1: Mapping[str, float],
+    balance: Mapping[str, float],
+    path: str | Path,
+    *,
+    channels: int | None = None,
+    title: str = "",
+) -> Path:
+    """Both channel entropies per configuration, side by side (Fig. 8 with the
+    scale-invariant measure beside the paper's). ``channels`` draws ``log C``."""
+    labels = list(dict.fromkeys([*alg1, *balance]))
+    if not labels:
+        raise ValueError("no values to plot")
+    fig = Figure(figsize=(max(4.5, 0.9 * len(labels) + 2.0), 3.6), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    pos = np.arange(len(labels))
+    width = 0.38
+    for offset, values, colour, name in (
+        (-width / 2, alg1, "tab:red", "Alg. 1 (softmax of mean |x|)"),
+        (width / 2, balance, "tab:purple", "balance (mean |x| / sum, scale-free)"),
+    ):
+        heights = [float(values.get(k, math.nan)) for k in labels]
+        shown = [h if math.isfinite(h) else 0.0 for h in heights]
+        ax.bar(pos + offset, shown, width, color=colour, label=name)
+        for i, h in enumerate(heights):
+            ax.annotate(
+                f"{h:.3f}", (pos[i] + offset, shown[i]), ha="center", va="bottom", fontsize=6
+            )
+    if channels:
+        ax.axhline(math.log(channels), color="gray", ls="--", lw=0.8, label=f"log {channels}")
+    ax.set_xticks(pos, labels, rotation=30, ha="right")
+    ax.set_ylabel("channel entropy at the end (nats)")
+    ax.legend(fontsize=7, loc="lower right")
     if title:
         ax.set_title(title)
     return _save(fig, path)

@@ -1,14 +1,24 @@
 """Feature probes: what happens inside an IR Transformer (i-LN paper, Sec. 2.1 and 3.3).
 
 On a fixed probe batch, every Transformer layer and every residual group is
-measured with three numbers:
+measured with four numbers:
 
-* ``sq_mean``: the mean of ``x**2`` over all values (the EDM2 "magnitude" the
-  paper plots in Figs. 1, 2 and 4; about 1 for unit-variance features);
+* ``sq_mean``: the *mean square*, the mean of ``x**2`` over all values (not the
+  RMS, which is its square root). The paper plots "the squared mean of
+  intermediate features ... following EDM2" (arXiv v1: "the squared feature
+  norms"), a squared quantity, so this is what its Figs. 1, 2 and 4 show; about
+  1 for unit-variance features, and a "million-scale" mean square is an RMS of
+  ~1000;
 * ``max_abs``: the largest ``|x|`` (where fp16 overflows first);
-* ``entropy``: the channel entropy of the paper's Algorithm 1, averaged over
-  the batch. It collapses towards 0 when a few channels carry huge values and
-  is ``log(C)`` for perfectly balanced channels.
+* ``entropy``: the channel entropy of the paper's Algorithm 1 (softmax over the
+  channel-wise mean ``|x|``), averaged over the batch. It is kept exactly as the
+  paper defines it, but it is *not* scale invariant: the softmax acts on the raw
+  magnitudes, so it tends to ``log(C)`` as the features shrink and to 0 as they
+  grow, whatever the channel profile;
+* ``balance_entropy``: the Shannon entropy of the channel profile normalised to
+  sum 1 (:func:`channel_balance_entropy`). Invariant to the feature scale, so
+  it measures only how evenly the channels share the magnitude: ``log(C)`` for
+  balanced channels, 0 when one channel carries everything.
 
 :class:`FeatureProbe` runs as a trainer hook (appending JSONL records to the run
 directory) or once on a checkpoint. Two checkpoint analyses go with it: the
@@ -64,6 +74,36 @@ def channel_entropy(x: Tensor, *, layout: str = "auto", eps: float = ENTROPY_EPS
     return -(p * torch.log(p + eps)).sum(dim=-1)
 
 
+def channel_balance_entropy(x: Tensor, *, layout: str = "auto") -> Tensor:
+    """Scale-invariant channel balance, one value per sample (nats).
+
+    For each sample, ``m_c`` is the mean ``|x|`` of channel ``c`` over the
+    spatial positions (Algorithm 1's step 1), ``p_c = m_c / sum_c m_c`` and the
+    result is ``-sum_c p_c log p_c`` (``0 log 0 = 0``, no eps).
+
+    Why this and not Algorithm 1: Algorithm 1's softmax over ``m`` is a softmax
+    with temperature 1 over raw magnitudes, so ``Alg1(a x)`` tends to ``log C``
+    as ``a -> 0`` and to ``log(#argmax channels)`` as ``a -> inf`` for any
+    fixed channel profile; it mixes "how large" with "how uneven". Normalising
+    ``m`` by its sum removes the scale exactly (``m(a x) = |a| m(x)``), keeps the
+    paper's step 1 (channel-wise mean ``|x|``) and its reading (``log C`` =
+    perfectly balanced, 0 = one channel carries everything), and needs no
+    temperature. (Algorithm 1 applied to ``m / mean(m)`` would also be scale
+    free, but its exponential still weights the profile by a C-dependent,
+    arbitrary temperature.) ``exp`` of the value is the effective number of
+    channels carrying the magnitude (the perplexity of ``p``).
+
+    x: tokens ``(B, L, C)`` or maps ``(B, C, H, W)`` (see :func:`channel_entropy`).
+    Returns ``(B,)`` in fp32; NaN for an all-zero sample (no profile to measure).
+    """
+    layout = _resolve_layout(x, layout)
+    a = x.detach().float().abs()
+    m = a.mean(dim=1) if layout == "tokens" else a.mean(dim=(2, 3))  # (B, C)
+    total = m.sum(dim=-1, keepdim=True)
+    p = m / total  # 0/0 = NaN for an all-zero sample, on purpose
+    return -torch.special.xlogy(p, p).sum(dim=-1)
+
+
 def _resolve_layout(x: Tensor, layout: str) -> str:
     if layout == "auto":
         if x.dim() == 3:
@@ -85,31 +125,44 @@ def _resolve_layout(x: Tensor, layout: str) -> str:
 
 @dataclass(frozen=True)
 class BlockStats:
-    """The three probe numbers of one block on the probe batch."""
+    """The probe numbers of one block on the probe batch."""
 
     block: str
     """Qualified module name, e.g. ``layers.0.residual_group.blocks.3``."""
     kind: str
     """``layer`` (one Transformer block) or ``group`` (a residual group)."""
     sq_mean: float
+    """Mean square: mean of ``x**2`` (RMS squared)."""
     max_abs: float
     entropy: float
+    """Algorithm 1 channel entropy (scale dependent), batch mean."""
+    balance_entropy: float = math.nan
+    """Scale-invariant channel balance (:func:`channel_balance_entropy`), batch mean.
+    NaN only for statistics made before it existed."""
 
     def record(self, iteration: int) -> dict[str, Any]:
         """The JSONL record written by :class:`FeatureProbe`."""
         return {"iter": iteration, **asdict(self)}
 
 
-def feature_stats(x: Tensor, *, eps: float = ENTROPY_EPS) -> tuple[float, float, float]:
-    """``(sq_mean, max_abs, entropy)`` of a tokens or maps tensor, batch-averaged."""
+def feature_stats(x: Tensor, *, eps: float = ENTROPY_EPS) -> tuple[float, float, float, float]:
+    """``(sq_mean, max_abs, entropy, balance_entropy)`` of a tokens or maps tensor,
+    batch-averaged (see :class:`BlockStats`)."""
     values = _stats_tensor(x, eps).cpu().tolist()
-    return float(values[0]), float(values[1]), float(values[2])
+    return float(values[0]), float(values[1]), float(values[2]), float(values[3])
 
 
 def _stats_tensor(x: Tensor, eps: float) -> Tensor:
-    """(3,) tensor ``[sq_mean, max_abs, entropy]`` on x's device (no host sync)."""
+    """(4,) tensor ``[sq_mean, max_abs, entropy, balance_entropy]`` on x's device."""
     xf = x.detach().float()
-    return torch.stack([xf.square().mean(), xf.abs().amax(), channel_entropy(xf, eps=eps).mean()])
+    return torch.stack(
+        [
+            xf.square().mean(),
+            xf.abs().amax(),
+            channel_entropy(xf, eps=eps).mean(),
+            channel_balance_entropy(xf).mean(),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- block discovery
@@ -246,8 +299,8 @@ def measure_blocks(
         if name not in results:
             continue  # a block that the forward pass skipped
         kind, stats = results[name]
-        sq, mx, ent = stats.cpu().tolist()
-        out.append(BlockStats(name, kind, float(sq), float(mx), float(ent)))
+        sq, mx, ent, bal = stats.cpu().tolist()
+        out.append(BlockStats(name, kind, float(sq), float(mx), float(ent), float(bal)))
     return out
 
 
@@ -259,7 +312,8 @@ class FeatureProbe:
 
     As a hook (``probe(state)``), it reads the model and iteration from the
     trainer state and appends one JSONL record per block,
-    ``{iter, block, kind, sq_mean, max_abs, entropy}``, to ``out_path``. The
+    ``{iter, block, kind, sq_mean, max_abs, entropy, balance_entropy}``, to
+    ``out_path``. The
     time spent is kept in :attr:`elapsed_s` so that its overhead can be
     reported against the training time.
     """
@@ -345,7 +399,11 @@ def truncate_records(path: Path, last_iteration: int) -> None:
 
 
 def read_feature_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``features.jsonl`` file (or of the one inside a run directory)."""
+    """Records of a ``features.jsonl`` file (or of the one inside a run directory).
+
+    ``balance_entropy`` is optional: files written before it existed lack it
+    (they cannot be re-derived: the channel profile was never stored).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / FEATURES_FILE

@@ -525,7 +525,8 @@ def _divisor_for(total: int, quotient: int, key: str) -> int:
 
 
 def _norm_from_keys(state_dict: Mapping[str, Tensor]) -> str | None:
-    """The norm when the block-norm keys tell it; None for LN-shaped keys (ln/ln_star/iln/in)."""
+    """The norm when the block-norm keys tell it; None for LN-shaped keys (ln, ln_star, iln,
+    ln_rs, in)."""
     prefix = _BLOCK0 + "norm1."
     if prefix + "bn.weight" in state_dict:
         return "bn"
@@ -545,7 +546,7 @@ def detect(state_dict: Mapping[str, Tensor]) -> dict[str, object] | None:
 
     Hyper-parameters come from key names and shapes (as spandrel's loader does).
     ``norm`` is returned only when the keys tell it (bn, layerscale, rezero,
-    rms, none); ln, ln_star, iln and in share LayerNorm's keys, so irformer
+    rms, none); ln, ln_star, iln, ln_rs and in share LayerNorm's keys, so irformer
     checkpoints carry the norm in their metadata. Not recoverable: conv_scale,
     qk_scale, img_range and stdnorm (the preset or metadata supplies them).
     """

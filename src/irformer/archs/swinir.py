@@ -18,8 +18,8 @@ change outputs: the shifted-window mask and the relative position index are
 derived per input size instead of stored; the token <-> feature-map
 transposes are views (channels-last feature maps).
 
-``norm`` picks any :data:`irformer.norms.NORM_NAMES` entry; in ``iln`` mode the
-post-embedding and final norms become per-channel affines (see
+``norm`` picks any :data:`irformer.norms.NORM_NAMES` entry; in ``iln`` and ``ln_rs``
+mode the post-embedding and final norms become per-channel affines (see
 :func:`irformer.norms.build_norm`). ``stdnorm`` additionally divides the input
 by the DF2K RGB std after subtracting the mean, as the i-LN code does.
 """

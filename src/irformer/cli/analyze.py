@@ -1,6 +1,6 @@
 """``irformer analyze``: look inside checkpoints and training runs (i-LN paper Figs. 1-9).
 
-irformer analyze features CKPT [--images DIR]   per-block magnitude and entropy
+irformer analyze features CKPT [--images DIR]   per-block magnitude and both entropies
 irformer analyze run RUN_DIR [RUN_DIR ...]      curves over training, runs overlaid
 irformer analyze bias CKPT [--images DIR]       final-norm input vs its bias (Fig. 7)
 irformer analyze rpe CKPT                       relative position bias per head (Fig. 9)
@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -38,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument("--labels", help="comma-separated labels (default: folder names)")
     p.add_argument("--out", type=Path, default=Path("analysis/runs"), help="output folder")
+    p.add_argument(
+        "--blocks",
+        nargs="?",
+        const="",
+        metavar="ITERS",
+        help="also print every block's numbers at each run's first and last probe, or at "
+        "the comma-separated probe iterations ITERS (e.g. 0,50,1500)",
+    )
     p.set_defaults(func=run_runs)
 
     p = sub.add_parser("bias", help="features entering the final norm vs its bias (Fig. 7)")
@@ -103,9 +112,16 @@ def run_features(args: argparse.Namespace) -> int:
     model, meta = _load(args)
     stats = measure_blocks(model, _probe_batch(args, meta))
     out = _out_dir(args)
-    print(f"{'block':<40} {'kind':<6} {'mean x^2':>11} {'max |x|':>11} {'entropy':>8}")
+    # mean x^2 is the mean square (RMS squared); "alg1 H" the paper's Algorithm 1
+    # entropy (scale dependent), "balance H" its scale-invariant counterpart.
+    print(
+        f"{'block':<40} {'kind':<6} {'mean x^2':>11} {'max |x|':>11} {'alg1 H':>8} {'balance H':>9}"
+    )
     for s in stats:
-        print(f"{s.block:<40} {s.kind:<6} {s.sq_mean:>11.4g} {s.max_abs:>11.4g} {s.entropy:>8.4f}")
+        print(
+            f"{s.block:<40} {s.kind:<6} {s.sq_mean:>11.4g} {s.max_abs:>11.4g} "
+            f"{s.entropy:>8.4f} {s.balance_entropy:>9.4f}"
+        )
     atomic_write(
         out / "features.json",
         json.dumps(
@@ -125,7 +141,12 @@ def run_features(args: argparse.Namespace) -> int:
 
 
 def run_runs(args: argparse.Namespace) -> int:
-    from irformer.analysis.plots import plot_per_block_curves, plot_run_overlay, reduce_over_blocks
+    from irformer.analysis.plots import (
+        has_metric,
+        plot_per_block_curves,
+        plot_run_overlay,
+        reduce_over_blocks,
+    )
     from irformer.analysis.probes import read_feature_records
 
     labels = args.labels.split(",") if args.labels else [d.name for d in args.run_dirs]
@@ -142,13 +163,61 @@ def run_runs(args: argparse.Namespace) -> int:
         plot_per_block_curves(runs, out / "magnitude_per_block.png"),
         plot_per_block_curves(runs, out / "entropy_per_block.png", metric="entropy"),
     ]
-    print(f"{'run':<20} {'last iter':>9} {'max mean x^2':>13} {'final entropy':>14}")
+    balanced = {k: v for k, v in runs.items() if has_metric(v, "balance_entropy")}
+    if balanced:
+        written += [
+            plot_run_overlay(
+                balanced,
+                out / "balance_entropy.png",
+                metric="balance_entropy",
+                how="mean",
+                kind="layer",
+            ),
+            plot_per_block_curves(
+                balanced, out / "balance_entropy_per_block.png", metric="balance_entropy"
+            ),
+        ]
+    print(
+        f"{'run':<20} {'last iter':>9} {'max mean x^2':>13} {'final alg1 H':>13} "
+        f"{'final balance H':>16}"
+    )
     for label, records in runs.items():
         it, mag = reduce_over_blocks(records, "sq_mean", "max")
         _, ent = reduce_over_blocks(records, "entropy", "mean", kind="layer")
-        print(f"{label:<20} {int(it[-1]):>9} {mag.max():>13.4g} {ent[-1]:>14.4f}")
+        _, bal = reduce_over_blocks(records, "balance_entropy", "mean", kind="layer")
+        balance = f"{bal[-1]:>16.4f}" if bal.size else f"{'(not recorded)':>16}"
+        print(f"{label:<20} {int(it[-1]):>9} {mag.max():>13.4g} {ent[-1]:>13.4f} {balance}")
+    if args.blocks is not None:
+        wanted = [int(t) for t in args.blocks.split(",") if t.strip()]
+        for label, records in runs.items():
+            _print_block_table(label, records, wanted)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _print_block_table(label: str, records: list[dict[str, Any]], wanted: list[int]) -> None:
+    """Per block at the ``wanted`` probes (default first and last): mean square, both
+    entropies and the effective channel count ``exp(balance entropy)``."""
+    import math
+
+    iters = sorted({int(r["iter"]) for r in records})
+    missing = sorted(set(wanted) - set(iters))
+    if missing:
+        raise ValueError(f"{label}: no probe at iterations {missing}; probes at {iters}")
+    for at in wanted or dict.fromkeys((iters[0], iters[-1])):
+        print(f"\n{label} @ iter {at}")
+        print(
+            f"  {'block':<40} {'kind':<6} {'mean x^2':>10} {'alg1 H':>7} {'balance H':>9} "
+            f"{'eff. ch':>7}"
+        )
+        for r in records:
+            if int(r["iter"]) != at:
+                continue
+            bal = float(r.get("balance_entropy", math.nan))
+            print(
+                f"  {r['block']!s:<40} {r.get('kind', '')!s:<6} {float(r['sq_mean']):>10.4g} "
+                f"{float(r['entropy']):>7.3f} {bal:>9.3f} {math.exp(bal):>7.1f}"
+            )
 
 
 def run_bias(args: argparse.Namespace) -> int:

@@ -7,7 +7,11 @@ Examples::
         --data-root ../shared/data --out results/compress_x4
     irformer compress run --model ckpt.safetensors --method compsrt --wbits 4 --abits 4 \\
         --prune 0.4 --calib DF2K/HR --bench Set5 --out results/prune --save-packed
+    irformer compress run --model ckpt.safetensors --method 2dquant,compsrt --wbits 2,4 \\
+        --dqc-iters 0,50,200,1000 --val-every 50 --calib DF2K/HR --bench Set5,Set14 \\
+        --out results/budget --resume            # one run per config, scored at each budget
     irformer compress report results/ln results/iln --out results/both
+    irformer compress significance results/ln results/iln --out results/significance.md
     irformer compress stats ckpt.safetensors --calib DF2K/HR --out results/stats
 """
 
@@ -18,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from irformer.cli.progress import ProgressBars
-from irformer.compress.methods import METHOD_ALIASES, METHODS
+from irformer.compress.methods import METHODS, method_names
+from irformer.compress.methods.compsrt import ABLATIONS
 from irformer.data.benchmarks import DEFAULT_DATA_ROOT, default_data_root
 from irformer.experiments.compression import (
     CompressionRow,
@@ -27,6 +32,7 @@ from irformer.experiments.compression import (
     merge_runs,
     run_experiment,
     sensitivity_experiment,
+    significance_experiment,
     statistics_experiment,
 )
 
@@ -51,16 +57,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--bench",
         default="Set5,Set14,B100",
-        help="comma-separated test sets: names or NAME=HR_DIR[,LR_DIR]",
+        help="comma-separated test sets: names or NAME=HR_DIR[,LR_DIR]; NAME? is scored "
+        "only where its folder exists; 'paper' = Set5,Set14,B100,Urban100?,Manga109? "
+        "(CompSRT's Table 2)",
     )
     _add_data_root(r)
     r.add_argument("--out", required=True, type=Path, help="output folder for tables and JSON")
+    r.add_argument(
+        "--caption",
+        default="",
+        help="first line of every table file: the protocol (DQC iterations x batch, "
+        "calibration set, benchmark subset)",
+    )
     r.add_argument("--save-packed", action="store_true", help="write and verify packed models")
     r.add_argument("--latency-size", type=int, default=128, help="LR side for latency")
+    r.add_argument(
+        "--latency-repeats", type=int, default=10, help="timed runs per model (0: no latency)"
+    )
     r.add_argument(
         "--int8-kernel",
         action="store_true",
         help="add a row for PyTorch's real int8 CPU Linears (dynamic W8A8, CPU timing)",
+    )
+    r.add_argument(
+        "--eval-kernel",
+        choices=("eager", "fused"),
+        default="eager",
+        help="activation quantisers when scoring: PyTorch ops (default) or the fused kernel",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --out, measure only the missing ones and continue "
+        "interrupted distillations from --out/dqc_state",
     )
     r.set_defaults(func=run)
 
@@ -71,7 +100,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="folders with rows.jsonl")
     m.add_argument("--out", required=True, type=Path, help="folder for the merged tables")
+    m.add_argument("--caption", default="", help="first line of every table file (the protocol)")
     m.set_defaults(func=report)
+
+    g = sub.add_parser(
+        "significance",
+        help="CompSRT vs the best baseline per configuration: one-sided Wilcoxon signed-rank "
+        "over the datasets and Cohen's d_z (CompSRT's Table 5), from `compress run` rows",
+    )
+    g.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="folders with rows.jsonl")
+    g.add_argument("--method", default="compsrt", help="the method under test")
+    g.add_argument(
+        "--baselines",
+        default="minmax,dquant2d,ptq4vit,noisyquant",
+        help="comma-separated methods it is compared with (the best one per configuration)",
+    )
+    g.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    g.set_defaults(func=significance_cmd)
 
     s = sub.add_parser("stats", help="Shapiro-Wilk/range/eps-band tests pre vs post Hadamard")
     s.add_argument("checkpoint", metavar="CKPT", help="weights file or shipped model name")
@@ -122,7 +167,8 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="compsrt",
-        help=f"comma-separated methods: {', '.join(METHODS)} (alias: 2dquant)",
+        help=f"comma-separated methods: {', '.join(METHODS)} (alias: 2dquant); CompSRT's "
+        f"ablations: {', '.join(ABLATIONS)}",
     )
     p.add_argument("--wbits", default="4", help="comma-separated weight bits (2, 3, 4, 8)")
     p.add_argument("--abits", default=None, help="comma-separated activation bits (default: wbits)")
@@ -131,9 +177,22 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batch", type=int, default=32, help="calibration patches (2DQuant: 32)")
     p.add_argument("--patch", type=int, default=64, help="LR patch side (2DQuant: 64)")
     p.add_argument(
-        "--dqc-iters", type=int, default=None, help="distillation iterations (default: 4000)"
+        "--dqc-iters",
+        default=None,
+        help="distillation iterations (default: 4000); a comma-separated list (e.g. "
+        "0,50,200,1000) runs the largest once and scores the model at each (a budget curve)",
     )
     p.add_argument("--dqc-batch", type=int, default=16, help="distillation batch (default: 16)")
+    p.add_argument(
+        "--dqc-patch", type=int, default=None, help="LR patch side for DQC (default: --patch)"
+    )
+    p.add_argument(
+        "--dqc-kernel",
+        choices=("fused", "eager"),
+        default="fused",
+        help="activation quantisers during DQC: the fused CPU kernel (default; several times "
+        "faster, same values up to float rounding) or PyTorch ops",
+    )
     p.add_argument("--dqc-lr", type=float, default=None, help="bound learning rate (1e-2)")
     p.add_argument(
         "--dqc-keep-activations",
@@ -176,15 +235,20 @@ def _bit_pairs(wbits: str, abits: str | None) -> list[tuple[int, int]]:
 def _methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     for m in names:
-        if m not in METHODS and m not in METHOD_ALIASES:
-            raise ValueError(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+        if m not in method_names():
+            raise ValueError(f"unknown method {m!r}; valid: {', '.join(method_names())}")
     return names
 
 
 def _row_line(row: CompressionRow) -> str:
     scores = ", ".join(f"{b} {p:.2f}/{s:.4f}" for b, (p, s) in row.scores.items())
+    budget = ""
+    if row.dqc_checkpoint is not None:
+        budget = f" DQC {row.dqc_checkpoint} it (bounds of {row.dqc_best_step}"
+        budget += ")" if row.dqc_kept else ", last iterate)"
     return (
-        f"{row.model}: {row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}: {scores} | "
+        f"{row.model}: {row.method:>10} W{row.wbits}A{row.abits} prune {row.prune:g}{budget}: "
+        f"{scores} | "
         f"{row.megabytes:.3f} MB, {row.bits_per_param:.2f} bits/param, "
         f"{row.latency_ms:.1f} ms"
     )
@@ -197,8 +261,21 @@ def _data_root(args: argparse.Namespace) -> Path | None:
     return data_root
 
 
+def _dqc_iters(text: str | None) -> tuple[int | None, tuple[int, ...]]:
+    """``--dqc-iters``: one count, or a comma-separated budget curve."""
+    if text is None:
+        return None, ()
+    counts = _ints(str(text), "--dqc-iters")
+    if not counts or min(counts) < 0:
+        raise ValueError(f"--dqc-iters {text!r}: expected counts >= 0")
+    if len(counts) == 1:
+        return counts[0], ()
+    return max(counts), tuple(sorted(set(counts)))
+
+
 def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> CompressionSettings:
     """The parsed :func:`_add_quantization_args`; ``extra``: further settings (``run``'s)."""
+    iters, checkpoints = _dqc_iters(args.dqc_iters)
     return CompressionSettings(
         methods=tuple(_methods(args.method)),
         bits=tuple(_bit_pairs(args.wbits, args.abits)),
@@ -207,10 +284,13 @@ def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> Compression
         prune=args.prune,
         calib_batch=args.calib_batch,
         calib_patch=args.patch,
-        dqc_iters=args.dqc_iters,
+        dqc_iters=iters,
+        dqc_checkpoints=checkpoints,
         dqc_batch=args.dqc_batch,
+        dqc_patch=args.dqc_patch,
         dqc_lr=args.dqc_lr,
         dqc_recompute=not args.dqc_keep_activations,
+        dqc_fused=args.dqc_kernel == "fused",
         val_every=args.val_every,
         rotation=args.rotation,
         rotation_skip=tuple(r.strip() for r in args.rotation_skip.split(",") if r.strip()),
@@ -237,8 +317,11 @@ def run(args: argparse.Namespace) -> int:
         args,
         scale,
         latency_size=args.latency_size,
+        latency_repeats=args.latency_repeats,
         save_packed=args.save_packed,
         int8_kernel=args.int8_kernel,
+        eval_fused=args.eval_kernel == "fused",
+        resume=args.resume,
     )
     with ProgressBars(unit="row", disable=args.no_progress) as bars:
         _, tables = run_experiment(
@@ -251,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
             arch=args.arch,
             on_row=lambda row: bars.write(_row_line(row)),
             progress=bars,
+            caption=args.caption,
         )
     print()
     for text in tables.values():
@@ -259,8 +343,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    for text in merge_runs(args.runs, args.out).values():
+    for text in merge_runs(args.runs, args.out, caption=args.caption).values():
         print(text)
+    return 0
+
+
+def significance_cmd(args: argparse.Namespace) -> int:
+    baselines = [m.strip() for m in args.baselines.split(",") if m.strip()]
+    print(significance_experiment(args.runs, method=args.method, baselines=baselines, out=args.out))
     return 0
 
 

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from irformer.cli.options import add_fp16_unsafe_argument, add_precision_arguments
+from irformer.cli.options import add_fp16_unsafe_argument, add_precision_arguments, parse_levels
 from irformer.cli.progress import ProgressBars
 from irformer.data.benchmarks import DEFAULT_DATA_ROOT, benchmark_names, default_data_root
 from irformer.data.io import check_folder_writable, check_writable
@@ -167,24 +167,6 @@ def format_table(results: EvaluationResult | Sequence[EvaluationResult]) -> str:
     return "\n".join(line.rstrip() for line in (*lines, *notes))
 
 
-def _levels(text: str | None, kind: type, flag: str) -> list:
-    """``"15,25,50"`` -> ``[15.0, 25.0, 50.0]`` (``kind`` float or int); ``None`` -> ``[None]``."""
-    if text is None:
-        return [None]
-    values = []
-    for part in str(text).split(","):
-        if not part.strip():
-            continue
-        try:
-            values.append(kind(part.strip()))
-        except ValueError:
-            what = "a number" if kind is float else "an integer"
-            raise ValueError(f"{flag} {text!r}: {part.strip()!r} is not {what}") from None
-    if not values:
-        raise ValueError(f"{flag} {text!r} names no value")
-    return values
-
-
 def _save_dir(
     save_dir: Path | None, sigma: float | None, quality: int | None, several: bool
 ) -> Path | None:
@@ -204,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--task dn needs --sigma (noise level on 0-255, e.g. 15, 25, 50)")
     if task == "car" and args.quality is None:
         raise ValueError("--task car needs --quality (JPEG quality, e.g. 10, 20, 30, 40)")
-    sigmas = _levels(args.sigma if task == "dn" else None, float, "--sigma")
-    qualities = _levels(args.quality if task == "car" else None, int, "--quality")
+    sigmas = parse_levels(args.sigma if task == "dn" else None, float, "--sigma")
+    qualities = parse_levels(args.quality if task == "car" else None, int, "--quality")
     root = default_data_root(args.data_root)
     benchmarks = benchmark_names(args.bench, task, root)
     for out in (args.out_json, args.out_csv):

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from irformer.archs.zoo import weights_path
+from irformer.cli.options import parse_levels
 from irformer.cli.progress import ProgressBars
 from irformer.data.benchmarks import DEFAULT_DATA_ROOT, default_data_root
 from irformer.files import atomic_write
@@ -47,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--task", choices=("sr", "dn", "car", "dr"), help="default: from CKPT_LN")
     p.add_argument("--scale", type=int, help="default: from CKPT_LN")
-    p.add_argument("--sigma", type=float, help="noise level for dn")
-    p.add_argument("--quality", type=int, help="JPEG quality for car")
+    p.add_argument("--sigma", help="noise level(s) on 0-255 for dn, comma-separated: 15,25,50")
+    p.add_argument("--quality", help="JPEG quality level(s) for car, comma-separated: 10,20,30,40")
     p.add_argument(
         "--settings",
         default="fp32,fp16,bf16,int8,int4",
@@ -107,8 +108,8 @@ def run_report(args: argparse.Namespace) -> int:
             data_root=default_data_root(args.data_root),
             task=args.task,
             scale=args.scale,
-            sigma=args.sigma,
-            quality=args.quality,
+            sigma=parse_levels(args.sigma, float, "--sigma"),
+            quality=parse_levels(args.quality, int, "--quality"),
             settings=[s.strip() for s in args.settings.split(",") if s.strip()],
             labels=labels,  # type: ignore[arg-type]
             granularity=args.granularity,

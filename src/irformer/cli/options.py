@@ -97,3 +97,22 @@ def add_fp16_unsafe_argument(
         f"features would overflow fp16: refuse (default; the message names the layer), "
         f"bf16 ({fallback} instead), or run fp16 anyway ({anyway})",
     )
+
+
+def parse_levels(text: str | None, kind: type, flag: str) -> list:
+    """``--sigma``/``--quality`` lists: ``"15,25,50"`` -> ``[15.0, 25.0, 50.0]`` (``kind``
+    float or int); ``None`` -> ``[None]``. One parser, so eval and lowprec read them alike."""
+    if text is None:
+        return [None]
+    values = []
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        try:
+            values.append(kind(part.strip()))
+        except ValueError:
+            what = "a number" if kind is float else "an integer"
+            raise ValueError(f"{flag} {text!r}: {part.strip()!r} is not {what}") from None
+    if not values:
+        raise ValueError(f"{flag} {text!r} names no value")
+    return values

@@ -2,10 +2,12 @@
 
     irformer study norms --config BASE --norms ln,layerscale,rms,rezero,none,in,bn,ln_star,iln \\
         --iters N
+    irformer study norms --config BASE --norms ln,ln_rs,ln_star,iln --iters N   # Table 3
     irformer study scale --config BASE --depths 2,4,6 --widths 30,60 --norms ln,iln --iters N
 
 Every run uses the same seed, data stream and budget; a probe records per-block
-magnitude and channel entropy during training; final weights are scored on the
+magnitude (mean square) and both channel entropies (Algorithm 1 and the
+scale-free balance) during training; final weights are scored on the
 benchmarks (BN twice: running and batch statistics). Writes ``table.md``,
 ``table.csv``, ``summary.json`` and overlaid figures into ``--out``.
 """
@@ -37,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("norms", help="one run per normalisation (Table 1, Fig. 4)")
     _common_args(p)
-    p.add_argument("--norms", default=ALL_NORMS, help=f"comma-separated (default {ALL_NORMS})")
+    p.add_argument(
+        "--norms",
+        default=ALL_NORMS,
+        help=f"comma-separated (default {ALL_NORMS}, Table 1; Table 3: ln,ln_rs,ln_star,iln)",
+    )
     p.set_defaults(func=run_norms)
 
     p = sub.add_parser("scale", help="runs over depth x width x norm (Fig. 2a-b)")

@@ -46,6 +46,7 @@ __all__ = [
     "load_packed",
     "load_packed_model",
     "pack_bits",
+    "read_packed_indices",
     "read_packed_metadata",
     "save_packed",
     "storage_report",
@@ -285,6 +286,34 @@ def header_bytes(path: str | Path) -> int:
     return 8 + n
 
 
+def read_packed_indices(path: str | Path) -> dict[str, Tensor]:
+    """Every packed weight's grid indices in its quantisation domain, (out, m) int64 per
+    layer name (0 where pruned): the integer operand of
+    :class:`irformer.compress.int_linear.IntegerLinear`."""
+    from safetensors.torch import load_file
+
+    meta = read_packed_metadata(path)
+    tensors = load_file(str(path))
+    return {name: _layer_indices(tensors, name, info)[0] for name, info in meta["layers"].items()}
+
+
+def _layer_indices(
+    tensors: dict[str, Tensor], name: str, info: dict[str, Any]
+) -> tuple[Tensor, Tensor | None]:
+    """(indices (out, m) int64, keep-mask or None) of one packed layer."""
+    out, n_in = info["domain_shape"]
+    numel = out * n_in
+    packed = tensors[f"{name}.weight.packed"].numpy()
+    kept = torch.from_numpy(unpack_bits(packed, info["bits"], info["kept"]))
+    if not info["pruned"]:
+        return kept.reshape(out, n_in), None
+    mask_bits = unpack_bits(tensors[f"{name}.weight.mask"].numpy(), 1, numel)
+    mask = torch.from_numpy(mask_bits.astype(bool)).reshape(out, n_in)
+    idx = torch.zeros(out, n_in, dtype=torch.int64)
+    idx[mask] = kept
+    return idx, mask
+
+
 def load_packed(path: str | Path, skeleton: nn.Module) -> nn.Module:
     """Rebuild the quantised model from a packed file and an FP ``skeleton`` of the
     same architecture (its weights are not used for quantised layers).
@@ -311,18 +340,11 @@ def load_packed(path: str | Path, skeleton: nn.Module) -> nn.Module:
     indices: dict[str, Tensor] = {}
     for name, info in layers.items():
         wq = qls[name].weight_quantizer
-        out, n_in = info["domain_shape"]
-        numel = out * n_in
-        packed = tensors.pop(f"{name}.weight.packed").numpy()
-        kept = torch.from_numpy(unpack_bits(packed, info["bits"], info["kept"]))
-        if info["pruned"]:
-            mask_bits = unpack_bits(tensors.pop(f"{name}.weight.mask").numpy(), 1, numel)
-            mask = torch.from_numpy(mask_bits.astype(bool)).reshape(out, n_in)
-            idx = torch.zeros(out, n_in, dtype=torch.int64)
-            idx[mask] = kept
+        idx, mask = _layer_indices(tensors, name, info)
+        tensors.pop(f"{name}.weight.packed")
+        if mask is not None:
+            tensors.pop(f"{name}.weight.mask")
             wq.mask = mask.to(qls[name].weight.device)
-        else:
-            idx = kept.reshape(out, n_in)
         indices[name] = idx
         wq.calibrated = True
     missing, unexpected = qmodel.load_state_dict(tensors, strict=False)

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from irformer.compress.fused import rotated_fake_quantize, use_fused
 from irformer.compress.hadamard import rotate, unrotate
 from irformer.compress.prune import magnitude_mask
 
@@ -470,6 +471,9 @@ class ActQuantizer(nn.Module):
             self.observe(x)
             return x
         n = x.shape[-1]
+        if self.noise is None and use_fused(x, self.rotate_size):
+            scale, zero = self.quantizer.scale_zero()
+            return rotated_fake_quantize(x, scale, zero, self.bits, self.rotate_size)
         y = self._to_domain(x)
         if self.noise is not None:
             step = self.quantizer.scale_zero()[0]

@@ -67,6 +67,7 @@ __all__ = [
     "PairedFolders",
     "benchmark_label",
     "benchmark_names",
+    "benchmark_present",
     "default_data_root",
     "find_benchmark_dir",
     "get_benchmark",
@@ -264,6 +265,25 @@ def benchmark_names(
             f"{data_root}"
         )
     return found
+
+
+def benchmark_present(name: str, data_root: str | Path | None, task: str) -> bool:
+    """Whether registered benchmark ``name`` (``[:N]`` allowed) has a folder under
+    ``data_root`` for ``task``: for test sets that are scored only where the user has
+    them (``--bench NAME?``); an unknown name or a wrong task is still an error."""
+    base = _SUBSET.fullmatch(name.strip())
+    spec = get_benchmark(base.group("name") if base else name.strip())
+    if task not in spec.tasks:
+        raise ValueError(
+            f"benchmark {spec.name} is not a {task!r} test set; it is used for {spec.tasks}"
+        )
+    if data_root is None:
+        return False
+    try:
+        find_benchmark_dir(spec.name, data_root, task)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def find_benchmark_dir(name: str, data_root: str | Path, task: str) -> Path:

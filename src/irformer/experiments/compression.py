@@ -20,7 +20,7 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,9 @@ from torch import Tensor, nn
 from irformer.archs import load_checkpoint_model, read_state_dict
 from irformer.archs.zoo import weights_path
 from irformer.compress.calibration import calibration_batch, patch_stream
+from irformer.compress.fused import fused_fake_quant
 from irformer.compress.methods import QuantResult, method_config, quantize_model
+from irformer.compress.methods.base import DistillCheckpoint, quantizer_drift, quantizer_snapshot
 from irformer.compress.pack import load_packed, save_packed, storage_report
 from irformer.compress.sensitivity import (
     level_usage,
@@ -42,35 +44,49 @@ from irformer.compress.sensitivity import (
 )
 from irformer.compress.stats import (
     EPS_SWEEP,
+    PairedTest,
     StatsReport,
     activation_tensors,
     compare_pre_post,
+    paired_test,
     weight_tensors,
 )
-from irformer.data.benchmarks import resolve_benchmarks
+from irformer.data.benchmarks import (
+    benchmark_present,
+    resolve_benchmarks,
+    split_benchmark_list,
+)
 from irformer.engine.evaluate import evaluate_benchmark
 from irformer.files import atomic_write
 from irformer.progress import Progress
 from irformer.progress import report as report_progress
 
 __all__ = [
+    "BASELINES",
+    "PAPER_BENCHMARKS",
     "ROWS_FILE",
     "CompressionRow",
     "CompressionSettings",
     "Evaluator",
+    "SignificanceRow",
     "benchmark_evaluator",
+    "budget_table",
     "calibration_batches",
     "checkpoint_scale",
     "complexity_table",
     "drop_table",
+    "final_rows",
     "measure_latency",
     "merge_runs",
     "quality_table",
     "quantize_with_settings",
     "read_rows",
+    "resolve_benchmark_names",
     "run_compression",
     "run_experiment",
     "sensitivity_experiment",
+    "significance",
+    "significance_experiment",
     "statistics_experiment",
 ]
 
@@ -94,10 +110,22 @@ class CompressionSettings:
     calib_patch: int = 64
     dqc_iters: int | None = None
     """None = each method's default (4000 for 2DQuant/CompSRT)."""
+    dqc_checkpoints: tuple[int, ...] = ()
+    """Iteration counts at which the distilled model is scored (a budget curve from
+    one run; see :func:`irformer.compress.methods.base.distill_bounds`); the
+    largest is the run's length. Empty: score once, after ``dqc_iters``."""
     dqc_batch: int = 16
+    dqc_patch: int | None = None
+    """LR patch side of the DQC stream and the held-out batch (None: ``calib_patch``)."""
     dqc_lr: float | None = None
     dqc_recompute: bool = True
     """Checkpoint residual groups during DQC (memory; see ``distill_bounds``)."""
+    dqc_fused: bool = True
+    """Distil with the fused CPU fake-quantisation kernel (:mod:`irformer.compress.fused`;
+    PyTorch ops where it does not apply or does not build)."""
+    eval_fused: bool = False
+    """Score quantised models with the fused kernel too (same values up to float
+    rounding; BENCHMARKS.md measures the PSNR difference)."""
     val_batch: int = 16
     val_every: int = 200
     rotation: str | None = None
@@ -112,6 +140,24 @@ class CompressionSettings:
     save_packed: bool = False
     int8_kernel: bool = False
     """Add a row for PyTorch's real int8 CPU kernels (dynamic W8A8 Linears)."""
+    resume: bool = False
+    """Keep the rows already in the output folder, skip what they cover and continue
+    interrupted distillations from their saved state (``dqc_state/``)."""
+
+    def __post_init__(self) -> None:
+        if self.dqc_checkpoints:
+            marks = sorted(set(self.dqc_checkpoints))
+            if marks[0] < 0:
+                raise ValueError(f"DQC checkpoints must be >= 0, got {self.dqc_checkpoints}")
+            if self.dqc_iters is not None and self.dqc_iters != marks[-1]:
+                raise ValueError(
+                    f"dqc_iters {self.dqc_iters} must be the largest DQC checkpoint "
+                    f"{marks[-1]} (or None)"
+                )
+
+    @property
+    def distill_patch(self) -> int:
+        return self.calib_patch if self.dqc_patch is None else self.dqc_patch
 
 
 @dataclass
@@ -129,8 +175,31 @@ class CompressionRow:
     seconds_to_quantize: float
     dqc_iters_done: int = 0
     dqc_best_step: int | None = None
+    """The DQC iteration whose bounds were scored (the lowest held-out loss)."""
     packed_file_bytes: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    dqc_checkpoint: int | None = None
+    """Budget-curve rows: the iterations done when this row was scored."""
+    dqc_kept: bool = True
+    """False: a budget-curve row scoring the last iterate's bounds where the
+    held-out selection keeps an earlier step's (the protocol's row has True)."""
+    dqc_val_loss: float | None = None
+    """Held-out L1 to the FP output of the scored bounds."""
+    drift: dict[str, float] = field(default_factory=dict)
+    """How far DQC moved the bounds and alpha/beta, in initial grid steps
+    (:func:`irformer.compress.methods.base.quantizer_drift`)."""
+
+    def key(self) -> tuple[str, str, int, int, float, int | None, bool]:
+        """What identifies a row within a run (resume and merge use it)."""
+        return (
+            self.model,
+            self.method,
+            self.wbits,
+            self.abits,
+            self.prune,
+            self.dqc_checkpoint,
+            self.dqc_kept,
+        )
 
 
 def measure_latency(
@@ -145,7 +214,10 @@ def measure_latency(
 
     Warm-up runs first (allocator, caches, cuDNN autotune); CUDA is synchronised
     before and after each timed run, so the time is the work, not the launch.
+    ``repeats = 0`` skips the measurement (NaN).
     """
+    if repeats <= 0:
+        return math.nan
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
     times = []
     with torch.inference_mode():
@@ -165,13 +237,15 @@ def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
     over: dict[str, Any] = {}
     if settings.prune:
         over["prune"] = settings.prune
-    if settings.dqc_iters is not None and method in ("dquant2d", "2dquant", "compsrt"):
-        over["dqc_iters"] = settings.dqc_iters
+    default = method_config(method, wbits=4, abits=4)
+    iters = max(settings.dqc_checkpoints) if settings.dqc_checkpoints else settings.dqc_iters
+    if iters is not None and default.dqc_iters:  # the methods that distil (2DQuant, CompSRT)
+        over["dqc_iters"] = iters
     if settings.dqc_lr is not None:
         over["dqc_lr"] = settings.dqc_lr
-    if settings.rotation is not None and method == "compsrt":
+    if settings.rotation is not None and default.rotation is not None:
         over["rotation"] = settings.rotation
-    if settings.rotation_skip and method == "compsrt":
+    if settings.rotation_skip and default.rotation is not None:
         over["rotation_skip"] = tuple(settings.rotation_skip)
     return over
 
@@ -179,12 +253,19 @@ def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
 def calibration_batches(settings: CompressionSettings) -> tuple[Tensor, Tensor]:
     """The calibration batch and the held-out batch (DQC's bound selection), fixed
     by the settings' seed so every method of a run sees the same patches."""
-    common = {"scale": settings.scale, "patch": settings.calib_patch}
     calib = calibration_batch(
-        settings.calib_dir, batch=settings.calib_batch, seed=settings.seed, **common
+        settings.calib_dir,
+        scale=settings.scale,
+        patch=settings.calib_patch,
+        batch=settings.calib_batch,
+        seed=settings.seed,
     )
     held_out = calibration_batch(
-        settings.calib_dir, batch=settings.val_batch, seed=settings.seed + 10_000, **common
+        settings.calib_dir,
+        scale=settings.scale,
+        patch=settings.distill_patch,
+        batch=settings.val_batch,
+        seed=settings.seed + 10_000,
     )
     return calib, held_out
 
@@ -199,16 +280,20 @@ def quantize_with_settings(
     held_out: Tensor,
     *,
     device: torch.device,
+    on_checkpoint: Callable[[DistillCheckpoint], None] | None = None,
+    on_calibrated: Callable[[nn.Module], None] | None = None,
+    state_path: Path | None = None,
 ) -> QuantResult:
     """One quantised copy of ``model``: the method's defaults with the settings'
     overrides, calibrated on ``calib`` and (2DQuant/CompSRT) distilled on a patch
-    stream from the settings' folder."""
+    stream from the settings' folder (``on_checkpoint`` at the settings' DQC
+    checkpoints; resumable from ``state_path``)."""
     cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method))
     stream = patch_stream(
         settings.calib_dir,
         scale=settings.scale,
         batch=settings.dqc_batch,
-        patch=settings.calib_patch,
+        patch=settings.distill_patch,
         seed=settings.seed + 1,
         workers=settings.workers,
     )
@@ -222,7 +307,15 @@ def quantize_with_settings(
         val_every=settings.val_every,
         on_step=_progress_logger(method, wbits, abits, cfg.dqc_iters),
         recompute=settings.dqc_recompute,
+        fused=settings.dqc_fused,
+        checkpoints=settings.dqc_checkpoints if cfg.dqc_iters else (),
+        on_checkpoint=on_checkpoint,
+        on_calibrated=on_calibrated,
+        state_path=state_path if cfg.dqc_iters else None,
     )
+
+
+RowKey = tuple[str, str, int, int, float, int | None, bool]
 
 
 def run_compression(
@@ -234,77 +327,205 @@ def run_compression(
     out_dir: str | Path | None = None,
     on_row: Callable[[CompressionRow], None] | None = None,
     label: str = "model",
+    done: Collection[RowKey] = (),
 ) -> list[CompressionRow]:
     """FP row first, then one row per (method, bits); see the module docstring.
 
     ``label`` names the model in the rows (several models share one table).
+    With ``settings.dqc_checkpoints`` a distilling method gives one row per
+    checkpoint (and a last-iterate row where the held-out selection kept an
+    earlier step), scored during the one run. Rows whose :meth:`CompressionRow.key`
+    is in ``done`` are not measured again (resume); with ``out_dir`` and
+    ``settings.resume`` the distillation state is kept in ``out_dir/dqc_state``.
     """
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     lat_shape = (1, getattr(model, "in_chans", 3), settings.latency_size, settings.latency_size)
-    fp_report = storage_report(model)
-    rows = [
-        CompressionRow(
-            model=label,
-            method="fp32",
-            wbits=32,
-            abits=32,
-            prune=0.0,
-            scores=evaluator(model),
-            megabytes=fp_report.megabytes,
-            bits_per_param=32.0,
-            nominal_bits_per_param=32.0,
-            latency_ms=measure_latency(
-                model, lat_shape, device=device, repeats=settings.latency_repeats
-            ),
-            seconds_to_quantize=0.0,
-        )
-    ]
-    if on_row:
-        on_row(rows[0])
-    if settings.int8_kernel:
-        rows.append(_int8_row(model, evaluator, lat_shape, settings.latency_repeats, label))
+    rows: list[CompressionRow] = []
+
+    def emit(row: CompressionRow) -> None:
+        rows.append(row)
         if on_row:
-            on_row(rows[-1])
-    calib, held_out = calibration_batches(settings)
+            on_row(row)
+
+    def score(qmodel: nn.Module) -> dict[str, tuple[float, float]]:
+        with fused_fake_quant(settings.eval_fused):
+            return evaluator(qmodel)
+
+    if (label, "fp32", 32, 32, 0.0, None, True) not in done:
+        fp_report = storage_report(model)
+        emit(
+            CompressionRow(
+                model=label,
+                method="fp32",
+                wbits=32,
+                abits=32,
+                prune=0.0,
+                scores=evaluator(model),
+                megabytes=fp_report.megabytes,
+                bits_per_param=32.0,
+                nominal_bits_per_param=32.0,
+                latency_ms=measure_latency(
+                    model, lat_shape, device=device, repeats=settings.latency_repeats
+                ),
+                seconds_to_quantize=0.0,
+            )
+        )
+    if settings.int8_kernel and (label, "int8_dynamic", 8, 8, 0.0, None, True) not in done:
+        emit(_int8_row(model, evaluator, lat_shape, settings.latency_repeats, label))
+    calib: Tensor | None = None
+    held_out: Tensor | None = None
     for method in settings.methods:
         for wbits, abits in settings.bits:
+            cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method))
+            marks = sorted(set(settings.dqc_checkpoints)) if cfg.dqc_iters else []
+            final: RowKey = (
+                label,
+                cfg.method,
+                wbits,
+                abits,
+                cfg.prune,
+                marks[-1] if marks else None,
+                True,
+            )
+            if final in done:
+                logger.info("%s %s W%dA%d: already measured, skipped", label, method, wbits, abits)
+                continue
+            if calib is None or held_out is None:
+                calib, held_out = calibration_batches(settings)
+            state_path = None
+            if out_dir is not None and settings.resume and cfg.dqc_iters:
+                state_path = (
+                    Path(out_dir)
+                    / "dqc_state"
+                    / f"{_slug(label)}_{cfg.method}_w{wbits}a{abits}_p{cfg.prune:g}.pt"
+                )
+            curve = _BudgetCurve(
+                (label, cfg.method, wbits, abits, cfg.prune),
+                marks[-1] if marks else None,
+                score,
+                done,
+                emit,
+            )
             start = time.perf_counter()
             result = quantize_with_settings(
-                model, settings, method, wbits, abits, calib, held_out, device=device
+                model,
+                settings,
+                method,
+                wbits,
+                abits,
+                calib,
+                held_out,
+                device=device,
+                on_checkpoint=curve.checkpoint if marks else None,
+                on_calibrated=curve.calibrated,
+                state_path=state_path,
             )
-            elapsed = time.perf_counter() - start
-            cfg = result.config
+            elapsed = time.perf_counter() - start - curve.scoring_seconds
             qmodel = result.model.eval()
             report = storage_report(qmodel)
-            row = CompressionRow(
+            log = result.distill
+            row = curve.final_row or CompressionRow(
                 model=label,
                 method=cfg.method,
                 wbits=wbits,
                 abits=abits,
                 prune=cfg.prune,
-                scores=evaluator(qmodel),
-                megabytes=report.megabytes,
-                bits_per_param=report.bits_per_quantized_param,
-                nominal_bits_per_param=report.nominal_bits_per_param,
-                latency_ms=measure_latency(
-                    qmodel, lat_shape, device=device, repeats=settings.latency_repeats
-                ),
-                seconds_to_quantize=elapsed,
-                dqc_iters_done=len(result.distill.loss) if result.distill else 0,
-                dqc_best_step=result.distill.best_step if result.distill else None,
-                config=cfg.to_dict(),
+                scores=score(qmodel),
+                megabytes=0.0,
+                bits_per_param=0.0,
+                nominal_bits_per_param=0.0,
+                latency_ms=math.nan,
+                seconds_to_quantize=0.0,
+                dqc_iters_done=len(log.loss) if log else 0,
+                dqc_best_step=log.best_step if log else None,
+                drift=quantizer_drift(qmodel, curve.snapshot) if log else {},
             )
+            row.megabytes = report.megabytes
+            row.bits_per_param = report.bits_per_quantized_param
+            row.nominal_bits_per_param = report.nominal_bits_per_param
+            row.latency_ms = measure_latency(
+                qmodel, lat_shape, device=device, repeats=settings.latency_repeats
+            )
+            row.seconds_to_quantize = elapsed
+            row.config = cfg.to_dict()
             if settings.save_packed and out_dir is not None:
                 row.packed_file_bytes = _save_and_check(
                     qmodel, cfg, model, Path(out_dir) / "packed" / _slug(label), lat_shape
                 )
-            rows.append(row)
-            if on_row:
-                on_row(row)
+            emit(row)
             del qmodel, result
     return rows
+
+
+class _BudgetCurve:
+    """Scores the model at each DQC checkpoint of one (method, bits) run."""
+
+    def __init__(
+        self,
+        what: tuple[str, str, int, int, float],
+        final_mark: int | None,
+        score: Evaluator,
+        done: Collection[RowKey],
+        emit: Callable[[CompressionRow], None],
+    ) -> None:
+        self.label, self.method, self.wbits, self.abits, self.prune = what
+        self.final_mark = final_mark
+        self.score, self.done, self.emit = score, done, emit
+        self.model: nn.Module | None = None
+        self.snapshot: dict[str, dict[str, Tensor]] = {}
+        self.scoring_seconds = 0.0
+        self.final_row: CompressionRow | None = None
+
+    def calibrated(self, qmodel: nn.Module) -> None:
+        self.model = qmodel
+        self.snapshot = quantizer_snapshot(qmodel)
+
+    def checkpoint(self, ck: DistillCheckpoint) -> None:
+        assert self.model is not None
+        log = ck.log
+        kept = ck.selected_step == (ck.step if log.best_step is None else log.best_step)
+        key: RowKey = (self.label, self.method, self.wbits, self.abits, self.prune, ck.step, kept)
+        if key in self.done:
+            return
+        start = time.perf_counter()
+        val = dict(zip(log.val_steps, log.val_loss, strict=True)).get(ck.selected_step)
+        row = CompressionRow(
+            model=self.label,
+            method=self.method,
+            wbits=self.wbits,
+            abits=self.abits,
+            prune=self.prune,
+            scores=self.score(self.model.eval()),
+            megabytes=0.0,
+            bits_per_param=0.0,
+            nominal_bits_per_param=0.0,
+            latency_ms=math.nan,
+            seconds_to_quantize=0.0,
+            dqc_iters_done=ck.step,
+            dqc_best_step=ck.selected_step,
+            dqc_checkpoint=ck.step,
+            dqc_kept=kept,
+            dqc_val_loss=val,
+            drift=quantizer_drift(self.model, self.snapshot),
+        )
+        self.scoring_seconds += time.perf_counter() - start
+        logger.info(
+            "%s %s W%dA%d DQC checkpoint %d (bounds of step %d%s): %s",
+            self.label,
+            self.method,
+            self.wbits,
+            self.abits,
+            ck.step,
+            ck.selected_step,
+            "" if kept else ", last iterate",
+            row.scores,
+        )
+        if kept and ck.step == self.final_mark:
+            self.final_row = row  # completed (size, latency, packed file) after the run
+        else:
+            self.emit(row)
 
 
 def _int8_row(
@@ -467,11 +688,39 @@ def checkpoint_scale(path: str | Path, arch: str | None = None) -> int:
     return model_scale(model, meta)
 
 
+PAPER_BENCHMARKS: tuple[str, ...] = ("Set5", "Set14", "B100", "Urban100?", "Manga109?")
+"""``--bench paper``: CompSRT's Table 2 sets; Urban100 and Manga109 where present."""
+
+
+def resolve_benchmark_names(names: str | Sequence[str], data_root: Path | None) -> list[str]:
+    """Expand ``paper`` (:data:`PAPER_BENCHMARKS`) and drop the optional names (a
+    trailing ``?``) that have no folder under ``data_root``; the others must exist
+    (checked by :func:`irformer.data.benchmarks.resolve_benchmarks`)."""
+    out: list[str] = []
+    for raw in split_benchmark_list(names):
+        name = raw.strip()
+        if name.lower() == "paper":
+            out += resolve_benchmark_names(PAPER_BENCHMARKS, data_root)
+            continue
+        if not name.endswith("?"):
+            out.append(name)
+            continue
+        name = name[:-1]
+        if not benchmark_present(name, data_root, "sr"):
+            logger.info("optional benchmark %s is not under %s: skipped", name, data_root)
+            continue
+        out.append(name)
+    return out
+
+
 def benchmark_evaluator(
     names: str | Sequence[str], data_root: Path | None, scale: int, device: torch.device
 ) -> tuple[Evaluator, list[str]]:
-    """Benchmarks resolved once; each call scores a model on all of them (PSNR, SSIM)."""
-    benches = resolve_benchmarks(names, data_root, task="sr", scale=scale)
+    """Benchmarks resolved once; each call scores a model on all of them (PSNR, SSIM).
+    ``names`` may use ``paper`` and optional ``NAME?`` (:func:`resolve_benchmark_names`)."""
+    benches = resolve_benchmarks(
+        resolve_benchmark_names(names, data_root), data_root, task="sr", scale=scale
+    )
 
     def evaluator(model: nn.Module) -> dict[str, tuple[float, float]]:
         # The model's own device: PyTorch's int8 kernels run on CPU only.
@@ -494,15 +743,116 @@ def _label(path: Path, meta: dict[str, Any], taken: set[str]) -> str:
     return label
 
 
+def final_rows(rows: Sequence[CompressionRow]) -> list[CompressionRow]:
+    """The rows of the run's result: budget-curve rows only at each configuration's
+    largest checkpoint with the kept (held-out selected) bounds."""
+    last: dict[tuple[str, str, int, int, float], int] = {}
+    for r in rows:
+        if r.dqc_checkpoint is not None:
+            k = r.key()[:5]
+            last[k] = max(last.get(k, -1), r.dqc_checkpoint)  # type: ignore[index]
+    return [
+        r
+        for r in rows
+        if r.dqc_checkpoint is None or (r.dqc_kept and r.dqc_checkpoint == last[r.key()[:5]])
+    ]
+
+
+DRIFT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("w_lower_shift_mean", "W dl"),
+    ("w_upper_shift_mean", "W du"),
+    ("w_alpha_mean", "W |alpha|"),
+    ("w_beta_mean", "W |beta|"),
+    ("a_lower_shift_mean", "A dl"),
+    ("a_upper_shift_mean", "A du"),
+    ("a_alpha_mean", "A |alpha|"),
+    ("a_beta_mean", "A |beta|"),
+)
+"""Budget-table columns: mean over quantisers, in initial grid steps."""
+
+
+def budget_table(rows: Sequence[CompressionRow], benchmarks: Sequence[str]) -> str:
+    """Markdown: PSNR after each DQC budget (one run per configuration, scored at its
+    checkpoints), then every scored bound set with its held-out loss and drift."""
+    curve = [r for r in rows if r.dqc_checkpoint is not None]
+    if not curve:
+        return ""
+    marks = sorted({r.dqc_checkpoint for r in curve})  # type: ignore[type-var]
+    fp = {r.model: r.scores for r in rows if r.method == "fp32"}
+    configs = list(dict.fromkeys(r.key()[:5] for r in curve))
+    kept = {(r.key()[:5], r.dqc_checkpoint): r for r in curve if r.dqc_kept}
+    bench = " / ".join(benchmarks)
+    head = "| Model | Method | W/A | FP | " + " | ".join(f"{k} it" for k in marks) + " |"
+    lines = [
+        f"PSNR ({bench}) of the kept bounds after each number of DQC iterations "
+        "(in brackets: the step the held-out selection kept, where earlier):",
+        "",
+        head,
+        "|" + "---|" * (4 + len(marks)),
+    ]
+    for cfg in configs:
+        model, method, wbits, abits, _ = cfg
+        ref = fp.get(model, {})
+        cells = [" / ".join(_fmt(ref.get(b, (math.nan,))[0], 2) for b in benchmarks) or "-"]
+        for k in marks:
+            row = kept.get((cfg, k))
+            if row is None:
+                cells.append("-")
+                continue
+            text = " / ".join(_fmt(row.scores.get(b, (math.nan,))[0], 2) for b in benchmarks)
+            if row.dqc_best_step is not None and row.dqc_best_step != k:
+                text += f" ({row.dqc_best_step})"
+            cells.append(text)
+        lines.append(f"| {model} | {method} | {wbits}/{abits} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Every scored bound set: kept = the held-out selection's, last = the last "
+        "iterate's (scored where they differ); drift = mean over quantisers of how far "
+        "DQC moved each bound (dl, du) and the size of alpha/beta, in initial grid steps:",
+        "",
+        "| Model | Method | W/A | it | bounds of step | kept/last | held-out L1 | "
+        + " | ".join(f"{b} PSNR" for b in benchmarks)
+        + " | "
+        + " | ".join(name for _, name in DRIFT_COLUMNS)
+        + " |",
+        "|" + "---|" * (7 + len(benchmarks) + len(DRIFT_COLUMNS)),
+    ]
+    for r in sorted(
+        curve, key=lambda r: (configs.index(r.key()[:5]), r.dqc_checkpoint, not r.dqc_kept)
+    ):
+        val = "-" if r.dqc_val_loss is None else f"{r.dqc_val_loss:.5f}"
+        psnr = [_fmt(r.scores.get(b, (math.nan,))[0], 2) for b in benchmarks]
+        drift = [_fmt(r.drift.get(key, math.nan), 3) for key, _ in DRIFT_COLUMNS]
+        lines.append(
+            f"| {r.model} | {r.method} | {_bits(r)} | {r.dqc_checkpoint} | {r.dqc_best_step} | "
+            f"{'kept' if r.dqc_kept else 'last'} | {val} | " + " | ".join(psnr + drift) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(
-    rows: Sequence[CompressionRow], benchmarks: Sequence[str], device: str, out: Path
+    rows: Sequence[CompressionRow],
+    benchmarks: Sequence[str],
+    device: str,
+    out: Path,
+    *,
+    caption: str = "",
 ) -> dict[str, str]:
-    """``quality.md``, ``psnr_drop.md`` and ``complexity.md`` in ``out``; returns their texts."""
+    """``quality.md``, ``psnr_drop.md`` and ``complexity.md`` in ``out`` (of the
+    :func:`final_rows`), and ``budget.md`` for budget-curve runs; returns their texts.
+    ``caption`` (the protocol: DQC iterations x batch, calibration set, benchmark
+    subset) opens every table file."""
+    result = final_rows(rows)
     tables = {
-        "quality.md": quality_table(rows, benchmarks),
-        "psnr_drop.md": drop_table(rows, benchmarks),
-        "complexity.md": complexity_table(rows, device),
+        "quality.md": quality_table(result, benchmarks),
+        "psnr_drop.md": drop_table(result, benchmarks),
+        "complexity.md": complexity_table(result, device),
     }
+    budget = budget_table(rows, benchmarks)
+    if budget:
+        tables["budget.md"] = budget
+    if caption.strip():
+        tables = {name: f"{caption.strip()}\n\n{text}" for name, text in tables.items()}
     for name, text in tables.items():
         atomic_write(out / name, text)
     return tables
@@ -510,6 +860,13 @@ def write_tables(
 
 def _rows_jsonl(rows: Sequence[CompressionRow]) -> str:
     return "".join(json.dumps(asdict(r), default=str) + "\n" for r in rows)
+
+
+def _rows_per_config(settings: CompressionSettings, method: str) -> int:
+    """Rows one (method, bits) gives: one per budget checkpoint for a distilling method."""
+    if settings.dqc_checkpoints and method_config(method, wbits=4, abits=4).dqc_iters:
+        return len(set(settings.dqc_checkpoints))
+    return 1
 
 
 def run_experiment(
@@ -523,14 +880,18 @@ def run_experiment(
     arch: str | None = None,
     on_row: Callable[[CompressionRow], None] | None = None,
     progress: Progress | None = None,
+    caption: str = "",
 ) -> tuple[list[CompressionRow], dict[str, str]]:
-    """Every checkpoint x method x bit width into one folder; returns ``(rows, tables)``.
+    """Every checkpoint x method x bit width into one folder; returns ``(rows, tables)``
+    (``caption``: see :func:`write_tables`).
 
     Rows are appended to ``out_dir/rows.jsonl`` as they finish (a long run that
     dies keeps what it measured); the tables and ``results.json`` are written at
     the end. The checkpoints (weights files or shipped model names,
     :func:`irformer.archs.zoo.weights_path`) must share their scale. ``progress``
-    (:mod:`irformer.progress`) counts the rows.
+    (:mod:`irformer.progress`) counts the rows. With ``settings.resume`` the rows
+    already in ``rows.jsonl`` are kept and not measured again, and interrupted
+    distillations continue from ``out_dir/dqc_state``.
     """
     checkpoints = [weights_path(p) for p in checkpoints]
     loaded = [(p, *load_checkpoint_model(p, arch)) for p in checkpoints]
@@ -542,12 +903,23 @@ def run_experiment(
     evaluator, bench_names = benchmark_evaluator(benchmarks, data_root, settings.scale, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_file = out_dir / ROWS_FILE
-    atomic_write(rows_file, "")
     rows: list[CompressionRow] = []
+    if settings.resume and rows_file.is_file():
+        rows = read_rows(out_dir, drop_truncated_last=True)
+        atomic_write(rows_file, _rows_jsonl(rows))
+        logger.info("resuming %s: %d rows already measured", out_dir, len(rows))
+    else:
+        atomic_write(rows_file, "")
+    done = {r.key() for r in rows}
     taken: set[str] = set()
-    per_model = 1 + int(settings.int8_kernel) + len(settings.methods) * len(settings.bits)
-    total, written = per_model * len(loaded), 0
-    report_progress(progress, 0, total, "compress")
+    per_model = (
+        1
+        + int(settings.int8_kernel)
+        + len(settings.bits) * sum(_rows_per_config(settings, m) for m in settings.methods)
+    )
+    total = per_model * len(loaded)
+    written = min(len(rows), total)
+    report_progress(progress, written, total, "compress")
 
     def finished(row: CompressionRow) -> None:
         nonlocal written
@@ -555,7 +927,7 @@ def run_experiment(
             handle.write(json.dumps(asdict(row), default=str) + "\n")
         if on_row is not None:
             on_row(row)
-        written += 1
+        written = min(written + 1, total)  # last-iterate rows of a budget curve are extra
         report_progress(progress, written, total, "compress")
 
     for path, model, meta in loaded:
@@ -567,8 +939,9 @@ def run_experiment(
             out_dir=out_dir,
             on_row=finished,
             label=_label(path, meta, taken),
+            done=done,
         )
-    tables = write_tables(rows, bench_names, str(device), out_dir)
+    tables = write_tables(rows, bench_names, str(device), out_dir, caption=caption)
     payload = {
         "command": "irformer compress run",
         "models": {str(p): meta for p, _, meta in loaded},
@@ -581,36 +954,47 @@ def run_experiment(
     return rows, tables
 
 
-def read_rows(run_dir: Path) -> list[CompressionRow]:
-    """The rows one :func:`run_experiment` wrote to ``RUN_DIR/rows.jsonl``."""
+def read_rows(run_dir: Path, *, drop_truncated_last: bool = False) -> list[CompressionRow]:
+    """The rows one :func:`run_experiment` wrote to ``RUN_DIR/rows.jsonl``.
+
+    ``drop_truncated_last``: a last line that is not JSON (a run killed while
+    appending) is dropped with a warning instead of being an error.
+    """
     path = run_dir / ROWS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: expected a `compress run` output folder")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             data = json.loads(line)
+        except ValueError as err:
+            if drop_truncated_last and n == len(lines):
+                logger.warning("%s:%d: dropped a truncated last row (%s)", path, n, err)
+                continue
+            raise ValueError(f"{path}:{n}: not a compression row ({err})") from err
+        try:
             data["scores"] = {b: tuple(v) for b, v in data["scores"].items()}
             rows.append(CompressionRow(**data))
-        except (ValueError, TypeError, KeyError) as err:
+        except (TypeError, KeyError, AttributeError) as err:
             raise ValueError(f"{path}:{n}: not a compression row ({err})") from err
     return rows
 
 
-def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> dict[str, str]:
+def merge_runs(run_dirs: Sequence[Path], out_dir: Path, *, caption: str = "") -> dict[str, str]:
     """One set of tables from folders measured separately (e.g. one per model in parallel).
 
     Every run re-measures its FP model; identical FP rows merge, any other row
     measured twice is an error naming both folders.
     """
     rows: list[CompressionRow] = []
-    seen: dict[tuple[str, str, int, int, float], Path] = {}
+    seen: dict[RowKey, Path] = {}
     fp_scores: dict[str, dict[str, tuple[float, float]]] = {}
     for run_dir in run_dirs:
         for row in read_rows(run_dir):
-            key = (row.model, row.method, row.wbits, row.abits, row.prune)
+            key = row.key()
             if row.method == "fp32" and fp_scores.get(row.model) == row.scores:
                 continue
             if key in seen:
@@ -624,9 +1008,125 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> dict[str, str]:
             rows.append(row)
     benchmarks = list(dict.fromkeys(b for r in rows for b in r.scores))
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = write_tables(rows, benchmarks, "see each run", out_dir)
+    tables = write_tables(rows, benchmarks, "see each run", out_dir, caption=caption)
     atomic_write(out_dir / ROWS_FILE, _rows_jsonl(rows))
     return tables
+
+
+BASELINES: tuple[str, ...] = ("minmax", "dquant2d", "ptq4vit", "noisyquant")
+"""The methods CompSRT is tested against (the best of them per configuration)."""
+
+
+@dataclass(frozen=True)
+class SignificanceRow:
+    """CompSRT vs the best baseline at one (model, bits, prune): CompSRT's Table 5."""
+
+    model: str
+    wbits: int
+    abits: int
+    prune: float
+    baseline: str
+    benchmarks: tuple[str, ...]
+    psnr: PairedTest
+    ssim: PairedTest
+
+
+def significance(
+    rows: Sequence[CompressionRow],
+    *,
+    method: str = "compsrt",
+    baselines: Sequence[str] = BASELINES,
+) -> list[SignificanceRow]:
+    """Dataset-level paired tests of ``method`` against the best baseline.
+
+    As CompSRT's section 4.2 (Table 5): for each configuration (model, bit
+    widths, pruning) the baseline with the highest mean PSNR over the datasets
+    both were scored on is "the best baseline"; the per-dataset differences
+    ``method - baseline`` of PSNR and of SSIM each get a one-sided Wilcoxon
+    signed-rank test (exact ties dropped) and Cohen's ``d_z = mean / sd``.
+    With n datasets the smallest possible one-sided p is ``2^-n`` (0.125 for
+    Set5/Set14/B100; 0.031 with Urban100 and Manga109 too).
+    """
+    result = final_rows(rows)
+    index: dict[tuple[str, int, int, float], dict[str, CompressionRow]] = {}
+    for r in result:
+        index.setdefault((r.model, r.wbits, r.abits, r.prune), {})[r.method] = r
+    out = []
+    for (model, wbits, abits, prune), by_method in index.items():
+        ours = by_method.get(method)
+        others = [by_method[b] for b in baselines if b in by_method and b != method]
+        if ours is None or not others:
+            continue
+
+        def common(other: CompressionRow, ours: CompressionRow = ours) -> list[str]:
+            return [b for b in ours.scores if b in other.scores]
+
+        def mean_psnr(other: CompressionRow) -> float:
+            names = common(other)
+            return sum(other.scores[b][0] for b in names) / max(len(names), 1)
+
+        best = max(others, key=mean_psnr)
+        names = common(best)
+        diffs = [[ours.scores[b][k] - best.scores[b][k] for b in names] for k in (0, 1)]
+        out.append(
+            SignificanceRow(
+                model=model,
+                wbits=wbits,
+                abits=abits,
+                prune=prune,
+                baseline=best.method,
+                benchmarks=tuple(names),
+                psnr=paired_test("dataset", "PSNR", diffs[0]),
+                ssim=paired_test("dataset", "SSIM", diffs[1]),
+            )
+        )
+    return out
+
+
+def significance_markdown(tests: Sequence[SignificanceRow], method: str = "compsrt") -> str:
+    """Table 5 layout: per configuration, the best baseline, n datasets and for PSNR
+    and SSIM the mean difference, Cohen's d_z and the one-sided Wilcoxon p."""
+    lines = [
+        f"| Model | W/A | Prune | {method} vs | datasets | PSNR mean diff (dB) | PSNR d_z | "
+        "PSNR p | SSIM mean diff | SSIM d_z | SSIM p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def p_text(t: PairedTest) -> str:
+        return "-" if math.isnan(t.p_value) else f"{t.p_value:.3g}"
+
+    for t in tests:
+        lines.append(
+            f"| {t.model} | {t.wbits}/{t.abits} | {t.prune:g} | {t.baseline} | "
+            f"{', '.join(t.benchmarks)} | {t.psnr.mean_diff:+.3f} | {_fmt(t.psnr.cohen_dz, 2)} | "
+            f"{p_text(t.psnr)} | {t.ssim.mean_diff:+.4f} | {_fmt(t.ssim.cohen_dz, 2)} | "
+            f"{p_text(t.ssim)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def significance_experiment(
+    run_dirs: Sequence[Path],
+    *,
+    method: str = "compsrt",
+    baselines: Sequence[str] = BASELINES,
+    out: Path | None = None,
+) -> str:
+    """``irformer compress significance``: :func:`significance` over the rows of one or
+    more ``compress run`` folders, as markdown (also written to ``out``)."""
+    rows: list[CompressionRow] = []
+    for run_dir in run_dirs:
+        rows += read_rows(run_dir)
+    tests = significance(rows, method=method, baselines=baselines)
+    if not tests:
+        raise ValueError(
+            f"no configuration in {[str(d) for d in run_dirs]} has both {method} and one of "
+            f"{list(baselines)}"
+        )
+    text = significance_markdown(tests, method)
+    if out is not None:
+        atomic_write(out, text)
+    return text
 
 
 def stats_markdown(report: StatsReport) -> str:

@@ -3,14 +3,16 @@
 Trains the same small SwinIR-style x2 SR model twice, with per-token LayerNorm
 (``ln``) and with i-LN (``iln``), on three of scikit-image's bundled photos
 (astronaut, coffee, hubble_deep_field), probing every Transformer layer during
-training (mean of x^2 and channel entropy, the i-LN paper's Figs. 1/4/8). It
+training (mean square of the features and two channel entropies: the paper's
+Algorithm 1 and a scale-invariant balance entropy; Figs. 1/4/8). It
 then scores both models and MATLAB bicubic on the two held-out photos
 (chelsea, rocket), restores a crop of one, and writes a report folder:
 
     irformer-demo/
       summary.md               the table below, the settings, the reading
       magnitude.png            max over layers of mean x^2 vs iteration (log)
-      entropy.png              mean channel entropy over layers vs iteration
+      entropy.png              mean Algorithm-1 channel entropy over layers vs iteration
+      balance_entropy.png      mean scale-invariant balance entropy over layers
       magnitude_per_layer.png  every layer's mean x^2, one panel per norm
       loss.png                 training L1 loss
       restored.png             LR | bicubic | LN | i-LN | HR crops
@@ -197,12 +199,15 @@ def score(models: dict[str, nn.Module], pairs: dict[str, tuple[Tensor, Tensor]])
     return table
 
 
-def final_features(records: list[dict[str, Any]], *, first: bool = False) -> tuple[float, float]:
-    """(max over layers of mean x^2, mean over layers of channel entropy) at the last
-    (or ``first``) probe."""
-    at = (min if first else max)(r["iter"] for r in records)
-    layers = [r for r in records if r["iter"] == at and r.get("kind", "layer") == "layer"]
-    return max(r["sq_mean"] for r in layers), float(np.mean([r["entropy"] for r in layers]))
+def final_features(
+    records: list[dict[str, Any]], *, first: bool = False
+) -> tuple[float, float, float]:
+    """(max over layers of mean x^2, mean over layers of the Algorithm-1 entropy and of
+    the balance entropy) at the last (or ``first``) probe."""
+    from irformer.analysis.readout import layer_readout
+
+    r = layer_readout(records, first=first)
+    return r.max_sq_mean, r.entropy, r.balance_entropy
 
 
 # --------------------------------------------------------------------------- report
@@ -263,27 +268,38 @@ class DemoResult:
     out: Path
     table: str
     scores: dict
-    features: dict[str, tuple[float, float]]
+    features: dict[str, tuple[float, float, float]]
 
 
 def markdown_table(
-    scores: dict, features: dict[str, tuple[float, float]], seconds: dict[str, float]
+    scores: dict, features: dict[str, tuple[float, float, float]], seconds: dict[str, float]
 ) -> str:
     photos = list(next(iter(scores.values())))
-    head = ["model", *[f"{p} PSNR / SSIM" for p in photos], "mean PSNR", "max mean x^2", "entropy"]
-    head.append("train s")
+    head = ["model", *[f"{p} PSNR / SSIM" for p in photos], "mean PSNR", "max mean x^2"]
+    head += ["Alg. 1 entropy", "balance entropy", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, per_photo in scores.items():
         cells = [label]
         cells += [f"{per_photo[p][0]:.2f} / {per_photo[p][1]:.4f}" for p in photos]
         cells.append(f"{np.mean([per_photo[p][0] for p in photos]):.2f}")
         if label in features:
-            mag, ent = features[label]
-            cells += [f"{mag:.3g}", f"{ent:.3f}", f"{seconds[label]:.0f}"]
+            mag, ent, bal = features[label]
+            cells += [f"{mag:.3g}", f"{ent:.3f}", f"{bal:.3f}", f"{seconds[label]:.0f}"]
         else:
-            cells += ["-", "-", "-"]
+            cells += ["-", "-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def demo_headline(runs: list[DemoRun]) -> str:
+    """The summary's reading of LN vs i-LN: magnitude and both entropies, in numbers,
+    worded by :func:`irformer.analysis.readout.entropy_contrast`."""
+    from irformer.analysis.readout import entropy_contrast, layer_readout
+
+    readouts = {NORMS[r.norm]: layer_readout(r.features) for r in runs}
+    return entropy_contrast(
+        "LN", readouts["LN"], "i-LN", readouts["i-LN"], channels=int(MODEL_KWARGS["embed_dim"])
+    )
 
 
 def run_demo(
@@ -328,14 +344,14 @@ def run_demo(
     records = {NORMS[r.norm]: r.features for r in runs}
     plot_run_overlay(records, out / "magnitude.png", metric="sq_mean", how="max")
     plot_run_overlay(records, out / "entropy.png", metric="entropy", how="mean")
+    plot_run_overlay(records, out / "balance_entropy.png", metric="balance_entropy", how="mean")
     plot_per_block_curves(records, out / "magnitude_per_layer.png", metric="sq_mean")
     save_loss_plot(runs, out / "loss.png")
     lr_img, hr_img = held_out[HELD_OUT_PHOTOS[0]]
     save_restored_crops(models, lr_img, hr_img, out / "restored.png")
 
     table = markdown_table(scores, features, seconds)
-    (ln_mag, ln_ent), (iln_mag, iln_ent) = features["LN"], features["i-LN"]
-    ratio = ln_mag / iln_mag if iln_mag > 0 else math.inf
+    headline = demo_headline(runs)
     growth = {
         NORMS[r.norm]: features[NORMS[r.norm]][0] / final_features(r.features, first=True)[0]
         for r in runs
@@ -348,20 +364,25 @@ def run_demo(
 
 PSNR/SSIM on the Y channel with a {SCALE}-pixel border crop, on held-out photos
 ({", ".join(HELD_OUT_PHOTOS)}); "max mean x^2" is the largest per-layer mean of
-squared residual-stream features on a fixed probe batch at the end of training,
-"entropy" the mean per-layer channel entropy (paper Algorithm 1; the maximum,
-perfectly balanced channels, is log({MODEL_KWARGS["embed_dim"]}) =
-{math.log(MODEL_KWARGS["embed_dim"]):.3f}).
+squared residual-stream features (the mean square, RMS squared) on a fixed probe
+batch at the end of training. Two channel entropies, mean over layers (the
+maximum, perfectly balanced channels, is log({MODEL_KWARGS["embed_dim"]}) =
+{math.log(MODEL_KWARGS["embed_dim"]):.3f}): "Alg. 1 entropy" is the paper's
+Algorithm 1 (softmax over the channel-wise mean |x|), which grows towards the
+maximum as features shrink whatever their channel profile; "balance entropy"
+normalises the same profile to sum 1 instead, so it measures only how evenly the
+channels share the magnitude (exp of it = effective number of channels).
 
-**At the end of training LN's largest layer magnitude is {ratio:.1f}x i-LN's,
-and its channel entropy is {ln_ent:.3f} vs i-LN's {iln_ent:.3f}.** From the
-first probe (iteration {first_probe}) to the last, LN's largest layer magnitude
+{headline}
+
+From the first probe (iteration {first_probe}) to the last, LN's largest layer magnitude
 changed by x{growth["LN"]:.2f} and i-LN's by x{growth["i-LN"]:.2f}. (i-LN blocks
 are scale-equivariant, so its residual stream keeps the scale of the embedded
 input; LN's per-token normalisation feeds O(1) branches into the stream.)
 
 ![feature magnitude](magnitude.png)
-![channel entropy](entropy.png)
+![channel entropy (Algorithm 1)](entropy.png)
+![channel balance entropy (scale-free)](balance_entropy.png)
 ![per-layer magnitude](magnitude_per_layer.png)
 ![training loss](loss.png)
 ![restored crops: LR, bicubic, LN, i-LN, HR]({"restored.png"})

@@ -122,8 +122,8 @@ def lowprec_report(
     data_root: str | os.PathLike[str] | None,
     task: str | None = None,
     scale: int | None = None,
-    sigma: float | None = None,
-    quality: int | None = None,
+    sigma: float | Sequence[float] | None = None,
+    quality: int | Sequence[int] | None = None,
     settings: Sequence[str] = tuple(LOWPREC_SETTINGS),
     labels: tuple[str, str] = ("LN", "i-LN"),
     granularity: str = "per_tensor",
@@ -137,15 +137,15 @@ def lowprec_report(
     """The i-LN paper's Table 4 for any pair of models: settings x models x benchmarks.
 
     ``ckpt_*`` are checkpoint paths (loaded with
-    :func:`irformer.archs.load_checkpoint_model`) or modules. ``task``/``scale``
-    default to the first checkpoint's metadata. fp16/bf16 cast weights and
-    features (``W+F``); int8/int4 quantise Linear and Conv2d weights
-    (``linear_only``: Linear only) to ``granularity`` (``per_tensor`` or
-    ``per_channel``) with ``symmetric`` ranges and run in fp32 (``W``). Non-finite
-    outputs are counted, located, and scored as black (NaN -> 0), as the paper's
-    fp16 LN rows are. ``options`` sets tiling / exact path / ensemble. ``on_row``
-    receives each row as it is measured; ``progress`` (:mod:`irformer.progress`)
-    counts the rows.
+    :func:`irformer.archs.load_checkpoint_model`) or modules. ``task``/``scale`` default to
+    the first checkpoint's metadata. fp16/bf16 cast weights and features (``W+F``);
+    int8/int4 quantise Linear and Conv2d weights (``linear_only``: Linear only) to
+    ``granularity`` (``per_tensor`` or ``per_channel``) with ``symmetric`` ranges and run in
+    fp32 (``W``). Non-finite outputs are counted, located, and scored as black (NaN -> 0),
+    as the paper's fp16 LN rows are. ``sigma``/``quality`` may be lists (dn/car at several
+    levels): each benchmark then gets one column per level, named ``NAME sigma15`` / ``NAME
+    q10``. ``options`` sets tiling / exact path / ensemble. ``on_row`` receives each row as
+    it is measured; ``progress`` (:mod:`irformer.progress`) counts the rows.
     """
     unknown = [s for s in settings if s not in LOWPREC_SETTINGS]
     if unknown:
@@ -161,19 +161,32 @@ def lowprec_report(
         if "scale" in meta and int(meta["scale"]) != scale:  # type: ignore[arg-type]
             raise ValueError(f"{label} model {source} has scale {meta['scale']}, expected {scale}")
     dev = resolve_device(device)
-    resolved = resolve_benchmarks(
-        benchmarks,
-        data_root,
-        task=task,
-        scale=scale if task == "sr" else 1,
-        sigma=sigma,
-        quality=quality,
-    )
+    sigmas = _level_list(sigma)
+    qualities = _level_list(quality)
+    several = len(sigmas) * len(qualities) > 1
+    columns: list[tuple[str, Any]] = []  # (column name, benchmark)
+    for level_sigma in sigmas:
+        for level_quality in qualities:
+            for bench in resolve_benchmarks(
+                benchmarks,
+                data_root,
+                task=task,
+                scale=scale if task == "sr" else 1,
+                sigma=level_sigma,
+                quality=level_quality,
+            ):
+                name = bench.name
+                if several and level_sigma is not None:
+                    name += f" sigma{level_sigma:g}"
+                if several and level_quality is not None:
+                    name += f" q{level_quality}"
+                columns.append((name, bench))
+    resolved = [bench for _, bench in columns]
     base_options = options or RestoreOptions()
     report = LowPrecReport(
         task=task,
         scale=scale,
-        benchmarks=tuple(b.name for b in resolved),
+        benchmarks=tuple(name for name, _ in columns),
         weight_quant={
             "granularity": granularity,
             "symmetric": symmetric,
@@ -197,7 +210,7 @@ def lowprec_report(
             run_options = RestoreOptions(
                 **{**asdict(base_options), "precision": precision, "sanitize": True}
             )
-            for bench in resolved:
+            for column, bench in columns:
                 wrapped = PrecisionModel(model, run_options)
                 result = evaluate_benchmark(wrapped, bench, device=dev)
                 rep: NonFiniteReport = wrapped.report
@@ -206,7 +219,7 @@ def lowprec_report(
                     checkpoint=source,
                     setting=setting,
                     quantization=LOWPREC_SETTINGS[setting][0],
-                    benchmark=bench.name,
+                    benchmark=column,
                     psnr=result.psnr,
                     ssim=result.ssim,
                     images=result.num_images,
@@ -220,7 +233,7 @@ def lowprec_report(
                     "%s %s %s: %.4f dB / %.4f, %d non-finite px",
                     label,
                     setting,
-                    bench.name,
+                    column,
                     row.psnr,
                     row.ssim,
                     row.nonfinite_pixels,
@@ -229,6 +242,17 @@ def lowprec_report(
                     on_row(row)
                 report_progress(progress, len(report.rows), total, "lowprec")
     return report
+
+
+def _level_list(level: float | Sequence[float] | None) -> list[Any]:
+    """One noise level / JPEG quality, several, or none (``[None]``)."""
+    if level is None:
+        return [None]
+    if isinstance(level, (int, float)):
+        return [level]
+    if not level:
+        raise ValueError("an empty list of levels (give at least one sigma / quality)")
+    return list(level)
 
 
 def _probe_input(bench: Any) -> Tensor:

@@ -35,12 +35,21 @@ from typing import Any
 from torch import Tensor, nn
 
 from irformer.analysis.plots import (
+    has_metric,
     plot_bars,
+    plot_final_entropies,
     plot_per_block_curves,
     plot_run_overlay,
     reduce_over_blocks,
 )
 from irformer.analysis.probes import FEATURES_FILE, FeatureProbe, read_feature_records
+from irformer.analysis.readout import (
+    SAME_BALANCE_NATS,
+    LayerReadout,
+    entropy_contrast,
+    entropy_verdict,
+    layer_readout,
+)
 from irformer.engine.config import Config
 from irformer.engine.data import probe_batch_for
 from irformer.errors import IrformerError
@@ -86,17 +95,22 @@ class RunResult:
     probe_seconds: float
     probe_calls: int
     max_sq_mean: float
-    """Max over probes and blocks of the mean of x^2 (the paper's "feature magnitude")."""
+    """Max over probes and blocks of the mean square, mean of x^2 (the paper's "feature
+    magnitude"; RMS squared)."""
     max_abs: float
     """Max over probes and blocks of |x|."""
     final_sq_mean: float
     """Max over blocks of the mean of x^2 at the last probe."""
     final_entropy: float
-    """Mean over Transformer layers of the channel entropy at the last probe."""
+    """Mean over Transformer layers of the Algorithm-1 channel entropy at the last probe
+    (scale dependent: see :mod:`irformer.analysis.probes`)."""
     metrics: dict[str, float]
     """``"Set5/psnr"`` etc. of the final weights (BN: running statistics)."""
     metrics_batch_stats: dict[str, float] | None = None
     """BN only: the same with batch statistics at test time."""
+    final_balance_entropy: float = math.nan
+    """Mean over Transformer layers of the scale-invariant channel balance entropy at the
+    last probe (NaN in results written before it was recorded)."""
 
     @property
     def probe_overhead(self) -> float:
@@ -293,6 +307,9 @@ def train_and_score(
     model = build_network(cfg)
     if device is not None:
         model.to(device)
+    # The clock starts before the iteration-0 probe: probe_seconds counts it, so
+    # train_seconds must too (else the overhead fraction can exceed 1 on short runs).
+    start = time.perf_counter()
     probe.record(model, 0)
     diverged, reason, final_loss = False, "", math.nan
     last_iter = [0]
@@ -302,7 +319,6 @@ def train_and_score(
         if progress is not None:
             progress(state)
 
-    start = time.perf_counter()
     try:
         state = train(cfg, model=model, hooks=[probe], progress=track, device=device)
         final_loss = state.loss
@@ -351,7 +367,14 @@ def train_and_score(
         final_entropy=sum(r["entropy"] for r in layers) / len(layers),
         metrics=metrics,
         metrics_batch_stats=metrics_bs,
+        final_balance_entropy=_layer_mean(layers, "balance_entropy"),
     )
+
+
+def _layer_mean(records: Sequence[dict[str, Any]], metric: str) -> float:
+    """Mean of ``metric`` over ``records``; NaN when the records predate the metric."""
+    values = [float(r[metric]) for r in records if metric in r]
+    return sum(values) / len(values) if values else math.nan
 
 
 def score(
@@ -431,7 +454,8 @@ def table_rows(results: Sequence[RunResult], benchmarks: Sequence[str]) -> list[
                 {
                     "max mean x²": _fmt(r.max_sq_mean, ".3g"),
                     "max |x|": _fmt(r.max_abs, ".3g"),
-                    "final entropy": _fmt(r.final_entropy, ".3f"),
+                    "final entropy (Alg. 1)": _fmt(r.final_entropy, ".3f"),
+                    "final balance entropy": _fmt(r.final_balance_entropy, ".3f"),
                     "final loss": _fmt(r.final_loss, ".4f"),
                     "iters": f"{r.iters_done}/{r.iters_planned}",
                     "diverged": "yes" if r.diverged else "no",
@@ -440,6 +464,109 @@ def table_rows(results: Sequence[RunResult], benchmarks: Sequence[str]) -> list[
             )
             rows.append(row)
     return rows
+
+
+ENTROPY_REFERENCE = "iln"
+"""The norm every other run's channel entropies are read against in a study report."""
+
+
+def entropy_reading(
+    results: Sequence[RunResult], *, reference: str = ENTROPY_REFERENCE
+) -> list[str]:
+    """Markdown lines reading each run's end-of-training channel entropies against the
+    ``reference`` norm's: both entropies, the effective channel count, the two gaps
+    and :func:`~irformer.analysis.readout.entropy_verdict`, then the ``ln`` vs
+    ``reference`` paragraph of :func:`~irformer.analysis.readout.entropy_contrast`.
+
+    Why: Algorithm 1 alone credits a norm with small features (i-LN) with balanced
+    channels whatever its channel profile; the report of the study itself says
+    whether the scale-free balance agrees, so the finding comes out of the one
+    command that ran the study. Readouts come from each run's ``features.jsonl``
+    (Transformer layers at the last probe; the result fields when the file is gone).
+    Empty when no run uses ``reference``.
+    """
+    ref = next((r for r in results if r.norm == reference and not r.diverged), None)
+    if ref is None:
+        return []
+    readouts: dict[str, LayerReadout] = {r.label: _readout(r) for r in results}
+    base = readouts[ref.label]
+    channels = _feature_channels(results)
+    top = f" of {channels}" if channels else ""
+    lines = [
+        f"Channel entropies at the last probe, mean over Transformer layers, read against "
+        f"{ref.label} (gap = {ref.label} minus the run; the balance entropy is scale free, "
+        f"Algorithm 1 is not; exp(balance) = effective channels{top}):",
+        "",
+        "| run | max layer mean x² | Alg. 1 entropy | balance entropy | effective channels "
+        f"| Alg. 1 gap to {ref.label} | balance gap to {ref.label} | reading |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    words = {
+        "same": "same balance: Alg. 1's gap is the scale",
+        "reversed": "balance reverses Alg. 1",
+        "mostly scale": "mostly the scale",
+        "confirmed": "balance confirms Alg. 1",
+        "unknown": "balance not recorded",
+    }
+    for r in results:
+        mine = readouts[r.label]
+        is_ref = r.label == ref.label
+        cells = [
+            r.label,
+            _fmt(mine.max_sq_mean, ".3g"),
+            _fmt(mine.entropy, ".3f"),
+            _fmt(mine.balance_entropy, ".3f"),
+            _fmt(mine.effective_channels, ".1f") if math.isfinite(mine.balance_entropy) else "—",
+            "—" if is_ref else _fmt(base.entropy - mine.entropy, "+.3f"),
+            "—" if is_ref else _fmt(base.balance_entropy - mine.balance_entropy, "+.3f"),
+            "(reference)" if is_ref else _reading(r, mine, base, words),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    ln = next((r for r in results if r.norm == "ln" and not r.diverged), None)
+    if ln is not None and channels:
+        lines += [
+            "",
+            entropy_contrast(ln.label, readouts[ln.label], ref.label, base, channels=channels),
+        ]
+    return lines
+
+
+def _reading(
+    result: RunResult, mine: LayerReadout, reference: LayerReadout, words: dict[str, str]
+) -> str:
+    if result.diverged:
+        return "diverged"
+    verdict = entropy_verdict(mine, reference)
+    if verdict == "same" and abs(reference.entropy - mine.entropy) < SAME_BALANCE_NATS:
+        return "same on both"
+    return words[verdict]
+
+
+def _readout(result: RunResult) -> LayerReadout:
+    """:class:`~irformer.analysis.readout.LayerReadout` of a run's last probe."""
+    path = Path(result.run_dir) / FEATURES_FILE
+    if path.is_file():
+        return layer_readout(read_feature_records(path))
+    return LayerReadout(
+        iteration=result.iters_done,
+        max_sq_mean=result.final_sq_mean,
+        entropy=result.final_entropy,
+        balance_entropy=result.final_balance_entropy,
+    )
+
+
+def _feature_channels(results: Sequence[RunResult]) -> int | None:
+    """The residual stream's channel count C (entropy maximum log C), from the first run
+    folder's ``config.yaml``: the width of ``conv_first``, which every architecture has."""
+    from irformer.engine.config import load_config
+    from irformer.engine.train import build_network
+
+    for r in results:
+        path = Path(r.run_dir) / "config.yaml"
+        if path.is_file():
+            conv = getattr(build_network(load_config(path)), "conv_first", None)
+            return int(conv.out_channels) if isinstance(conv, nn.Conv2d) else None
+    return None
 
 
 def write_study_report(
@@ -460,12 +587,17 @@ def write_study_report(
     lines = [f"# {title}", ""]
     if command:
         lines += ["```", command, "```", ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    # "max |x|": a bare pipe inside a cell would split the Markdown column
+    header = [c.replace("|", "\\|") for c in columns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in rows]
     lines.append("")
     for r in results:
         if r.diverged:
             lines.append(f"- {r.label}: {r.divergence}")
+    reading = entropy_reading(results)
+    if reading:
+        lines += ["", *reading]
     paths["table.md"] = out / "table.md"
     atomic_write(paths["table.md"], "\n".join(lines) + "\n")
 
@@ -489,7 +621,12 @@ def write_study_report(
 
 
 def write_study_plots(results: Sequence[RunResult], out_dir: str | Path) -> dict[str, Path]:
-    """Overlaid magnitude/entropy curves, per-block curves and final bars of a study."""
+    """Overlaid magnitude/entropy curves, per-block curves and final bars of a study.
+
+    Both channel entropies are drawn: Algorithm 1 (``entropy*.png``) and the
+    scale-invariant balance (``balance_entropy*.png``, for runs that recorded it),
+    and ``final_entropies.png`` puts their final values side by side (Fig. 8).
+    """
     out = Path(out_dir)
     runs = {}
     for r in results:
@@ -510,18 +647,36 @@ def write_study_plots(results: Sequence[RunResult], out_dir: str | Path) -> dict
             runs, out / "entropy_per_block.png", metric="entropy"
         ),
     }
+    balanced = {label: recs for label, recs in runs.items() if has_metric(recs, "balance_entropy")}
+    if balanced:
+        paths["balance_entropy.png"] = plot_run_overlay(
+            balanced,
+            out / "balance_entropy.png",
+            metric="balance_entropy",
+            how="mean",
+            kind="layer",
+        )
+        paths["balance_entropy_per_block.png"] = plot_per_block_curves(
+            balanced, out / "balance_entropy_per_block.png", metric="balance_entropy"
+        )
     final_entropy = {r.label: r.final_entropy for r in results}
     paths["final_entropy.png"] = plot_bars(
         final_entropy,
         out / "final_entropy.png",
-        ylabel="channel entropy at the end (nats)",
+        ylabel="Alg. 1 channel entropy at the end (nats)",
         log=False,
+    )
+    paths["final_entropies.png"] = plot_final_entropies(
+        final_entropy,
+        {r.label: r.final_balance_entropy for r in results},
+        out / "final_entropies.png",
+        title="channel entropy at the end, mean over Transformer layers",
     )
     final_mag = {
         label: float(reduce_over_blocks(recs, "sq_mean", "max")[1].max())
         for label, recs in runs.items()
     }
     paths["max_magnitude.png"] = plot_bars(
-        final_mag, out / "max_magnitude.png", ylabel="max over training of mean $x^2$"
+        final_mag, out / "max_magnitude.png", ylabel="max over training of mean square $x^2$"
     )
     return paths

@@ -8,13 +8,17 @@ compsrt    CompSRT: dquant2d + Hadamard rotation + scalar decomposition
 ptq4vit    PTQ4ViT: twin-uniform post-softmax/post-GELU, range search
 noisyquant NoisyQuant: fixed noisy bias before activation quantisation
 ========== ===========================================================
+
+CompSRT's ablations are methods too (``2dquant_had_w``, ...:
+:data:`irformer.compress.methods.compsrt.ABLATIONS`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 
 from irformer.compress.methods import compsrt, dquant2d, minmax, noisyquant, ptq4vit
 from irformer.compress.methods.base import (
+    DistillCheckpoint,
     DistillLog,
     QuantConfig,
     attach_quantizers,
@@ -37,6 +42,7 @@ __all__ = [
     "QuantResult",
     "attach_for_config",
     "method_config",
+    "method_names",
     "quantize_model",
 ]
 
@@ -55,17 +61,30 @@ METHODS: dict[str, ModuleType] = {
 METHOD_ALIASES: dict[str, str] = {"2dquant": "dquant2d"}
 
 
+def method_names() -> list[str]:
+    """Every method name :func:`method_config` accepts (aliases and ablations included)."""
+    return [*METHODS, *METHOD_ALIASES, *compsrt.ABLATIONS]
+
+
 def _method(name: str) -> ModuleType:
     key = METHOD_ALIASES.get(name, name)
+    if key in compsrt.ABLATIONS:
+        return compsrt
     if key not in METHODS:
-        raise ValueError(f"unknown quantisation method {name!r}; valid: {', '.join(METHODS)}")
+        raise ValueError(
+            f"unknown quantisation method {name!r}; valid: {', '.join(method_names())}"
+        )
     return METHODS[key]
 
 
 def method_config(name: str, *, wbits: int, abits: int, **overrides: Any) -> QuantConfig:
     """The method's published defaults at the given bit widths, with overrides
-    (any :class:`QuantConfig` field, e.g. ``prune=0.4``, ``dqc_iters=500``)."""
-    cfg = _method(name).default_config(wbits, abits)
+    (any :class:`QuantConfig` field, e.g. ``prune=0.4``, ``dqc_iters=500``); CompSRT's
+    ablations (:data:`irformer.compress.methods.compsrt.ABLATIONS`) by name too."""
+    if name in compsrt.ABLATIONS:
+        cfg = compsrt.ablation_config(name, wbits, abits)
+    else:
+        cfg = _method(name).default_config(wbits, abits)
     return cfg.with_overrides(**overrides) if overrides else cfg
 
 
@@ -94,12 +113,19 @@ def quantize_model(
     val_batch: Tensor | None = None,
     val_every: int = 100,
     recompute: bool = True,
+    fused: bool = False,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Callable[[DistillCheckpoint], None] | None = None,
+    on_calibrated: Callable[[nn.Module], None] | None = None,
+    state_path: str | Path | None = None,
 ) -> QuantResult:
     """Quantise a copy of ``model``: attach, calibrate on ``calib`` (B, C, h, w),
     then (if ``cfg.dqc_iters``) distil the bounds on ``train_batches``, keeping
     the bounds with the lowest L1 on ``val_batch`` when one is given;
     ``recompute`` trades one extra forward per DQC step for a fraction of the
-    memory (:func:`distill_bounds`).
+    memory; ``fused``, ``checkpoints``/``on_checkpoint`` and ``state_path``
+    (resumable state) are :func:`distill_bounds`'s. ``on_calibrated(qmodel)``
+    runs between calibration and distillation (e.g. to snapshot the bounds).
 
     ``model`` itself is left untouched and serves as the FP teacher.
     """
@@ -111,6 +137,8 @@ def quantize_model(
         calib = calib.to(device)
     calibrate_fn = getattr(method, "calibrate", calibrate)
     calibrate_fn(qmodel, calib, cfg)
+    if on_calibrated is not None:
+        on_calibrated(qmodel)
     log = None
     if cfg.dqc_iters > 0:
         if train_batches is None:
@@ -128,6 +156,10 @@ def quantize_model(
             val_batch=val_batch,
             val_every=val_every,
             recompute=recompute,
+            fused=fused,
+            checkpoints=checkpoints,
+            on_checkpoint=on_checkpoint,
+            state_path=state_path,
         )
         if log.loss:
             logger.info(

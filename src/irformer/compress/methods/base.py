@@ -25,8 +25,9 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from irformer.archs import transformer_blocks
 from irformer.archs.attention import AttentionOperands
 from irformer.archs.layers import ResidualGroup
+from irformer.compress.fused import fused_fake_quant
 from irformer.compress.hadamard import RotationMode, hadamard_size
 from irformer.compress.quantizers import (
     OBSERVER_SAMPLE,
@@ -45,10 +47,14 @@ from irformer.compress.quantizers import (
     UniformQuantizer,
     WeightQuantizer,
 )
+from irformer.errors import CheckpointReadError
+from irformer.files import atomic_write
+from irformer.safe_load import torch_load_weights_only
 
 __all__ = [
     "ACT_ROLES",
     "ATTENTION_OPERANDS",
+    "DistillCheckpoint",
     "DistillLog",
     "QuantConfig",
     "QuantLinear",
@@ -63,6 +69,8 @@ __all__ = [
     "learnable_quantizer_parameters",
     "prepare_quantized_copy",
     "quant_linears",
+    "quantizer_drift",
+    "quantizer_snapshot",
     "residual_groups",
 ]
 
@@ -90,7 +98,12 @@ class QuantConfig:
     """Activation roles left unrotated, e.g. ``("post_softmax",)``: every row of
     a softmax map sums to 1, so its rotation has a constant first coordinate
     ``1/sqrt(n)`` that becomes the range's outlier. CompSRT rotates all."""
+    rotate_activations: bool = True
+    """With ``rotation``: False rotates the weights only (CompSRT's Figure 6 ablation)."""
     scalar_decomposition: bool = False
+    learn_bounds: bool = True
+    """False: DQC trains only alpha/beta, the bounds stay at their search result
+    (CompSRT's Table 7 ablation; needs ``scalar_decomposition``)."""
     prune: float = 0.0
     qkv_split: bool = True
     quantize_attention: bool = True
@@ -225,7 +238,11 @@ def default_act_quantizer(n: int, cfg: QuantConfig, role: str = "linear_input") 
     """The uniform activation quantiser of a tensor whose last dim is ``n``."""
     return ActQuantizer(
         cfg.abits,
-        rotate_size=None if role in cfg.rotation_skip else _rotate_size(n, cfg),
+        rotate_size=(
+            None
+            if role in cfg.rotation_skip or not cfg.rotate_activations
+            else _rotate_size(n, cfg)
+        ),
         scalar_decomposition=cfg.scalar_decomposition,
         sample_size=cfg.observer_sample,
     )
@@ -308,12 +325,17 @@ def act_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def learnable_quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Bounds (and alpha/beta) of every uniform quantiser: what DQC trains."""
+def learnable_quantizer_parameters(model: nn.Module, *, bounds: bool = True) -> list[nn.Parameter]:
+    """Bounds (and alpha/beta) of every uniform quantiser: what DQC trains
+    (``bounds=False``: alpha/beta only)."""
     params: list[nn.Parameter] = []
     for m in model.modules():
         if isinstance(m, UniformQuantizer):
-            params.extend(m.learnable_parameters())
+            params.extend(
+                p
+                for p in m.learnable_parameters()
+                if bounds or (p is not m.lower and p is not m.upper)
+            )
     return params
 
 
@@ -420,6 +442,79 @@ def _recomputed(modules: list[nn.Module]) -> Iterator[None]:
             m.forward = orig  # type: ignore[method-assign]
 
 
+@dataclass(frozen=True)
+class DistillCheckpoint:
+    """What :func:`distill_bounds` hands its ``on_checkpoint`` callback.
+
+    The quantised model holds the bounds of ``selected_step`` while the callback
+    runs (the best held-out step so far, or ``step`` itself: the last iterate),
+    and gets the training bounds back afterwards.
+    """
+
+    step: int
+    """Iterations done."""
+    selected_step: int
+    """Iteration whose bounds the model holds now."""
+    log: DistillLog
+
+
+STATE_VERSION = 1
+
+
+def _state_fingerprint(cfg: QuantConfig, params: list[nn.Parameter]) -> str:
+    import json
+
+    return json.dumps({"config": cfg.to_dict(), "params": [list(p.shape) for p in params]})
+
+
+def _save_state(
+    path: Path,
+    step: int,
+    params: list[nn.Parameter],
+    best: list[Tensor] | None,
+    opt: torch.optim.Optimizer,
+    log: DistillLog,
+    fingerprint: str,
+) -> None:
+    import io
+
+    payload = {
+        "version": STATE_VERSION,
+        "fingerprint": fingerprint,
+        "step": step,
+        "params": [p.detach().cpu().clone() for p in params],
+        "best": None if best is None else [b.cpu() for b in best],
+        "optimizer": opt.state_dict(),
+        "log": asdict(log),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def _load_state(
+    path: Path,
+    params: list[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    fingerprint: str,
+) -> tuple[int, list[Tensor] | None, DistillLog]:
+    state = torch_load_weights_only(path)
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise CheckpointReadError(f"{path}: not a DQC state file (version {STATE_VERSION})")
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{path}: DQC state of another configuration; delete it to start over "
+            f"(saved {state['fingerprint'][:200]}..., now {fingerprint[:200]}...)"
+        )
+    with torch.no_grad():
+        for p, v in zip(params, state["params"], strict=True):
+            p.copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    device = params[0].device if params else torch.device("cpu")
+    best = None if state["best"] is None else [b.to(device) for b in state["best"]]
+    return int(state["step"]), best, DistillLog(**state["log"])
+
+
 def distill_bounds(
     qmodel: nn.Module,
     fp_model: nn.Module,
@@ -431,6 +526,11 @@ def distill_bounds(
     val_batch: Tensor | None = None,
     val_every: int = 100,
     recompute: bool = True,
+    fused: bool = False,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Callable[[DistillCheckpoint], None] | None = None,
+    state_path: str | Path | None = None,
+    state_every: int = 25,
 ) -> DistillLog:
     """DQC: train only the quantisers' bounds (and alpha/beta) against the FP model.
 
@@ -444,13 +544,36 @@ def distill_bounds(
 
     With ``val_batch`` (held-out patches from the *training* pool) the bounds
     with the lowest held-out L1 are kept, checked before training, every
-    ``val_every`` iterations and at the end. The papers select their iteration
-    on Set5, a test set; this keeps selection off the benchmarks.
+    ``val_every`` iterations, at every checkpoint and at the end. The papers
+    select their iteration on Set5, a test set; this keeps selection off the
+    benchmarks. The FP output of the held-out batch is computed once.
 
     ``recompute`` checkpoints the student's residual groups (same result, a
     fraction of the memory, ~one extra forward per step; see :func:`_recomputed`).
+    ``fused`` runs the activation quantisers through the fused CPU kernel
+    (:mod:`irformer.compress.fused`: same values up to float rounding, several
+    times faster on CPU).
+
+    ``checkpoints``: iteration counts (0 = before training) at which
+    ``on_checkpoint`` is called with the model holding the bounds a run of that
+    many iterations would keep, then, when those are from an earlier step, again
+    with the last iterate's (:class:`DistillCheckpoint`). When ``val_every``
+    divides every checkpoint, each call sees exactly what a separate run of
+    that length would have produced (the held-out checks of a prefix are the
+    same).
+
+    ``state_path``: the distillation state (bounds, Adam, log, best bounds) is
+    saved there atomically every ``state_every`` iterations and at each
+    checkpoint; a run started with an existing state continues from it,
+    skipping the batches already used (``batches`` must be the same
+    deterministic stream), so a killed run resumes where it saved.
     """
-    params = learnable_quantizer_parameters(qmodel)
+    params = learnable_quantizer_parameters(qmodel, bounds=cfg.learn_bounds)
+    if not params:
+        raise ValueError(
+            f"{cfg.method}: nothing to distil (learn_bounds={cfg.learn_bounds}, "
+            f"scalar_decomposition={cfg.scalar_decomposition})"
+        )
     for p in qmodel.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -465,51 +588,93 @@ def distill_bounds(
     tap_f = _FeatureTap(f_groups if use_features else [])
     log = DistillLog()
     it: Iterator[Tensor] = iter(batches)
-    if val_batch is not None and device is not None:
-        val_batch = val_batch.to(device)
+    val_target: Tensor | None = None
+    if val_batch is not None:
+        if device is not None:
+            val_batch = val_batch.to(device)
+        with torch.no_grad():
+            val_target = fp_model(val_batch)
+        tap_f.pop()
     best: list[Tensor] | None = None
+    marks = sorted({int(c) for c in checkpoints})
+    if marks and (marks[0] < 0 or marks[-1] > cfg.dqc_iters):
+        raise ValueError(f"DQC checkpoints {marks} outside 0..{cfg.dqc_iters} iterations")
+    fingerprint = _state_fingerprint(cfg, params)
+    state_file = None if state_path is None else Path(state_path)
+    start = 0
 
     def validate(step: int) -> None:
         nonlocal best
-        if val_batch is None:
+        if val_batch is None or (log.val_steps and log.val_steps[-1] == step):
             return
-        with torch.no_grad():
-            loss = float(F.l1_loss(qmodel(val_batch), fp_model(val_batch)))
+        with torch.no_grad(), fused_fake_quant(fused):
+            loss = float(F.l1_loss(qmodel(val_batch), val_target))
         tap_q.pop()
-        tap_f.pop()
         log.val_steps.append(step)
         log.val_loss.append(loss)
         if math.isfinite(loss) and loss <= min(log.val_loss):
             best = [p.detach().clone() for p in params]
             log.best_step = step
 
+    def checkpoint_reached(step: int) -> None:
+        validate(step)
+        if on_checkpoint is not None:
+            current = [p.detach().clone() for p in params]
+            chosen = step if best is None or log.best_step is None else log.best_step
+            if chosen != step:
+                with torch.no_grad():
+                    for p, b in zip(params, best, strict=True):  # type: ignore[arg-type]
+                        p.copy_(b)
+                try:
+                    on_checkpoint(DistillCheckpoint(step, chosen, log))
+                finally:
+                    with torch.no_grad():
+                        for p, c in zip(params, current, strict=True):
+                            p.copy_(c)
+            on_checkpoint(DistillCheckpoint(step, step, log))
+            tap_q.pop()  # whatever the callback ran through the models is not a DQC feature
+            tap_f.pop()
+        if state_file is not None:
+            _save_state(state_file, step, params, best, opt, log, fingerprint)
+
     try:
-        validate(0)
-        for step in range(cfg.dqc_iters):
+        if state_file is not None and state_file.is_file():
+            start, best, log = _load_state(state_file, params, opt, fingerprint)
+            for _ in range(start):  # the same stream, positioned after the used batches
+                next(it)
+            logger.info("DQC resumed from %s at iteration %d", state_file, start)
+        if start == 0:
+            validate(0)
+            if 0 in marks:
+                checkpoint_reached(0)
+        for step in range(start, cfg.dqc_iters):
+            if log.stopped_early:
+                break
             lq = next(it)
             if device is not None:
                 lq = lq.to(device)
             with torch.no_grad():
                 out_f = fp_model(lq)
             feats_f = tap_f.pop()
-            with _recomputed(q_groups if recompute else []):
-                out_q = qmodel(lq)
-            feats_q = tap_q.pop()
-            pixel = F.l1_loss(out_q, out_f)
-            feature = sum(
-                (
-                    F.mse_loss(_normalised(fq), _normalised(ff))
-                    for fq, ff in zip(feats_q, feats_f, strict=True)
-                ),
-                start=torch.zeros((), device=out_q.device),
-            )
-            loss = pixel + cfg.feature_weight * feature
-            if not torch.isfinite(loss):
-                log.stopped_early = f"non-finite loss at iteration {step}"
-                logger.warning("DQC stopped: %s", log.stopped_early)
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with fused_fake_quant(fused):
+                with _recomputed(q_groups if recompute else []):
+                    out_q = qmodel(lq)
+                feats_q = tap_q.pop()
+                pixel = F.l1_loss(out_q, out_f)
+                feature = sum(
+                    (
+                        F.mse_loss(_normalised(fq), _normalised(ff))
+                        for fq, ff in zip(feats_q, feats_f, strict=True)
+                    ),
+                    start=torch.zeros((), device=out_q.device),
+                )
+                loss = pixel + cfg.feature_weight * feature
+                if not torch.isfinite(loss):
+                    log.stopped_early = f"non-finite loss at iteration {step}"
+                    logger.warning("DQC stopped: %s", log.stopped_early)
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
             opt.step()
             log.loss.append(float(loss.detach()))
@@ -517,8 +682,13 @@ def distill_bounds(
             log.feature.append(float(feature.detach()))
             if on_step is not None:
                 on_step(step, log.loss[-1])
-            if (step + 1) % val_every == 0 or step + 1 == cfg.dqc_iters:
-                validate(step + 1)
+            done = step + 1
+            if done % val_every == 0 or done == cfg.dqc_iters:
+                validate(done)
+            if done in marks:
+                checkpoint_reached(done)
+            elif state_file is not None and done % state_every == 0:
+                _save_state(state_file, done, params, best, opt, log, fingerprint)
         if best is not None:
             with torch.no_grad():
                 for p, b in zip(params, best, strict=True):
@@ -529,6 +699,53 @@ def distill_bounds(
         for p in params:
             p.requires_grad_(False)
     return log
+
+
+def quantizer_snapshot(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Every weight/activation quantiser's bounds (and alpha/beta), by module name:
+    the reference :func:`quantizer_drift` measures distillation against."""
+    snap = {}
+    for name, module in model.named_modules():
+        if isinstance(module, WeightQuantizer | ActQuantizer):
+            q = module.quantizer
+            snap[name] = {
+                k: getattr(q, k).detach().clone()
+                for k in ("lower", "upper", "alpha", "beta")
+                if getattr(q, k) is not None
+            }
+    return snap
+
+
+def quantizer_drift(model: nn.Module, snapshot: dict[str, dict[str, Tensor]]) -> dict[str, float]:
+    """How far distillation moved the quantisers since ``snapshot``, in grid steps.
+
+    For weights (``w_``) and activations (``a_``): the mean and max over
+    quantisers (and bound groups) of ``|l - l0|``, ``|u - u0|`` in units of the
+    initial step ``s0 = (u0 - l0) / (2^b - 1)``, and of ``|alpha| / s0`` and
+    ``|beta| / s0`` (scalar decomposition; absent without it). 1.0 = one step.
+    """
+    shifts: dict[str, list[Tensor]] = {}
+    for name, module in model.named_modules():
+        if name not in snapshot or not isinstance(module, WeightQuantizer | ActQuantizer):
+            continue
+        q, ref = module.quantizer, snapshot[name]
+        kind = "w" if isinstance(module, WeightQuantizer) else "a"
+        step0 = ((ref["upper"] - ref["lower"]) / (2**q.bits - 1)).clamp_min(1e-12)
+        terms = {
+            "lower_shift": (q.lower.detach() - ref["lower"]).abs() / step0,
+            "upper_shift": (q.upper.detach() - ref["upper"]).abs() / step0,
+        }
+        if q.alpha is not None and q.beta is not None:
+            terms["alpha"] = q.alpha.detach().abs() / step0
+            terms["beta"] = q.beta.detach().abs() / step0
+        for key, value in terms.items():
+            shifts.setdefault(f"{kind}_{key}", []).append(value.reshape(-1).float().cpu())
+    out: dict[str, float] = {}
+    for key, values in sorted(shifts.items()):
+        flat = torch.cat(values)
+        out[f"{key}_mean"] = float(flat.mean())
+        out[f"{key}_max"] = float(flat.max())
+    return out
 
 
 def prepare_quantized_copy(model: nn.Module, cfg: QuantConfig, **attach_kwargs: Any) -> nn.Module:

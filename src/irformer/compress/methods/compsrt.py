@@ -12,10 +12,24 @@ and 4 bits).
 
 from __future__ import annotations
 
+from typing import Any
+
 from irformer.compress.methods.base import QuantConfig
 from irformer.compress.methods.dquant2d import DQC_ITERS
 
-__all__ = ["default_config"]
+__all__ = ["ABLATIONS", "ablation_config", "default_config"]
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "2dquant_had_w": {"scalar_decomposition": False, "rotate_activations": False},
+    "2dquant_had_wa": {"scalar_decomposition": False},
+    "2dquant_sd": {"rotation": None},
+    "2dquant_had_w_sd": {"rotate_activations": False},
+    "compsrt_scalars_only": {"learn_bounds": False},
+}
+"""CompSRT's ablations (Figure 6, Table 7) as method names: 2DQuant plus Hadamard on
+the weights only / on weights and activations; plus scalar decomposition alone /
+with Hadamard on the weights only; full CompSRT training alpha/beta but not the
+bounds. (2DQuant itself is ``dquant2d``, full CompSRT ``compsrt``.)"""
 
 
 def default_config(wbits: int, abits: int) -> QuantConfig:
@@ -28,3 +42,8 @@ def default_config(wbits: int, abits: int) -> QuantConfig:
         scalar_decomposition=True,
         dqc_iters=DQC_ITERS,
     )
+
+
+def ablation_config(name: str, wbits: int, abits: int) -> QuantConfig:
+    """The configuration of ablation ``name`` (:data:`ABLATIONS`)."""
+    return default_config(wbits, abits).with_overrides(method=name, **ABLATIONS[name])
