@@ -7,6 +7,9 @@ STAMP := $(VENV)/.irformer-installed
 # installed without its dependencies because it declares torchvision (which
 # would pull a CUDA torch).
 TEST_EXTRAS := spandrel==0.4.2
+# The export extra (onnx, onnxscript, onnxruntime; pinned in pyproject.toml) is
+# installed with its dependencies (protobuf, ml_dtypes, ...) by `.[dev,export]`
+# below: the ONNX export tests need it and skip, naming it, without it.
 
 .PHONY: setup demo test test-slow lint bench clean-venv
 
@@ -14,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,export]'
 	$(BIN)/pip install -q --no-deps $(TEST_EXTRAS)
 	touch $(STAMP)
 

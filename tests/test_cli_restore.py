@@ -169,8 +169,32 @@ def test_restore_fp16_guard_and_black_dots(
     ckpt = tmp_path / "hot_ln.safetensors"
     save_model_weights(ckpt, model)
     out = tmp_path / "fp16"
-    with pytest.warns(Fp16OverflowWarning, match="will overflow"):
-        assert restore(src / "rgb.png", "--model", ckpt, "-o", out, "--precision", "fp16") == 0
+    fp16 = ("--precision", "fp16")
+    # Default: refused before any image runs, naming where the overflow starts.
+    assert restore(src / "rgb.png", "--model", ckpt, "-o", out, *fp16) == 2
+    refused = capsys.readouterr().err
+    assert "fp16 would overflow from layers.0.residual_group.blocks.1.mlp.fc2" in refused
+    assert not (out / "rgb.png").exists()
+    # Fallback: bf16 (fp32's range), finite output.
+    assert restore(src / "rgb.png", "--model", ckpt, "-o", out, *fp16, "--fp16-unsafe", "bf16") == 0
+    capsys.readouterr()
+    assert int(read_image(out / "rgb.png").max()) > 0
+    # Run anyway: the black dots, with the warning.
+    with pytest.warns(Fp16OverflowWarning, match="would overflow"):
+        assert (
+            restore(
+                src / "rgb.png",
+                "--model",
+                ckpt,
+                "-o",
+                out,
+                *fp16,
+                "--fp16-unsafe",
+                "run",
+                "--overwrite",
+            )
+            == 0
+        )
     printed = capsys.readouterr()
     assert "non-finite" in printed.out and "blocks.1.mlp.fc2" in printed.out
     assert "1 with non-finite pixels" in printed.err

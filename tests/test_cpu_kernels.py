@@ -236,6 +236,38 @@ def test_build_uses_tagged_directory_and_clears_a_stale_lock(
     assert calls[-1]["name"] == build_dir.name
 
 
+def test_two_checkouts_share_one_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The build compiles a copy of the source inside the build folder, so checkouts
+    with the same source (same tag) hand ninja the same path and never rebuild each
+    other; the copy is rewritten only when it differs (its mtime drives ninja). The
+    "compiling" message appears only when no built module exists yet."""
+    import logging
+
+    from torch.utils import cpp_extension
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "module")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = tmp_path / f"irformer_cpu_kernels_{ck._build_tag()}"
+    with caplog.at_level(logging.INFO, logger="irformer.cpu_kernels"):
+        ck._build()
+    copy = build_dir / ck.SOURCE.name
+    assert calls[-1]["sources"] == [str(copy)]
+    assert copy.read_bytes() == ck.SOURCE.read_bytes()
+    assert "compiling" in caplog.text
+    old = time.time() - 3600
+    os.utime(copy, (old, old))
+    (build_dir / f"{build_dir.name}.so").touch()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="irformer.cpu_kernels"):
+        ck._build()  # as another checkout of the same source would
+    assert calls[-1]["sources"] == [str(copy)]
+    assert copy.stat().st_mtime == pytest.approx(old)  # untouched: nothing to rebuild
+    assert "compiling" not in caplog.text
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 300, 60), (1, 4097, 12), (3, 7, 5)])
 def test_holistic_norm_kernels_match_fp64(

@@ -3,7 +3,7 @@
 Layers, bottom to top (README "Layout"): the foundations (files, errors, safe
 loading, tasks, the execution context, the C++ kernel loader) -> ``norms`` and
 ``data`` -> ``archs`` -> ``metrics``, ``analysis``, ``compress`` -> ``engine`` ->
-``experiments`` -> ``cli``. Every import counts, including those inside functions.
+``experiments``, ``export`` -> ``cli``. Every import counts, including those inside functions.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "irformer.compress": 3,
     "irformer.engine": 4,
     "irformer.experiments": 5,
+    "irformer.export": 5,
     "irformer.cli": 6,
     "irformer.__main__": 7,
 }

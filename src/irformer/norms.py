@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from irformer import cpu_kernels
+from irformer.execution import in_graph_capture
 
 NormName = Literal[
     "ln",
@@ -242,8 +243,11 @@ class HolisticLayerNorm(_ChannelAffine):
 
 
 def _fused_low_precision(x: Tensor, weight: Tensor) -> bool:
-    """bf16 (any device) or fp16 (CUDA) inference, where one fused kernel pays."""
+    """bf16 (any device) or fp16 (CUDA) eager inference, where one fused kernel pays
+    (never in a captured graph: the per-sample loop would fix the batch size)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if in_graph_capture():
         return False
     return x.dtype == torch.bfloat16 or (x.dtype == torch.float16 and x.is_cuda)
 

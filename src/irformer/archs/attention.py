@@ -44,7 +44,7 @@ from irformer.archs.windows import (
     window_partition,
     window_reverse,
 )
-from irformer.execution import current_execution
+from irformer.execution import current_execution, in_graph_capture
 from irformer.norms import BatchNorm, InstanceNorm, TokenNorm, merge_residual
 
 Projection = Callable[[Tensor], Tensor]
@@ -97,9 +97,11 @@ def attend(
 
     q: (B*nW, heads, N, d); k, v: (B*nW, heads, M, d); bias: (heads, N, M);
     mask: (nW, N, M) additive (window ``i`` of each image takes ``mask[i]``) or
-    None. Returns (B*nW, heads, N, d).
+    None. Returns (B*nW, heads, N, d). Graph capture (trace, compile, export)
+    always records the explicit matmul/softmax path: plain ops every exporter
+    and runtime knows, no data-dependent window selection.
     """
-    if operands.quantizes or (torch.is_grad_enabled() and q.requires_grad):
+    if operands.quantizes or (torch.is_grad_enabled() and q.requires_grad) or in_graph_capture():
         return _explicit_attention(q, k, v, bias, mask, scale, operands)
     return _fused_attention(q, k, v, bias, mask, scale)
 
@@ -120,6 +122,9 @@ def _explicit_attention(
     if mask is not None:
         nw = mask.shape[0]
         bw, heads, n, m = attn.shape
+        # The mask is fp32 (cached once); in a model cast to fp16/bf16 the sum must
+        # stay in the model's dtype for the second matmul.
+        mask = mask.to(attn.dtype)
         attn = attn.view(bw // nw, nw, heads, n, m) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(bw, heads, n, m)
     attn = operands.attn(attn.softmax(dim=-1))
@@ -444,7 +449,9 @@ def overlapping_window_attention(
 
     def rows(r0: int, r1: int) -> Tensor:
         return proj(
-            _overlap_rows(y, r0, r1, qkv, bias, heads, scale, ws, overlap_window_size, operands)
+            _overlap_rows(
+                y, r0, r1, r1 == n_rows, qkv, bias, heads, scale, ws, overlap_window_size, operands
+            )
         )
 
     if rows_per_chunk >= n_rows:
@@ -460,6 +467,7 @@ def _overlap_rows(
     y: Tensor,
     r0: int,
     r1: int,
+    last: bool,
     qkv: Projection,
     bias: Tensor,
     heads: int,
@@ -471,18 +479,21 @@ def _overlap_rows(
     """Cross-attention of query window rows ``r0:r1``: y (B, H, W, C) -> (B, n, W, C).
 
     Only the rows the enlarged windows reach are projected; rows and columns
-    outside the image are zeros after the projection.
+    outside the image are zeros after the projection. ``last``: the rows end at
+    the bottom of the map (said by the caller, so that under graph capture no
+    ``min``/``max`` of symbolic sizes is needed; ``r0`` is always a plain int).
     """
     b, h, w, c = y.shape
     d = c // heads
     pad = (ows - ws) // 2
     top, bottom = r0 * ws - pad, r1 * ws + pad
-    projected = qkv(y[:, max(top, 0) : min(bottom, h)]).view(b, -1, w, 3, c)
+    below = pad if last else max(0, bottom - h)  # zero rows past the bottom
+    projected = qkv(y[:, max(top, 0) : bottom - below]).view(b, -1, w, 3, c)
     n = (r1 - r0) * ws
     first = r0 * ws - max(top, 0)
     q = window_partition(projected[:, first : first + n, :, 0], ws)
     q = q.view(-1, ws * ws, heads, d).transpose(1, 2)
-    kv = F.pad(projected[..., 1:, :], (0, 0, 0, 0, pad, pad, max(0, -top), max(0, bottom - h)))
+    kv = F.pad(projected[..., 1:, :], (0, 0, 0, 0, pad, pad, max(0, -top), below))
     # (B, nH, nW, 2, C, ows, ows): overlapping windows as a strided view.
     kv = kv.unfold(1, ows, ws).unfold(2, ows, ws)
     kv = kv.permute(3, 0, 1, 2, 5, 6, 4).reshape(2, -1, ows * ows, heads, d)

@@ -68,6 +68,7 @@ from irformer.archs.layers import (
     init_linear_weights,
     residual_conv,
     stochastic_depth_rates,
+    tokens_to_map,
 )
 from irformer.archs.spec import ArchSpec
 from irformer.archs.swinir import SwinTransformerBlock
@@ -157,7 +158,7 @@ class HAB(SwinTransformerBlock):
         """``conv_scale * CAB(y)`` as tokens; y: (B, H*W, C)."""
         h, w = x_size
         b, _, c = y.shape
-        conv = self.conv_block(y.view(b, h, w, c).permute(0, 3, 1, 2))
+        conv = self.conv_block(tokens_to_map(y, x_size))
         return self.conv_scale * conv.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from irformer.archs.state import register_size_dependent_buffer_hook
-from irformer.archs.windows import pad_to_multiple
+from irformer.archs.windows import crop_top_left, pad_to_multiple
+from irformer.execution import in_graph_capture
 from irformer.norms import build_norm
 
 UPSAMPLERS: tuple[str, ...] = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
@@ -101,8 +102,20 @@ class PatchUnEmbed(nn.Module):
     """
 
     def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
-        b, _, c = x.shape
-        return x.reshape(b, x_size[0], x_size[1], c).permute(0, 3, 1, 2)
+        return tokens_to_map(x, x_size)
+
+
+def tokens_to_map(x: Tensor, x_size: tuple[int, int]) -> Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W) map for a conv.
+
+    Eagerly a channels-last view (see :class:`PatchUnEmbed`). A captured graph
+    gets a plain NCHW copy instead: how a conv lays out a channels-last input
+    depends on whether the batch is 1, which symbolic sizes cannot tell, so
+    the exported graph would be fixed to batches of one kind.
+    """
+    b, _, c = x.shape
+    fmap = x.reshape(b, x_size[0], x_size[1], c).permute(0, 3, 1, 2)
+    return fmap.contiguous() if in_graph_capture() else fmap
 
 
 class Upsample(nn.Sequential):
@@ -372,12 +385,15 @@ class RestorationTransformer(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         h, w = x.shape[2:]
+        # Memory layout is an eager speed choice; a captured graph (symbolic
+        # sizes) gets none, so the exporters see no layout-dependent branches.
+        channels_last = self.channels_last and not in_graph_capture()
         x = pad_to_multiple(x, self.window_size)
         x = x - self.mean
         if self.stdnorm:
             x = x / self.std
         x = x * self.img_range
-        if self.channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         feat = self.conv_first(x)
         res = self.conv_after_body(self.forward_features(feat)) + feat
@@ -386,5 +402,5 @@ class RestorationTransformer(nn.Module):
             out = out * self.std
         out = out + self.mean
         s = self.upscale
-        out = out[:, :, : h * s, : w * s]
-        return out.contiguous() if self.channels_last else out
+        out = crop_top_left(out, h * s, w * s)
+        return out.contiguous() if channels_last else out

@@ -49,6 +49,7 @@ from irformer.archs.layers import (
 from irformer.archs.spec import ArchSpec
 from irformer.archs.swinir import RSTB
 from irformer.archs.windows import aligned_relative_position_index
+from irformer.execution import in_graph_capture
 from irformer.norms import TokenNorm, build_norm, merge_residual
 
 RESI_CONNECTIONS: tuple[str, ...] = ("1conv", "3conv")
@@ -139,7 +140,9 @@ class DepthwiseConv(nn.Module):
     def forward(self, x: Tensor, x_size: tuple[int, int]) -> Tensor:
         """x: (B, H*W, C) -> (B, H*W, C)."""
         b, _, c = x.shape
-        y = self.depthwise_conv(x.transpose(1, 2).reshape(b, c, *x_size))
+        fmap = x.transpose(1, 2).reshape(b, c, *x_size)
+        # A plain NCHW copy in a captured graph (see irformer.archs.layers.tokens_to_map).
+        y = self.depthwise_conv(fmap.contiguous() if in_graph_capture() else fmap)
         return y.flatten(2).transpose(1, 2)
 
 

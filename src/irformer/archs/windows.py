@@ -5,6 +5,10 @@ the relative-position indices (Swin's, HAT's overlapping cross-attention's and
 SRFormer's "aligned" one), the additive masks of shifted windows (cached per
 input size, unlike the reference code, which rebuilds them whenever the size
 differs from the training patch), and the reflect padding to a window multiple.
+Masks and padding are built from tensor ops on the sizes, so under graph
+capture (:func:`irformer.execution.in_graph_capture`: trace, ``torch.compile``,
+``torch.export``, ONNX export) they follow the symbolic input size instead of
+being baked in at the size the graph was recorded with.
 :mod:`irformer.archs.attention` runs attention on these windows.
 """
 
@@ -13,8 +17,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from irformer.execution import in_graph_capture
 
 MASK_VALUE = -100.0
 """The additive mask value of the official Swin code (not -inf), kept for parity."""
@@ -26,35 +31,77 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     """x: (B, H, W, C) -> (B * nW, ws, ws, C), windows in row-major order per image."""
     b, h, w, c = x.shape
     x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    # contiguous(): with one row/column of windows, reshape could return a view
-    # whose (ws, ws) dims cannot be merged by the callers' .view(-1, ws * ws, C).
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, c)
+    # Always a copy: with one row/column of windows, reshape could return a view
+    # whose (ws, ws) dims cannot be merged by the callers' .view(-1, ws * ws, C),
+    # and contiguous() would have to ask whether there is one row/column, which
+    # graph capture cannot answer for symbolic sizes.
+    windows = x.permute(0, 1, 3, 2, 4, 5).clone(memory_format=torch.contiguous_format)
+    return windows.view(-1, window_size, window_size, c)
 
 
 def window_reverse(windows: Tensor, window_size: int, h: int, w: int) -> Tensor:
     """windows: (B * nW, ws, ws, C) -> (B, H, W, C); inverse of :func:`window_partition`."""
     b = windows.shape[0] // ((h // window_size) * (w // window_size))
     x = windows.view(b, h // window_size, w // window_size, window_size, window_size, -1)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+    # A copy always (see window_partition): reshape would ask whether it can view.
+    x = x.permute(0, 1, 3, 2, 4, 5).clone(memory_format=torch.contiguous_format)
+    return x.view(b, h, w, -1)
+
+
+def reflect_indices(size: int, padded: int, device: torch.device | None = None) -> Tensor:
+    """(padded,) source indices that reflect a side of ``size`` out to ``padded``.
+
+    Index ``i`` reads ``i`` inside the side and mirrors back from the border
+    beyond it (``F.pad``'s ``reflect``), bouncing off both ends again where one
+    reflection cannot cover the padding; a one-pixel side is replicated. Built
+    from tensor ops on the (possibly symbolic) sizes, so a traced or exported
+    graph pads inputs of any size.
+    """
+    # The period as a tensor (ONNX converters take a Python divisor as a constant),
+    # from an int, a SymInt (export, compile) or the 0-dim tensor a size is
+    # under torch.jit.trace.
+    period = 2 * size - 2
+    if isinstance(period, Tensor):
+        period = period.to(device=device, dtype=torch.long)
+    else:
+        period = torch.full((), period, dtype=torch.long, device=device)
+    i = torch.arange(padded, device=device) % period.clamp(min=1)
+    return torch.where(i < size, i, period.clamp(min=1) - i)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Reflect-pad (B, C, H, W) on the bottom/right to a multiple (as the originals do).
 
-    Where one reflection cannot cover the padding (a side shorter than the pad
-    plus one, which makes ``F.pad`` fail) it reflects again from the new border,
-    and a one-pixel side is replicated; otherwise it is exactly ``F.pad``.
+    Exactly ``F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")`` where one
+    reflection covers the padding; a side shorter than the pad plus one
+    (where ``F.pad`` fails) reflects again from the far border, and a one-pixel
+    side is replicated (:func:`reflect_indices`). The padded size is written
+    ``multiple * ceil(H / multiple)``, so under graph capture (symbolic sizes)
+    the window partitions that follow divide it exactly; eagerly an input that
+    needs no padding is returned as is.
     """
     h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    while pad_h or pad_w:
-        if (pad_h and h == 1) or (pad_w and w == 1):  # nothing to reflect yet
-            step_h, step_w, mode = int(pad_h > 0 and h == 1), int(pad_w > 0 and w == 1), "replicate"
-        else:
-            step_h, step_w, mode = min(pad_h, h - 1), min(pad_w, w - 1), "reflect"
-        x = F.pad(x, (0, step_w, 0, step_h), mode=mode)
-        h, w, pad_h, pad_w = h + step_h, w + step_w, pad_h - step_h, pad_w - step_w
+    capture = in_graph_capture()
+    padded_h = ((h + multiple - 1) // multiple) * multiple
+    padded_w = ((w + multiple - 1) // multiple) * multiple
+    if capture or padded_h != h:
+        x = x.index_select(-2, reflect_indices(h, padded_h, x.device))
+    if capture or padded_w != w:
+        x = x.index_select(-1, reflect_indices(w, padded_w, x.device))
     return x
+
+
+def crop_top_left(x: Tensor, h: int, w: int) -> Tensor:
+    """x[..., :h, :w] for (B, C, H', W') with h <= H', w <= W' (undoes :func:`pad_to_multiple`).
+
+    Under graph capture the crop is a gather of the first ``h`` rows and ``w``
+    columns: a slice would make the exporters prove ``h <= H'`` for symbolic
+    sizes, which they cannot for ``H' = m * ceil(h / m)``.
+    """
+    if not in_graph_capture():
+        return x[..., :h, :w]
+    x = x.index_select(-2, torch.arange(h, device=x.device))
+    return x.index_select(-1, torch.arange(w, device=x.device))
 
 
 # --------------------------------------------------------------------------- position indices
@@ -109,41 +156,66 @@ def aligned_relative_position_index(window_size: int) -> Tensor:
 # --------------------------------------------------------------------------- shifted-window masks
 
 
-def _region_labels(h: int, w: int, window: int, shift: int) -> Tensor:
-    """(1, h, w, 1) labels of the 3x3 regions a cyclic shift wraps together (Swin)."""
-    labels = torch.zeros(1, h, w, 1)
-    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    region = 0
-    for hs in slices:
-        for ws in slices:
-            labels[:, hs, ws, :] = region
-            region += 1
-    return labels
+def _region_labels(size: int, window: int, shift: int, device: torch.device | None) -> Tensor:
+    """(size,) labels 0, 1, 2 of the three bands a cyclic shift wraps together along
+    one side (Swin's ``slice(0, -window)``, ``slice(-window, -shift)``, ``slice(-shift, None)``)."""
+    i = torch.arange(size, device=device)
+    return (i >= size - window).long() + (i >= size - shift).long()
 
 
-@lru_cache(maxsize=_CACHE_LIMIT)
-def _shifted_window_mask_cpu(h: int, w: int, window_size: int, shift_size: int) -> Tensor:
-    labels = _region_labels(h, w, window_size, shift_size)
-    windows = window_partition(labels, window_size).view(-1, window_size * window_size)
+def _window_labels(h: int, w: int, window: int, shift: int, device: torch.device | None) -> Tensor:
+    """(nW, window*window) region label of every token of every window (Swin's 3x3 regions)."""
+    rows = _region_labels(h, window, shift, device)
+    cols = _region_labels(w, window, shift, device)
+    labels = (3 * rows.view(-1, 1) + cols.view(1, -1)).view(1, h, w, 1)
+    return window_partition(labels, window).view(-1, window * window)
+
+
+def build_shifted_window_mask(
+    h: int, w: int, window_size: int, shift_size: int, device: torch.device | None = None
+) -> Tensor:
+    """(nW, N, N) additive mask of shifted-window attention on an ``h x w`` map, uncached.
+
+    Tensor ops on the sizes only, so graph capture (trace, compile, export)
+    builds it for whatever size the graph runs at instead of baking one in.
+    """
+    windows = _window_labels(h, w, window_size, shift_size, device)
     diff = windows.unsqueeze(1) - windows.unsqueeze(2)
     return diff.ne(0).float() * MASK_VALUE
 
 
-@lru_cache(maxsize=_CACHE_LIMIT)
-def _permuted_window_mask_cpu(h: int, w: int, window_size: int, shift_size: int) -> Tensor:
+def build_permuted_window_mask(
+    h: int, w: int, window_size: int, shift_size: int, device: torch.device | None = None
+) -> Tensor:
+    """(nW, ws*ws, (ws/2)^2) additive mask of SRFormer's shifted PSA, uncached
+    (see :func:`permuted_window_mask`; tensor ops on the sizes, as
+    :func:`build_shifted_window_mask`)."""
     n = window_size * window_size
     p = window_size // 2
-    queries = window_partition(_region_labels(h, w, window_size, shift_size), window_size)
+    queries = _window_labels(h, w, window_size, shift_size, device)
     # The official code writes ``-shift // 2``, i.e. ``-ceil(shift / 2)``.
-    keys = window_partition(_region_labels(h // 2, w // 2, p, (shift_size + 1) // 2), p)
+    keys = _window_labels(h // 2, w // 2, p, (shift_size + 1) // 2, device)
     diff = queries.view(-1, n, 1) - keys.view(-1, 1, p * p)
     return diff.ne(0).float() * MASK_VALUE
+
+
+@lru_cache(maxsize=_CACHE_LIMIT)
+def _shifted_window_mask_cpu(h: int, w: int, window_size: int, shift_size: int) -> Tensor:
+    return build_shifted_window_mask(h, w, window_size, shift_size)
+
+
+@lru_cache(maxsize=_CACHE_LIMIT)
+def _permuted_window_mask_cpu(h: int, w: int, window_size: int, shift_size: int) -> Tensor:
+    return build_permuted_window_mask(h, w, window_size, shift_size)
 
 
 _DEVICE_MASKS: dict[tuple[str, int, int, int, int, str], Tensor] = {}
 
 
 def _on_device(kind: str, h: int, w: int, window_size: int, shift_size: int, device) -> Tensor:
+    if in_graph_capture():  # symbolic sizes: build in the graph, never cache
+        uncached = build_shifted_window_mask if kind == "shifted" else build_permuted_window_mask
+        return uncached(h, w, window_size, shift_size, device)
     build = _shifted_window_mask_cpu if kind == "shifted" else _permuted_window_mask_cpu
     if device.type == "cpu":
         return build(h, w, window_size, shift_size)

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from irformer.cli.options import add_precision_arguments, parse_levels
+from irformer.cli.options import add_fp16_unsafe_argument, add_precision_arguments, parse_levels
 from irformer.cli.progress import ProgressBars
 from irformer.data.benchmarks import DEFAULT_DATA_ROOT, benchmark_names, default_data_root
 from irformer.data.io import check_folder_writable, check_writable
@@ -44,6 +44,7 @@ from irformer.engine.evaluate import (
     write_results_csv,
     write_results_json,
 )
+from irformer.engine.fp16 import resolve_fp16_options
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_precision_arguments(p)
+    add_fp16_unsafe_argument(p, fallback="evaluate in bf16", anyway="to score the overflow")
     p.add_argument("--seed", type=int, default=0, help="base seed of the synthetic noise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -193,6 +195,11 @@ def run(args: argparse.Namespace) -> int:
             check_writable(out, overwrite=args.overwrite)
     if args.save_dir is not None:
         check_folder_writable(args.save_dir)
+    precision, autocast = args.precision, args.autocast
+    if not prepared.is_baseline:  # the model's measured features decide what fp16 runs as
+        precision, autocast = resolve_fp16_options(
+            prepared.model, precision, autocast, on_unsafe=args.fp16_unsafe
+        )
     with_baseline = not (prepared.is_baseline or args.no_baseline)
     baseline = BicubicModel(scale)
     several = len(sigmas) * len(qualities) > 1
@@ -213,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
                             sigma=sigma,
                             quality=quality,
                             device=args.device,
-                            precision=args.precision,
-                            autocast=args.autocast,
+                            precision=precision,
+                            autocast=autocast,
                             save_dir=_save_dir(args.save_dir, sigma, quality, several)
                             if net is prepared.model
                             else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from irformer.engine.fp16 import FP16_UNSAFE_ACTIONS
 from irformer.engine.precision import AUTOCAST_DTYPES, PRECISIONS
 
 
@@ -79,6 +80,22 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="keep fp32 weights and run matmuls/convs under torch.autocast in this dtype "
         "(mixed precision, usual on GPUs); only with --precision fp32",
+    )
+
+
+def add_fp16_unsafe_argument(
+    parser: argparse.ArgumentParser, *, fallback: str = "run in bf16", anyway: str = "black dots"
+) -> None:
+    """``--fp16-unsafe refuse|bf16|run``: what fp16 (``--precision`` or ``--autocast``)
+    does with a model whose measured features would overflow fp16
+    (:func:`irformer.engine.fp16.resolve_fp16_options`)."""
+    parser.add_argument(
+        "--fp16-unsafe",
+        choices=FP16_UNSAFE_ACTIONS,
+        default="refuse",
+        help="what fp16 (--precision or --autocast) does with a model whose measured "
+        f"features would overflow fp16: refuse (default; the message names the layer), "
+        f"bf16 ({fallback} instead), or run fp16 anyway ({anyway})",
     )
 
 

@@ -2,7 +2,8 @@
 
 irformer restore IMG_OR_DIR... -o OUTDIR [--model CKPT_OR_NAME | --scale 2|4 | --task dn|car]
     [--tile N [--tile-overlap M] [--tile-blend mean|ramp] | --exact-chunk K]
-    [--ensemble] [--precision fp32|bf16|fp16] [--autocast bf16|fp16] [--device auto|cpu|cuda]
+    [--ensemble] [--precision fp32|bf16|fp16] [--autocast bf16|fp16]
+    [--fp16-unsafe refuse|bf16|run] [--device auto|cpu|cuda] [--backend torch|onnx]
     [--alpha keep|drop] [--overwrite | --skip-existing]
 
 Without --model, the shipped i-LN reference model of the task runs: x2 or x4
@@ -35,6 +36,15 @@ only) tiles; a model with whole-image statistics (i-LN) is never tiled
 unasked. An image no path fits is refused, naming the estimates and what
 would fit. With ``--tile``/``--exact-chunk`` the path is yours, still checked.
 
+fp16: the model's feature magnitudes are measured on a crop of the first image
+first; a model that would overflow fp16 is refused, naming the layer, or run in
+bf16 with ``--fp16-unsafe bf16`` (``--no-guard`` skips the check).
+
+ONNX: ``--backend onnx --model FILE.onnx`` (implied by a ``.onnx`` model) runs an
+exported file in ONNX Runtime with the same tiling and ensemble options; the
+file's own precision applies, and ``--exact-chunk`` does not (the graph always
+computes the whole image: the exact path's output without its memory bound).
+
 Folders: an input that cannot be read is reported and skipped; the others are
 restored, the unreadable ones are listed at the end and the exit status is 1.
 ``--skip-existing`` makes a rerun skip outputs that are complete (decodable and
@@ -48,10 +58,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from irformer.archs.zoo import DEFAULT_TASK_WEIGHTS
-from irformer.cli.options import add_precision_arguments, formatter
+from irformer.cli.options import add_fp16_unsafe_argument, add_precision_arguments, formatter
 from irformer.cli.progress import ProgressBars
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +153,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip the fp16 overflow check (an fp32 probe on a crop of the first image)",
     )
+    add_fp16_unsafe_argument(p)
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default=None,
+        help="run the model in PyTorch or an exported .onnx file in ONNX Runtime "
+        "(default: onnx for a .onnx --model, else torch)",
+    )
     p.set_defaults(func=run)
+
+
+def load_onnx_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """``(ONNX Runtime model, description)`` for ``--backend onnx``; refuses the options
+    that do not apply to an exported graph."""
+    from irformer.export.onnx_runtime import OnnxRuntimeModel
+
+    if args.model is None or Path(args.model).suffix.lower() != ".onnx":
+        raise ValueError("--backend onnx needs --model FILE.onnx (irformer models export)")
+    if args.exact_chunk is not None:
+        raise ValueError(
+            "--exact-chunk is a way of executing the PyTorch model; an ONNX graph always "
+            "computes the whole image (the exact path's output, without its memory bound): "
+            "use --tile for large images or --backend torch"
+        )
+    if args.max_memory != "default":
+        raise ValueError(
+            "--max-memory plans the PyTorch model's paths; an ONNX graph has one path "
+            "(the whole image): use --tile to bound its memory"
+        )
+    if args.autocast is not None:
+        raise ValueError(
+            f"--autocast {args.autocast} applies to the PyTorch model; an ONNX file runs in "
+            "its own precision (export an fp16 file for fp16)"
+        )
+    model = OnnxRuntimeModel(args.model)
+    if args.precision != "fp32":
+        raise ValueError(
+            f"--precision {args.precision}: an ONNX file runs in its own precision (this one: "
+            f"{model.precision}); export an fp16 file for fp16"
+        )
+    if args.device not in ("auto", "cpu"):
+        raise ValueError(f"--device {args.device}: the ONNX backend runs on the CPU provider")
+    if args.scale is not None and model.upscale != args.scale:
+        raise ValueError(f"--scale {args.scale} but {args.model} restores at scale {model.upscale}")
+    meta = model.irformer_meta
+    if args.task is not None and meta.get("task") not in (None, args.task):
+        raise ValueError(f"--task {args.task} but {args.model} is a {meta['task']} model")
+    described = (
+        f"{args.model} (ONNX Runtime, {model.precision}; {meta.get('arch', 'no irformer metadata')}"
+        f", norm={meta.get('norm', '?')})"
+    )
+    return model, described
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +213,11 @@ def run(args: argparse.Namespace) -> int:
     from irformer.engine.infer import RestoredFile, RestoreOptions, restore_files
     from irformer.engine.memory import parse_memory_size
 
+    backend = args.backend or (
+        "onnx" if args.model and Path(args.model).suffix.lower() == ".onnx" else "torch"
+    )
+    if backend == "torch" and args.model and Path(args.model).suffix.lower() == ".onnx":
+        raise ValueError(f"{args.model} is an ONNX file: use --backend onnx")
     options = RestoreOptions(
         tile=args.tile,
         tile_overlap=args.tile_overlap,
@@ -157,19 +227,20 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         autocast=args.autocast,
     )
-    loaded = load_model(
-        args.model,
-        task=args.task,
-        scale=args.scale,
-        param_key=args.param_key,
-        random_weights=args.random_weights,
-    )
-    device = resolve_device(args.device)
-    model = loaded.model.to(device)
-    print(
-        f"model: {loaded.description}; device {device}; precision {args.precision}",
-        file=sys.stderr,
-    )
+    if backend == "onnx":
+        model, described = load_onnx_model(args)
+        device = resolve_device("cpu")
+    else:
+        loaded = load_model(
+            args.model,
+            task=args.task,
+            scale=args.scale,
+            param_key=args.param_key,
+            random_weights=args.random_weights,
+        )
+        device = resolve_device(args.device)
+        model, described = loaded.model.to(device), loaded.description
+    print(f"model: {described}; device {device}; precision {args.precision}", file=sys.stderr)
     bars = ProgressBars(disable=args.no_progress)
 
     def show(done: RestoredFile) -> None:
@@ -178,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
         bars.write(f"{done.source} -> {done.output} ({w}x{h}, {done.seconds:.2f} s){note}")
 
     budget = "default" if args.max_memory == "default" else parse_memory_size(args.max_memory)
+    if backend == "onnx":
+        budget = None  # the planner estimates PyTorch's paths (refused above when asked for)
     with bars:
         result = restore_files(
             model,
@@ -190,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
             ext=None if args.ext == "keep" else args.ext,
             guard=not args.no_guard,
             alpha=args.alpha,
+            fp16_unsafe=args.fp16_unsafe,
             on_done=show,
             progress=bars,
         )

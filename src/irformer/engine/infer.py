@@ -23,6 +23,7 @@ non-finite (fp16 overflow is the "black dots" of the i-LN paper, Sec. 5).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -591,6 +592,7 @@ def restore_files(
     on_error: Callable[[RestoreFailure], None] | None = None,
     progress: Progress | None = None,
     max_memory: int | Literal["default"] | None = "default",
+    fp16_unsafe: str = "refuse",
 ) -> RestoreResult:
     """Restore image files and folders into ``out_dir``, one image at a time.
 
@@ -604,8 +606,10 @@ def restore_files(
     image (or an RGB one with three equal channels) meeting a 3-channel model
     is replicated in and averaged out, so grey stays grey. For fp16, ``guard``
     first measures feature magnitudes on a 64x64 crop of the first readable
-    image in fp32 and warns when they approach fp16's range
-    (:func:`irformer.analysis.magnitudes.check_fp16_overflow`). ``on_done`` is called
+    image in fp32 (``precision`` or ``autocast`` fp16); where they exceed fp16's
+    safe margin it refuses (:class:`irformer.engine.fp16.Fp16UnsafeError`, naming
+    the layer) or, with ``fp16_unsafe="bf16"``, runs in bf16 instead
+    (:func:`irformer.engine.fp16.resolve_fp16_options`). ``on_done`` is called
     after each image, ``progress`` (:mod:`irformer.progress`) before the first and
     after each.
 
@@ -680,8 +684,8 @@ def restore_files(
             on_error(failure)
 
     unreadable = (ImageReadError, OSError)
-    if options.precision == "fp16" and guard:
-        from irformer.analysis.magnitudes import check_fp16_overflow
+    if "fp16" in (options.precision, options.autocast) and guard:
+        from irformer.engine.fp16 import resolve_fp16_options
 
         for source, _, _ in pending:
             try:
@@ -689,7 +693,14 @@ def restore_files(
             except unreadable:
                 continue  # reported when its turn comes
             probe = image_to_tensor(_centre_crop(image, 64))
-            check_fp16_overflow(model=model, probe=probe[None])
+            precision, autocast = resolve_fp16_options(
+                model,
+                options.precision,
+                options.autocast,
+                probe=probe[None],
+                on_unsafe=fp16_unsafe,  # type: ignore[arg-type]
+            )
+            options = dataclasses.replace(options, precision=precision, autocast=autocast)  # type: ignore[arg-type]
             break
     prepare_model_for_precision(model, options.precision)
     budget = default_budget() if max_memory == "default" else max_memory
@@ -757,7 +768,8 @@ def tiling_note(model: nn.Module, options: RestoreOptions) -> str | None:
         return None
     from irformer.norms import image_statistics_norms
 
-    norms = image_statistics_norms(model)
+    # A model without norm modules (an ONNX file: OnnxRuntimeModel) names its own.
+    norms = image_statistics_norms(model) or list(getattr(model, "image_statistics_norms", ()))
     if not norms:
         return None
     return (
