@@ -44,7 +44,7 @@ pytestmark = [
 def kernel_built() -> None:
     if not fused.fused_kernel_available():
         pytest.fail(
-            f"the fused kernel did not build on a machine with a compiler: {fused._failure}"
+            f"the fused kernel did not build on a machine with a compiler: {fused.KERNEL.failure}"
         )
 
 

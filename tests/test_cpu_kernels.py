@@ -33,7 +33,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def kernel_built() -> None:
     if ck.load_kernel() is None:
-        pytest.fail(f"the fused kernel did not build on a machine with a compiler: {ck._failure}")
+        pytest.fail(
+            f"the fused kernel did not build on a machine with a compiler: {ck.KERNELS.failure}"
+        )
 
 
 def reference(
@@ -190,8 +192,8 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch
     def broken() -> None:
         raise OSError("no compiler here")
 
-    monkeypatch.setattr(ck, "_kernel", None)
-    monkeypatch.setattr(ck, "_failure", None)
+    monkeypatch.setattr(ck.KERNELS, "module", None)
+    monkeypatch.setattr(ck.KERNELS, "failure", None)
     monkeypatch.setattr(ck, "_build", broken)
     monkeypatch.setenv("IRFORMER_CPU_KERNELS", "all")
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +14,12 @@ from irformer.cli import main
 from irformer.data.io import read_image, write_image
 from irformer.export import export_model, format_for_path, load_pt2
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+from export_cases import EXPORT_TINY
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "img_size": 16,
-    "embed_dim": 8,
-    "depths": (2,),
-    "num_heads": (2,),
-    "window_size": 4,
-    "mlp_ratio": 2.0,
-    "upscale": 2,
-    "upsampler": "pixelshuffledirect",
-}
+TINY = EXPORT_TINY["swinir_light"][1]  # the export tests' tiny SwinIR-light
 
 
 def tiny(norm: str = "iln") -> torch.nn.Module:

@@ -7,6 +7,9 @@ exceeds fp16's range.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,18 +22,12 @@ from irformer.engine.fp16 import (
     resolve_fp16_precision,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+from export_cases import EXPORT_TINY
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "img_size": 16,
-    "embed_dim": 8,
-    "depths": (2,),
-    "num_heads": (2,),
-    "window_size": 4,
-    "mlp_ratio": 2.0,
-    "upscale": 2,
-    "upsampler": "pixelshuffledirect",
-}
+TINY = EXPORT_TINY["swinir_light"][1]  # the export tests' tiny SwinIR-light
 HOT = "layers.0.residual_group.blocks.1.mlp.fc2"
 
 

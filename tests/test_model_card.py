@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +14,14 @@ from irformer.archs import build_model, save_model_weights
 from irformer.cli import main
 from irformer.export.cards import find_card_sources, model_card
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+from export_cases import EXPORT_TINY
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "src" / "irformer" / "weights" / "swinir_light_x2_iln.safetensors"
-TINY = {
-    "img_size": 16,
-    "embed_dim": 8,
-    "depths": (2,),
-    "num_heads": (2,),
-    "window_size": 4,
-    "mlp_ratio": 2.0,
-    "upscale": 2,
-    "upsampler": "pixelshuffledirect",
-}
+TINY = EXPORT_TINY["swinir_light"][1]  # the export tests' tiny SwinIR-light
 
 
 def front_matter(card: str) -> dict[str, object]:

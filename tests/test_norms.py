@@ -234,6 +234,24 @@ def test_ln_rs_merge_is_the_per_token_std_rescale() -> None:
         norm.rescale_branch(branch, stats)
 
 
+def assert_gradient_has_the_std_term(f) -> None:
+    """``f(x, detach)``'s gradient matches a central finite difference, and detaching the
+    rescale's std (``detach=True``) would change it by far more than that error."""
+    x = torch.randn(2, 5, 6) * 3 + 1
+    w = torch.randn(2, 5, 6)
+    direction = torch.randn(2, 5, 6)
+    grads = []
+    for detach in (False, True):
+        xg = x.clone().requires_grad_(True)
+        (f(xg, detach) * w).sum().backward()
+        grads.append((xg.grad * direction).sum())
+    h = 1e-2
+    with torch.no_grad():
+        numeric = ((f(x + h * direction) - f(x - h * direction)) * w).sum() / (2 * h)
+    assert abs(grads[0] - numeric) < 2e-3 * abs(numeric)
+    assert abs(grads[1] - numeric) > 20 * abs(grads[0] - numeric)
+
+
 def test_ln_rs_rescale_gradient_flows_through_std() -> None:
     """As i-LN: the per-token std is not detached; the analytic gradient matches a
     finite difference, and detaching the std would change it by far more."""
@@ -248,19 +266,7 @@ def test_ln_rs_rescale_gradient_flows_through_std() -> None:
             return merge_residual(x, branch, norm, stats)
         return x + token_std(x, norm.eps).detach() * branch
 
-    x = torch.randn(2, 5, 6) * 3 + 1
-    w = torch.randn(2, 5, 6)
-    direction = torch.randn(2, 5, 6)
-    grads = []
-    for detach in (False, True):
-        xg = x.clone().requires_grad_(True)
-        (f(xg, detach) * w).sum().backward()
-        grads.append((xg.grad * direction).sum())
-    h = 1e-2
-    with torch.no_grad():
-        numeric = ((f(x + h * direction) - f(x - h * direction)) * w).sum() / (2 * h)
-    assert abs(grads[0] - numeric) < 2e-3 * abs(numeric)
-    assert abs(grads[1] - numeric) > 20 * abs(grads[0] - numeric)
+    assert_gradient_has_the_std_term(f)
 
 
 def test_ln_rs_statistics_are_fp32_under_low_precision() -> None:
@@ -297,19 +303,7 @@ def test_iln_rescale_gradient_flows_through_std() -> None:
         branch = lin(norm.normalize(x, stats))
         return merge_residual(x, branch, norm, stats.detach() if detach else stats)
 
-    x = torch.randn(2, 5, 6) * 3 + 1
-    w = torch.randn(2, 5, 6)
-    direction = torch.randn(2, 5, 6)
-    grads = []
-    for detach in (False, True):
-        xg = x.clone().requires_grad_(True)
-        (f(xg, detach) * w).sum().backward()
-        grads.append((xg.grad * direction).sum())
-    h = 1e-2
-    with torch.no_grad():
-        numeric = ((f(x + h * direction) - f(x - h * direction)) * w).sum() / (2 * h)
-    assert abs(grads[0] - numeric) < 2e-3 * abs(numeric)
-    assert abs(grads[1] - numeric) > 20 * abs(grads[0] - numeric)
+    assert_gradient_has_the_std_term(f)
 
 
 def test_iln_statistics_are_fp32_under_low_precision() -> None:

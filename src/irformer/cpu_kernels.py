@@ -43,6 +43,7 @@ import platform
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -59,9 +60,40 @@ MAX_KV_TOKENS = 1024
 MAX_HEAD_DIM = 64
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 
-_lock = threading.Lock()
-_kernel: ModuleType | None = None
-_failure: str | None = None
+
+class LazyExtension:
+    """A C++ extension built on first use, once per process. A build that fails warns
+    once and leaves ``module`` None for good: callers then use PyTorch ops."""
+
+    def __init__(self, what: str, build: Callable[[], ModuleType]) -> None:
+        self.what = what
+        self.build = build
+        self.module: ModuleType | None = None
+        self.failure: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ModuleType | None:
+        if self.module is not None or self.failure is not None:
+            return self.module
+        with self._lock:
+            if self.module is None and self.failure is None:
+                try:
+                    self.module = self.build()
+                except Exception as exc:  # any build failure means "use the eager path"
+                    self.failure = f"{type(exc).__name__}: {exc}".strip()[:500]
+                    warnings.warn(
+                        f"irformer: {self.what} could not be built ({self.failure}); "
+                        "using PyTorch ops",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+        return self.module
+
+    def require(self) -> ModuleType:
+        module = self.get()
+        if module is None:
+            raise RuntimeError(f"{self.what} is unavailable: {self.failure}")
+        return module
 
 
 STALE_LOCK_SECONDS = 600
@@ -142,25 +174,14 @@ def build_extension(prefix: str, source: Path, *, extra_cflags: tuple[str, ...] 
     )
 
 
+KERNELS = LazyExtension("the fused CPU kernels", lambda: _build())
+"""irformer's inference kernels (``_build`` looked up at build time, so tests can swap it)."""
+
+
 def load_kernel() -> ModuleType | None:
     """The compiled kernel, building it on first use; None (after one warning) if
     it cannot be built on this machine."""
-    global _kernel, _failure
-    if _kernel is not None or _failure is not None:
-        return _kernel
-    with _lock:
-        if _kernel is None and _failure is None:
-            try:
-                _kernel = _build()
-            except Exception as exc:  # any build failure means "use the eager path"
-                _failure = f"{type(exc).__name__}: {exc}".strip()[:500]
-                warnings.warn(
-                    f"irformer: the fused CPU kernels could not be built "
-                    f"({_failure}); using PyTorch ops",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _kernel
+    return KERNELS.get()
 
 
 def use_fused_attention(x: Tensor, tokens: int, head_dim: int, kv_tokens: int = 0) -> bool:
@@ -196,10 +217,7 @@ def holistic_normalize(x: Tensor, stats: Tensor, weight: Tensor, bias: Tensor | 
 
 
 def _extension() -> ModuleType:
-    kernel = load_kernel()
-    if kernel is None:
-        raise RuntimeError(f"irformer's CPU kernels are unavailable: {_failure}")
-    return kernel
+    return KERNELS.require()
 
 
 def fused_window_attention(

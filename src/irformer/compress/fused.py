@@ -31,8 +31,6 @@ checked against it (``tests/test_compress_fused.py``).
 from __future__ import annotations
 
 import logging
-import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -61,9 +59,14 @@ MAX_ROTATED = 4096
 """Largest rotated row the kernel's per-thread buffers take (SwinIR: 128)."""
 
 _enabled: ContextVar[bool] = ContextVar("irformer_fused_fake_quant", default=False)
-_lock = threading.Lock()
-_kernel: ModuleType | None = None
-_failure: str | None = None
+# No contraction: ``t * s + z`` must round twice, like the eager ops; no trapping
+# maths: lets the compiler vectorise the selects.
+KERNEL = cpu_kernels.LazyExtension(
+    "the fused fake-quantisation kernel",
+    lambda: cpu_kernels.build_extension(
+        "irformer_fake_quant", SOURCE, extra_cflags=("-ffp-contract=off", "-fno-trapping-math")
+    ),
+)
 
 
 @contextmanager
@@ -82,28 +85,7 @@ def fused_fake_quant_active() -> bool:
 
 
 def _load() -> ModuleType | None:
-    global _kernel, _failure
-    if _kernel is not None or _failure is not None:
-        return _kernel
-    with _lock:
-        if _kernel is None and _failure is None:
-            try:
-                # No contraction: ``t * s + z`` must round twice, like the eager ops;
-                # no trapping maths: lets the compiler vectorise the selects.
-                _kernel = cpu_kernels.build_extension(
-                    "irformer_fake_quant",
-                    SOURCE,
-                    extra_cflags=("-ffp-contract=off", "-fno-trapping-math"),
-                )
-            except Exception as exc:  # any build failure means "use the eager path"
-                _failure = f"{type(exc).__name__}: {exc}".strip()[:500]
-                warnings.warn(
-                    f"irformer: the fused fake-quantisation kernel could not be built "
-                    f"({_failure}); using PyTorch ops",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _kernel
+    return KERNEL.get()
 
 
 def fused_kernel_available() -> bool:
@@ -209,9 +191,7 @@ def rotated_indices(
     ``clamp(round((rotate(x) - zero) / scale), 0, 2^b - 1)``, minus 128 for 8
     bits (so they fit int8). Needs the kernel (:func:`fused_kernel_available`).
     """
-    kernel = _load()
-    if kernel is None:
-        raise RuntimeError(f"the fused fake-quantisation kernel is unavailable: {_failure}")
+    kernel = KERNEL.require()
     if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(
             f"rotated_indices takes (rows, n) fp32 CPU tensors, got {x.dtype} {tuple(x.shape)}"
