@@ -13,8 +13,10 @@ gave NaN with a warning and ``torch.export`` failed.
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,40 +24,16 @@ import torch
 from irformer import cpu_kernels
 from irformer.archs import build_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+from export_cases import EXPORT_TINY
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KERNELS = ("fused_window_attention", "holistic_stats", "holistic_normalize")
 
 MODELS: dict[str, tuple[str, dict[str, object]]] = {
-    "swinir_iln": (
-        "swinir",
-        {
-            "norm": "iln",
-            "img_size": 16,
-            "embed_dim": 8,
-            "depths": (2,),
-            "num_heads": (2,),
-            "window_size": 4,
-            "mlp_ratio": 2.0,
-            "upscale": 2,
-            "upsampler": "pixelshuffledirect",
-        },
-    ),
-    "hat_iln": (
-        "hat",
-        {
-            "norm": "iln",
-            "embed_dim": 8,
-            "depths": (2,),
-            "num_heads": (2,),
-            "window_size": 4,
-            "compress_ratio": 2,
-            "squeeze_factor": 4,
-            "mlp_ratio": 2.0,
-            "upscale": 2,
-            "num_feat": 8,
-        },
-    ),
+    f"{name}_iln": (arch, {"norm": "iln", **kwargs})
+    for name, (arch, kwargs) in ((n, EXPORT_TINY[n]) for n in ("swinir_light", "hat"))
 }
 """i-LN (norm kernels), shifted windows (attention kernel with a mask) and HAT's
 overlapping cross-attention (the kernel's key-window mode)."""
@@ -113,7 +91,7 @@ def test_jit_trace_records_pytorch_ops(name: str, kernel_calls: list[str]) -> No
 def test_onnx_export_records_pytorch_ops(dynamo: bool, kernel_calls: list[str]) -> None:
     ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     pytest.importorskip("onnxscript", reason="the export extra is not installed")
-    model, x, eager = _model_and_eager("swinir_iln", kernel_calls)
+    model, x, eager = _model_and_eager("swinir_light_iln", kernel_calls)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -139,7 +117,7 @@ def test_torch_export_records_pytorch_ops(name: str, kernel_calls: list[str]) ->
 
 def test_torch_compile_records_pytorch_ops(kernel_calls: list[str]) -> None:
     """fullgraph=True: no graph break anywhere; aot_eager needs no C++ compiler."""
-    model, x, eager = _model_and_eager("swinir_iln", kernel_calls)
+    model, x, eager = _model_and_eager("swinir_light_iln", kernel_calls)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
