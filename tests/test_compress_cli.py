@@ -211,6 +211,40 @@ def test_bad_arguments(setup: dict[str, Path], capsys: pytest.CaptureFixture[str
     assert "different numbers" in capsys.readouterr().err
 
 
+def test_official_compatible_modes(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--prune-mode/--qkv-inputs: rows name the deviation, channel pruning packs."""
+    out = setup["root"] / "modes"
+    base = ["compress", "run", "--model", str(setup["ckpt"]), "--calib", str(setup["calib"])]
+    base += ["--data-root", str(setup["data"]), "--bench", "Set5", "--device", "cpu"]
+    base += ["--calib-batch", "2", "--patch", "16", "--dqc-iters", "0", "--dqc-batch", "2"]
+    base += ["--latency-size", "16", "--method", "compsrt", "--wbits", "2", "--prune", "0.4"]
+    code = main(
+        [
+            *base,
+            "--prune-mode",
+            "channel",
+            "--qkv-inputs",
+            "split",
+            "--save-packed",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[1]["method"] == "compsrt (channel pruning, split qkv inputs)"
+    assert rows[1]["config"]["prune_mode"] == "channel" and rows[1]["packed_file_bytes"] > 0
+    assert (
+        "| compsrt (channel pruning, split qkv inputs) | 2/2 | 0.4 |"
+        in (out / "quality.md").read_text()
+    )
+    bad = [*base, "--prune-mode", "official", "--save-packed", "--out", str(out / "bad")]
+    assert main(bad) == 2
+    assert "'official' cannot be saved packed" in capsys.readouterr().err
+
+
 def test_sensitivity(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = setup["root"] / "sens"
     args = ["compress", "sensitivity", "--model", str(setup["ckpt_iln"])]

@@ -304,3 +304,57 @@ def test_ablation_variants_configure_what_they_name(data) -> None:
         quantize_model(model, bad, calib, batches(1))
     with pytest.raises(ValueError, match="unknown quantisation method"):
         method_config("compsrt_nope", wbits=3, abits=3)
+
+
+def test_split_qkv_inputs_three_quantisers_of_one_input() -> None:
+    """``qkv_inputs="split"`` (2DQuant's/CompSRT's code): q, k and v rows each
+    take their own quantised copy of the input; all three start from the same
+    bounds, and with equal bounds the layer equals the shared-input layer."""
+    from irformer.compress.methods.base import SplitInputQuantLinear, quant_linears
+
+    torch.manual_seed(0)
+    model = build_model("swinir_light_x2", embed_dim=12, depths=(2,), num_heads=(2,)).eval()
+    calib = torch.rand(2, 3, 16, 16)
+    shared = quantize_model(model, method_config("dquant2d", wbits=4, abits=4, dqc_iters=0), calib)
+    split_cfg = method_config("dquant2d", wbits=4, abits=4, dqc_iters=0, qkv_inputs="split")
+    split = quantize_model(model, split_cfg, calib)
+    layers = [ql for name, ql in quant_linears(split.model) if name.endswith(".qkv")]
+    assert layers and all(isinstance(ql, SplitInputQuantLinear) for ql in layers)
+    for ql in layers:
+        bounds = [
+            (float(aq.quantizer.lower.detach()), float(aq.quantizer.upper.detach()))
+            for aq in (ql.act_quantizer, ql.act_quantizer_k, ql.act_quantizer_v)
+        ]
+        assert bounds[0] == bounds[1] == bounds[2]
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(split.model(x), shared.model(x), rtol=0, atol=1e-6)
+        # Moving one copy's bounds changes only that copy's rows.
+        layers[0].act_quantizer_k.quantizer.upper.mul_(0.5)
+        assert not torch.allclose(split.model(x), shared.model(x), atol=1e-6)
+    from irformer.compress.int_linear import unsupported_reason
+
+    assert "three times" in (unsupported_reason(layers[0]) or "")
+
+
+def test_official_pruning_draws_a_new_mask_each_forward() -> None:
+    torch.manual_seed(0)
+    model = build_model("swinir_light_x2", embed_dim=12, depths=(2,), num_heads=(2,)).eval()
+    cfg = method_config("compsrt", wbits=3, abits=3, prune=0.4, prune_mode="official", dqc_iters=0)
+    qmodel = quantize_model(model, cfg, torch.rand(2, 3, 16, 16)).model
+    from irformer.compress.methods.base import quant_linears
+
+    ql = quant_linears(qmodel)[0][1]
+    wq = ql.weight_quantizer
+    rng_before = wq._official_rng.get_state()
+    with torch.no_grad():
+        w = ql.quantized_weight()
+    # Each forward draws a new threshold sample (the tiny weight's 1e6-draw
+    # quantile barely moves; tests/test_compress_prune.py shows a 60x64 mask move).
+    assert not torch.equal(wq._official_rng.get_state(), rng_before)
+    assert torch.isfinite(w).all() and wq.mask is None
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(x)).all()
+    with pytest.raises(ValueError, match="unknown prune_mode 'bands'"):
+        method_config("compsrt", wbits=3, abits=3, prune_mode="bands")

@@ -149,3 +149,56 @@ def test_save_rejects_loaded_model(tmp_path: Path) -> None:
     save_packed(qmodel, cfg, path)
     with pytest.raises(ValueError, match="already dequantised"):
         save_packed(load_packed(path, tiny_model()), cfg, tmp_path / "again.safetensors")
+
+
+def test_channel_pruning_packs_a_row_mask(tmp_path: Path) -> None:
+    """Channel pruning (CompSRT section 7.3): whole rows of the rotated weight are
+    zero, the file keeps one bit per row instead of a dense mask, and the packed
+    model reproduces the outputs."""
+    model = tiny_model()
+    cfg = method_config("compsrt", wbits=2, abits=2, prune=0.5, prune_mode="channel", dqc_iters=0)
+    qmodel = quantize_model(model, cfg, torch.rand(2, 3, 16, 16)).model
+    report = storage_report(qmodel)
+    for name, ql in quant_linears(qmodel):
+        wq = ql.weight_quantizer
+        dom = wq.quantizer.dequantize(wq.indices(ql.weight)) * wq.mask
+        zero_rows = (dom == 0).all(dim=1)
+        assert float(zero_rows.float().mean()) == pytest.approx(0.5), name
+        layer = next(s for s in report.layers if s.name == name)
+        assert layer.mask_kind == "rows"
+        assert layer.mask_bytes == -(-layer.domain_shape[0] // 8)
+    # 2 bits on half the entries + 1 bit per 16-entry row.
+    assert report.nominal_bits_per_param == pytest.approx(1.0 + 1 / 16)
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        expected = qmodel(x)
+    path = tmp_path / "ch.safetensors"
+    save_packed(qmodel, cfg, path)
+    assert path.stat().st_size == header_bytes(path) + report.total_bytes
+    loaded = load_packed(path, tiny_model())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    for (_, a), (_, b) in zip(quant_linears(qmodel), quant_linears(loaded), strict=True):
+        assert torch.equal(a.weight_quantizer.mask, b.weight_quantizer.mask)
+
+
+def test_official_pruning_is_refused_by_the_packer(tmp_path: Path) -> None:
+    model = tiny_model()
+    cfg = method_config("compsrt", wbits=3, abits=3, prune=0.4, prune_mode="official", dqc_iters=0)
+    qmodel = quantize_model(model, cfg, torch.rand(2, 3, 16, 16)).model
+    with pytest.raises(ValueError, match="'official' cannot be packed"):
+        save_packed(qmodel, cfg, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_split_qkv_inputs_pack_and_reload(tmp_path: Path) -> None:
+    model = tiny_model()
+    cfg = method_config("compsrt", wbits=4, abits=4, qkv_inputs="split", dqc_iters=0)
+    qmodel = quantize_model(model, cfg, torch.rand(2, 3, 16, 16)).model
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        expected = qmodel(x)
+    path = tmp_path / "s.safetensors"
+    save_packed(qmodel, cfg, path)
+    with torch.no_grad():
+        assert torch.equal(load_packed(path, tiny_model())(x), expected)

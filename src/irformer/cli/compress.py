@@ -24,6 +24,7 @@ from typing import Any
 from irformer.cli.progress import ProgressBars
 from irformer.compress.methods import METHODS, method_names
 from irformer.compress.methods.compsrt import ABLATIONS
+from irformer.compress.prune import PRUNE_MODES
 from irformer.data.benchmarks import DEFAULT_DATA_ROOT, default_data_root
 from irformer.experiments.compression import (
     CompressionRow,
@@ -173,6 +174,21 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wbits", default="4", help="comma-separated weight bits (2, 3, 4, 8)")
     p.add_argument("--abits", default=None, help="comma-separated activation bits (default: wbits)")
     p.add_argument("--prune", type=float, default=0.0, help="fraction of each weight to prune")
+    p.add_argument(
+        "--prune-mode",
+        choices=PRUNE_MODES,
+        default="magnitude",
+        help="magnitude: smallest entries, exact zeros (1-bit mask); channel: whole output "
+        "rows (paper section 7.3); official: CompSRT's code (sampled threshold each forward, "
+        "padded rows counted, pruned zeros quantised; not packable)",
+    )
+    p.add_argument(
+        "--qkv-inputs",
+        choices=("shared", "split"),
+        default="shared",
+        help="input quantisers of a fused qkv: one (shared) or one per q/k/v as "
+        "2DQuant's and CompSRT's code (split)",
+    )
     p.add_argument("--calib", required=True, type=Path, help="folder of clean training images")
     p.add_argument("--calib-batch", type=int, default=32, help="calibration patches (2DQuant: 32)")
     p.add_argument("--patch", type=int, default=64, help="LR patch side (2DQuant: 64)")
@@ -282,6 +298,8 @@ def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> Compression
         calib_dir=str(args.calib),
         scale=scale,
         prune=args.prune,
+        prune_mode=args.prune_mode,
+        qkv_inputs=args.qkv_inputs,
         calib_batch=args.calib_batch,
         calib_patch=args.patch,
         dqc_iters=iters,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from irformer.compress.fused import fused_kernel_available, rotated_indices
 from irformer.compress.hadamard import hadamard_matrix
-from irformer.compress.methods.base import QuantLinear, quant_linears
+from irformer.compress.methods.base import QuantLinear, SplitInputQuantLinear, quant_linears
 from irformer.compress.quantizers import ActQuantizer
 
 __all__ = ["IntegerLinear", "integer_linears_"]
@@ -145,6 +145,10 @@ class IntegerLinear(nn.Module):
 def unsupported_reason(ql: QuantLinear) -> str | None:
     """Why ``ql`` has no integer form here (None: it has one)."""
     aq, wq = ql.act_quantizer, ql.weight_quantizer
+    if isinstance(ql, SplitInputQuantLinear):
+        return "it quantises its input three times (qkv_inputs='split')"
+    if wq.official_pruning:
+        return "its weight is pruned by prune_mode 'official' (a new mask every forward)"
     if not isinstance(aq, ActQuantizer):
         return f"its input quantiser is a {type(aq).__name__} (not uniform per tensor)"
     if aq.noise is not None:

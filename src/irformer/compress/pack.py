@@ -7,7 +7,8 @@ is saved as a safetensors file holding
   indices of the weight in its quantised domain (rotated and padded for
   CompSRT) packed ``b`` bits each, little-endian bit order, row-major; with
   pruning only the kept entries, plus ``P.weight.mask`` (uint8), the 1-bit
-  keep-mask of the whole domain;
+  keep-mask of the whole domain (``P.weight.row_mask``, one bit per output
+  row, for channel pruning);
 - every other state entry (convs, norms, biases, position bias, quantiser
   bounds, alpha/beta, NoisyQuant noise, twin-uniform steps) at its own dtype;
 - metadata: the :class:`QuantConfig`, per-layer shapes and a caller-supplied
@@ -91,6 +92,8 @@ class LayerStorage:
     bits: int
     kept: int
     pruned: bool
+    mask_kind: str = "dense"
+    """With ``pruned``: ``dense`` (one bit per domain entry) or ``rows`` (one per row)."""
 
     @property
     def numel(self) -> int:
@@ -105,8 +108,14 @@ class LayerStorage:
         return math.ceil(self.kept * self.bits / 8)
 
     @property
+    def mask_entries(self) -> int:
+        if not self.pruned:
+            return 0
+        return self.domain_shape[0] if self.mask_kind == "rows" else self.domain_numel
+
+    @property
     def mask_bytes(self) -> int:
-        return math.ceil(self.domain_numel / 8) if self.pruned else 0
+        return math.ceil(self.mask_entries / 8)
 
 
 @dataclass
@@ -143,12 +152,13 @@ class StorageReport:
 
     @property
     def nominal_bits_per_param(self) -> float:
-        """The papers' figure, ``b`` or ``(1 - p) b + 1`` (no padding, no byte rounding)."""
+        """The papers' figure, ``b`` or ``(1 - p) b + 1`` (no padding, no byte rounding;
+        a row mask costs ``1 / cols`` bits per weight instead of 1)."""
         if not self.layers:
             return 0.0
         s = self.layers[0]
         prune = 1.0 - s.kept / s.domain_numel if s.pruned else 0.0
-        return bits_per_param(s.bits, prune)
+        return bits_per_param(s.bits, prune, mask_bits=s.mask_entries / s.domain_numel)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -186,6 +196,7 @@ def _layer_storage(name: str, ql: QuantLinear) -> LayerStorage:
         bits=wq.bits,
         kept=kept,
         pruned=mask is not None,
+        mask_kind="rows" if wq.prune_mode == "channel" else "dense",
     )
 
 
@@ -231,12 +242,22 @@ def save_packed(
                     "save the fake-quantised model instead"
                 )
             wq = ql.weight_quantizer
+            if wq.official_pruning:
+                raise ValueError(
+                    f"{name}: prune_mode 'official' cannot be packed (its pruned entries are "
+                    "quantised to non-zeros and its mask changes per forward); use 'magnitude'"
+                )
             idx = wq.indices(ql.weight).to(torch.int64)
             if wq.mask is not None:
                 kept = idx[wq.mask]
-                tensors[f"{name}.weight.mask"] = torch.from_numpy(
-                    pack_bits(wq.mask.to(torch.uint8), 1)
-                )
+                if info.mask_kind == "rows":
+                    tensors[f"{name}.weight.row_mask"] = torch.from_numpy(
+                        pack_bits(wq.mask[:, 0].to(torch.uint8), 1)
+                    )
+                else:
+                    tensors[f"{name}.weight.mask"] = torch.from_numpy(
+                        pack_bits(wq.mask.to(torch.uint8), 1)
+                    )
             else:
                 kept = idx
             tensors[f"{name}.weight.packed"] = torch.from_numpy(pack_bits(kept, wq.bits))
@@ -246,6 +267,7 @@ def save_packed(
                 "bits": info.bits,
                 "kept": info.kept,
                 "pruned": info.pruned,
+                "mask": info.mask_kind if info.pruned else "none",
             }
         for key, value in model.state_dict().items():
             if key not in excluded:
@@ -307,8 +329,12 @@ def _layer_indices(
     kept = torch.from_numpy(unpack_bits(packed, info["bits"], info["kept"]))
     if not info["pruned"]:
         return kept.reshape(out, n_in), None
-    mask_bits = unpack_bits(tensors[f"{name}.weight.mask"].numpy(), 1, numel)
-    mask = torch.from_numpy(mask_bits.astype(bool)).reshape(out, n_in)
+    if info.get("mask", "dense") == "rows":
+        rows = unpack_bits(tensors[f"{name}.weight.row_mask"].numpy(), 1, out)
+        mask = torch.from_numpy(rows.astype(bool))[:, None].expand(out, n_in).clone()
+    else:
+        mask_bits = unpack_bits(tensors[f"{name}.weight.mask"].numpy(), 1, numel)
+        mask = torch.from_numpy(mask_bits.astype(bool)).reshape(out, n_in)
     idx = torch.zeros(out, n_in, dtype=torch.int64)
     idx[mask] = kept
     return idx, mask
@@ -343,7 +369,7 @@ def load_packed(path: str | Path, skeleton: nn.Module) -> nn.Module:
         idx, mask = _layer_indices(tensors, name, info)
         tensors.pop(f"{name}.weight.packed")
         if mask is not None:
-            tensors.pop(f"{name}.weight.mask")
+            tensors.pop(f"{name}.weight.{'row_mask' if info.get('mask') == 'rows' else 'mask'}")
             wq.mask = mask.to(qls[name].weight.device)
         indices[name] = idx
         wq.calibrated = True

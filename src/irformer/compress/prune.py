@@ -6,23 +6,45 @@ estimated from a sample of at most 1e6 elements. Storage: the kept entries at
 ``b`` bits plus a dense 1-bit mask, i.e. ``(1 - p) b + 1`` bits per parameter
 (3.4 at b = 4, p = 0.4; 2.8 at b = 3). At b = 2 pruning 40% costs more than it
 saves, which is why the paper does not prune 2-bit models.
+
+Three modes (:data:`PruneMode`):
+
+- ``magnitude`` (default): the smallest fraction of each rotated weight,
+  threshold exact up to 1e6 elements, pruned entries stay exactly zero, so the
+  model evaluated is the 1-bit-mask storage model;
+- ``channel``: whole output rows with the lowest mean magnitude (the paper's
+  section 7.3 / Table 8): no dense mask, one bit per row;
+- ``official``: what CompSRT's code does, for comparisons with its published
+  numbers: rows zero-padded to a power of two *count* towards the fraction, the
+  threshold is the quantile of a fresh 1e6-element sample (with replacement)
+  on every forward pass, and pruned zeros are quantised like any other value
+  (so they come back as small non-zeros: not storable with a 1-bit mask).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "MAX_THRESHOLD_SAMPLE",
+    "PRUNE_MODES",
+    "PruneMode",
     "bits_per_param",
+    "channel_mask",
     "magnitude_mask",
     "magnitude_threshold",
     "megabytes",
+    "official_prune",
     "storage_bits",
 ]
+
+PruneMode = Literal["magnitude", "channel", "official"]
+PRUNE_MODES: tuple[str, ...] = ("magnitude", "channel", "official")
 
 MAX_THRESHOLD_SAMPLE = 1_000_000
 """Tensors larger than this get their threshold from a random sample (CompSRT)."""
@@ -58,8 +80,57 @@ def magnitude_mask(
     return x.detach().abs() > thr
 
 
+def channel_mask(x: Tensor, fraction: float, *, groups: int = 1) -> Tensor:
+    """Boolean keep-mask of ``x`` (out, m) that prunes whole rows: in each of
+    ``groups`` row blocks (q, k, v of a fused qkv) the ``round(fraction * rows)``
+    rows with the smallest mean ``|x|`` (ties: the earlier row goes first)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"prune fraction must be in [0, 1), got {fraction}")
+    if x.dim() != 2 or x.shape[0] % groups:
+        raise ValueError(
+            f"channel pruning needs a (rows, cols) tensor with rows divisible into {groups} "
+            f"groups, got shape {tuple(x.shape)}"
+        )
+    rows = x.shape[0] // groups
+    pruned = round(fraction * rows)
+    mean_abs = x.detach().abs().float().mean(dim=1).reshape(groups, rows)
+    order = mean_abs.argsort(dim=1, stable=True)  # ascending: the first ones go
+    keep_rows = torch.ones(groups, rows, dtype=torch.bool, device=x.device)
+    keep_rows.scatter_(1, order[:, :pruned], False)
+    return keep_rows.reshape(-1, 1).expand_as(x).clone()
+
+
+def official_prune(
+    x: Tensor,
+    fraction: float,
+    *,
+    groups: int = 1,
+    sample: int = MAX_THRESHOLD_SAMPLE,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``x`` (out, m) with CompSRT's code's pruning applied to each row block: rows
+    padded with zeros to a power of two, threshold = the ``fraction``-quantile of
+    ``|v|`` over ``sample`` entries drawn with replacement, entries with
+    ``|v| >= threshold`` kept (the padded zeros count towards the fraction, so
+    fewer real weights are pruned)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"prune fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return x
+    rows = x.shape[0] // groups
+    padded_rows = 1 << (rows - 1).bit_length()
+    out = []
+    for block in x.reshape(groups, rows, -1):
+        flat = F.pad(block, (0, 0, 0, padded_rows - rows)).reshape(-1)
+        idx = torch.randint(flat.numel(), (sample,), generator=generator)
+        thr = torch.quantile(flat.detach()[idx.to(flat.device)].abs().float(), fraction)
+        out.append(block * (block.abs() >= thr))
+    return torch.cat(out).reshape(x.shape)
+
+
 def bits_per_param(bits: int, prune: float = 0.0, *, mask_bits: float = 1.0) -> float:
-    """Nominal storage per weight: ``b`` unpruned, ``(1 - p) b + mask_bits`` pruned."""
+    """Nominal storage per weight: ``b`` unpruned, ``(1 - p) b + mask_bits`` pruned
+    (``mask_bits`` per weight: 1 for a dense mask, ``1 / cols`` for a row mask)."""
     if prune <= 0.0:
         return float(bits)
     return (1.0 - prune) * bits + mask_bits

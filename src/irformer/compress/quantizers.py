@@ -34,7 +34,13 @@ from torch import Tensor, nn
 
 from irformer.compress.fused import rotated_fake_quantize, use_fused
 from irformer.compress.hadamard import rotate, unrotate
-from irformer.compress.prune import magnitude_mask
+from irformer.compress.prune import (
+    PRUNE_MODES,
+    PruneMode,
+    channel_mask,
+    magnitude_mask,
+    official_prune,
+)
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -495,6 +501,10 @@ class WeightQuantizer(nn.Module):
     dequantisation, so they stay exactly zero (CompSRT's code lets them
     quantise back to small non-zeros) and the 1-bit-mask storage model is the
     model evaluated. The bound search sees only the kept entries.
+    ``prune_mode="channel"`` prunes whole output rows instead;
+    ``prune_mode="official"`` reproduces CompSRT's code (see
+    :mod:`irformer.compress.prune`): a fresh sampled threshold on every forward,
+    padded rows counted, pruned zeros quantised (no mask is kept).
     """
 
     def __init__(
@@ -505,17 +515,22 @@ class WeightQuantizer(nn.Module):
         rotate_size: int | None = None,
         scalar_decomposition: bool = False,
         prune: float = 0.0,
+        prune_mode: PruneMode = "magnitude",
     ) -> None:
         super().__init__()
         if not 0.0 <= prune < 1.0:
             raise ValueError(f"prune fraction must be in [0, 1), got {prune}")
+        if prune_mode not in PRUNE_MODES:
+            raise ValueError(f"unknown prune mode {prune_mode!r}; valid: {', '.join(PRUNE_MODES)}")
         self.quantizer = UniformQuantizer(
             bits, groups=groups, scalar_decomposition=scalar_decomposition
         )
         self.rotate_size = rotate_size
         self.prune = prune
+        self.prune_mode = prune_mode
         self.register_buffer("mask", None)
         self.calibrated = False
+        self._official_rng: torch.Generator | None = None
 
     @property
     def bits(self) -> int:
@@ -528,11 +543,27 @@ class WeightQuantizer(nn.Module):
     def from_domain(self, y: Tensor, n: int) -> Tensor:
         return y if self.rotate_size is None else unrotate(y, n)
 
+    @property
+    def official_pruning(self) -> bool:
+        return self.prune > 0 and self.prune_mode == "official"
+
+    def _official_pruned(self, y: Tensor) -> Tensor:
+        if self._official_rng is None:
+            self._official_rng = torch.Generator().manual_seed(0)
+        return official_prune(
+            y, self.prune, groups=self.quantizer.groups, generator=self._official_rng
+        )
+
     def calibrate(self, w: Tensor, search: BoundSearch = "dobi") -> None:
         y = self.to_domain(w.detach().float())
-        if self.prune > 0:
-            self.mask = magnitude_mask(y, self.prune)
         groups = self.quantizer.groups
+        if self.official_pruning:
+            self._calibrate_official(y, search)
+            return
+        if self.prune > 0 and self.prune_mode == "channel":
+            self.mask = channel_mask(y, self.prune, groups=groups)
+        elif self.prune > 0:
+            self.mask = magnitude_mask(y, self.prune)
         yg = y.reshape(groups, -1)
         mg = None if self.mask is None else self.mask.reshape(groups, -1)
         lowers, uppers = [], []
@@ -544,8 +575,28 @@ class WeightQuantizer(nn.Module):
         self.quantizer.set_bounds(lowers, uppers)
         self.calibrated = True
 
+    def _calibrate_official(self, y: Tensor, search: BoundSearch) -> None:
+        """CompSRT's code: the bound search sees the pruned tensor with its zeros
+        and the zero rows padding each block to a power of two."""
+        groups = self.quantizer.groups
+        rows = y.shape[0] // groups
+        padding = ((1 << (rows - 1).bit_length()) - rows) * y.shape[1]
+        lowers, uppers = [], []
+        for block in self._official_pruned(y).reshape(groups, -1):
+            vals = torch.cat([block, block.new_zeros(padding)])
+            lo, hi = search_bounds(vals, self.bits, search)
+            lowers.append(lo)
+            uppers.append(hi)
+        self.quantizer.set_bounds(lowers, uppers)
+        self.calibrated = True
+
     def indices(self, w: Tensor) -> Tensor:
         """Grid indices of ``w`` in the quantised domain (float, STE)."""
+        if self.official_pruning:
+            raise ValueError(
+                "prune_mode 'official' has no stored indices: its mask changes on every "
+                "forward and pruned zeros are quantised to non-zeros (use 'magnitude')"
+            )
         return self.quantizer.indices(self.to_domain(w))
 
     def dequantize(self, idx: Tensor, n: int) -> Tensor:
@@ -558,10 +609,15 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if not self.calibrated:
             raise RuntimeError("WeightQuantizer used before calibrate(weight)")
+        if self.official_pruning:
+            return self.from_domain(
+                self.quantizer(self._official_pruned(self.to_domain(w))), w.shape[-1]
+            )
         return self.dequantize(self.indices(w), w.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"rotate_size={self.rotate_size}, prune={self.prune}"
+        mode = f", prune_mode={self.prune_mode}" if self.prune else ""
+        return f"rotate_size={self.rotate_size}, prune={self.prune}{mode}"
 
 
 # --------------------------------------------------------------------------

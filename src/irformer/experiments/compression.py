@@ -33,8 +33,15 @@ from irformer.archs.zoo import weights_path
 from irformer.compress.calibration import calibration_batch, patch_stream
 from irformer.compress.fused import fused_fake_quant
 from irformer.compress.methods import QuantResult, method_config, quantize_model
-from irformer.compress.methods.base import DistillCheckpoint, quantizer_drift, quantizer_snapshot
+from irformer.compress.methods.base import (
+    DistillCheckpoint,
+    QkvInputs,
+    QuantConfig,
+    quantizer_drift,
+    quantizer_snapshot,
+)
 from irformer.compress.pack import load_packed, save_packed, storage_report
+from irformer.compress.prune import PruneMode
 from irformer.compress.sensitivity import (
     level_usage,
     quantizer_groups,
@@ -82,6 +89,7 @@ __all__ = [
     "quantize_with_settings",
     "read_rows",
     "resolve_benchmark_names",
+    "row_method",
     "run_compression",
     "run_experiment",
     "sensitivity_experiment",
@@ -106,6 +114,9 @@ class CompressionSettings:
     calib_dir: str
     scale: int
     prune: float = 0.0
+    prune_mode: PruneMode = "magnitude"
+    qkv_inputs: QkvInputs = "shared"
+    """``split``: three input quantisers on a fused qkv (2DQuant's/CompSRT's code)."""
     calib_batch: int = 32
     calib_patch: int = 64
     dqc_iters: int | None = None
@@ -145,6 +156,11 @@ class CompressionSettings:
     interrupted distillations from their saved state (``dqc_state/``)."""
 
     def __post_init__(self) -> None:
+        if self.save_packed and self.prune and self.prune_mode == "official":
+            raise ValueError(
+                "prune mode 'official' cannot be saved packed: its pruned weights are "
+                "quantised back to non-zeros and its mask changes on every forward"
+            )
         if self.dqc_checkpoints:
             marks = sorted(set(self.dqc_checkpoints))
             if marks[0] < 0:
@@ -233,10 +249,25 @@ def measure_latency(
     return 1e3 * statistics.median(times)
 
 
+def row_method(cfg: QuantConfig) -> str:
+    """The method as rows name it: ``cfg.method``, plus the deviations from its
+    default that change what is measured (``compsrt (official pruning)``), so a
+    run folder and its tables never mix them up."""
+    parts = []
+    if cfg.prune and cfg.prune_mode != "magnitude":
+        parts.append(f"{cfg.prune_mode} pruning")
+    if cfg.qkv_inputs != "shared":
+        parts.append(f"{cfg.qkv_inputs} qkv inputs")
+    return f"{cfg.method} ({', '.join(parts)})" if parts else cfg.method
+
+
 def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
     over: dict[str, Any] = {}
     if settings.prune:
         over["prune"] = settings.prune
+        over["prune_mode"] = settings.prune_mode
+    if settings.qkv_inputs != "shared":
+        over["qkv_inputs"] = settings.qkv_inputs
     default = method_config(method, wbits=4, abits=4)
     iters = max(settings.dqc_checkpoints) if settings.dqc_checkpoints else settings.dqc_iters
     if iters is not None and default.dqc_iters:  # the methods that distil (2DQuant, CompSRT)
@@ -380,9 +411,10 @@ def run_compression(
         for wbits, abits in settings.bits:
             cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method))
             marks = sorted(set(settings.dqc_checkpoints)) if cfg.dqc_iters else []
+            name = row_method(cfg)
             final: RowKey = (
                 label,
-                cfg.method,
+                name,
                 wbits,
                 abits,
                 cfg.prune,
@@ -390,7 +422,7 @@ def run_compression(
                 True,
             )
             if final in done:
-                logger.info("%s %s W%dA%d: already measured, skipped", label, method, wbits, abits)
+                logger.info("%s %s W%dA%d: already measured, skipped", label, name, wbits, abits)
                 continue
             if calib is None or held_out is None:
                 calib, held_out = calibration_batches(settings)
@@ -399,10 +431,10 @@ def run_compression(
                 state_path = (
                     Path(out_dir)
                     / "dqc_state"
-                    / f"{_slug(label)}_{cfg.method}_w{wbits}a{abits}_p{cfg.prune:g}.pt"
+                    / f"{_slug(label)}_{_slug(name)}_w{wbits}a{abits}_p{cfg.prune:g}.pt"
                 )
             curve = _BudgetCurve(
-                (label, cfg.method, wbits, abits, cfg.prune),
+                (label, name, wbits, abits, cfg.prune),
                 marks[-1] if marks else None,
                 score,
                 done,
@@ -428,7 +460,7 @@ def run_compression(
             log = result.distill
             row = curve.final_row or CompressionRow(
                 model=label,
-                method=cfg.method,
+                method=name,
                 wbits=wbits,
                 abits=abits,
                 prune=cfg.prune,

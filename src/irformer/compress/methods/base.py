@@ -16,7 +16,8 @@ quantised with three bound pairs (rows of q, k and v separately, ``qkv_split``,
 like 2DQuant's ``qkv_separation: True``) but with one input quantiser: 2DQuant
 splits the layer into three linears, each with its own quantiser of the same
 input, i.e. three different quantised copies of one tensor, which no integer
-kernel would run.
+kernel would run. ``QuantConfig(qkv_inputs="split")`` does what their code does
+(:class:`SplitInputQuantLinear`), for comparisons with their published numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ from irformer.archs.attention import AttentionOperands
 from irformer.archs.layers import ResidualGroup
 from irformer.compress.fused import fused_fake_quant
 from irformer.compress.hadamard import RotationMode, hadamard_size
+from irformer.compress.prune import PRUNE_MODES, PruneMode
 from irformer.compress.quantizers import (
     OBSERVER_SAMPLE,
     ActQuantizer,
@@ -56,9 +58,11 @@ __all__ = [
     "ATTENTION_OPERANDS",
     "DistillCheckpoint",
     "DistillLog",
+    "QkvInputs",
     "QuantConfig",
     "QuantLinear",
     "QuantizedOperands",
+    "SplitInputQuantLinear",
     "act_quantizers",
     "attach_quantizers",
     "attention_modules",
@@ -75,6 +79,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+QkvInputs = Literal["shared", "split"]
+"""Input quantisers of a fused qkv Linear: one (``shared``, what an integer kernel
+runs) or one per q, k, v row block (``split``, 2DQuant's and CompSRT's code)."""
 
 ATTENTION_OPERANDS: tuple[str, ...] = ("quant_q", "quant_k", "quant_attn", "quant_v")
 """:class:`QuantizedOperands`' quantisers: q, k, post-softmax map, v (before the two matmuls)."""
@@ -105,7 +113,11 @@ class QuantConfig:
     """False: DQC trains only alpha/beta, the bounds stay at their search result
     (CompSRT's Table 7 ablation; needs ``scalar_decomposition``)."""
     prune: float = 0.0
+    prune_mode: PruneMode = "magnitude"
+    """``magnitude``, ``channel`` (whole rows) or ``official`` (CompSRT's code's
+    sampled threshold; see :mod:`irformer.compress.prune`)."""
     qkv_split: bool = True
+    qkv_inputs: QkvInputs = "shared"
     quantize_attention: bool = True
     observer_sample: int = OBSERVER_SAMPLE
     twin_uniform: bool = False
@@ -116,6 +128,14 @@ class QuantConfig:
     dqc_betas: tuple[float, float] = (0.9, 0.99)
     feature_weight: float = 5.0
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prune_mode not in PRUNE_MODES:
+            raise ValueError(
+                f"unknown prune_mode {self.prune_mode!r}; valid: {', '.join(PRUNE_MODES)}"
+            )
+        if self.qkv_inputs not in ("shared", "split"):
+            raise ValueError(f"unknown qkv_inputs {self.qkv_inputs!r}; valid: shared, split")
 
     def with_overrides(self, **kwargs: Any) -> QuantConfig:
         unknown = set(kwargs) - set(asdict(self))
@@ -176,6 +196,34 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class SplitInputQuantLinear(QuantLinear):
+    """A fused qkv Linear whose q, k and v row blocks each take their own quantised
+    copy of the input (``act_quantizer``, ``act_quantizer_k``, ``act_quantizer_v``):
+    what 2DQuant's and CompSRT's code does by splitting qkv into three Linears.
+    The three start from the same bounds and drift apart in DQC."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_quantizer: WeightQuantizer,
+        act_quantizers: tuple[nn.Module, nn.Module, nn.Module],
+    ) -> None:
+        if linear.out_features % 3:
+            raise ValueError(f"a qkv Linear needs 3k outputs, got {linear.out_features}")
+        super().__init__(linear, weight_quantizer, act_quantizers[0])
+        self.act_quantizer_k = act_quantizers[1]
+        self.act_quantizer_v = act_quantizers[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = self.quantized_weight().chunk(3, dim=0)
+        biases = (None,) * 3 if self.bias is None else self.bias.chunk(3)
+        quantizers = (self.act_quantizer, self.act_quantizer_k, self.act_quantizer_v)
+        return torch.cat(
+            [F.linear(aq(x), w, b) for aq, w, b in zip(quantizers, weights, biases, strict=True)],
+            dim=-1,
+        )
 
 
 class QuantizedOperands(AttentionOperands):
@@ -294,10 +342,15 @@ def attach_quantizers(
                 rotate_size=_rotate_size(linear.in_features, cfg),
                 scalar_decomposition=cfg.scalar_decomposition,
                 prune=cfg.prune,
+                prune_mode=cfg.prune_mode,
             )
             role = "post_gelu" if attr == "fc2" else "linear_input"
             aq = make_act(f"{pname}.{attr}", role, linear.in_features)
-            setattr(parent, attr, QuantLinear(linear, wq, aq))
+            if attr == "qkv" and cfg.qkv_inputs == "split":
+                more = (make_act(f"{pname}.{attr}.{p}", role, linear.in_features) for p in "kv")
+                setattr(parent, attr, SplitInputQuantLinear(linear, wq, (aq, *more)))
+            else:
+                setattr(parent, attr, QuantLinear(linear, wq, aq))
         if cfg.quantize_attention:
             for prefix, module in attention_modules(block, block_name):
                 head_dim = module.dim // module.num_heads
