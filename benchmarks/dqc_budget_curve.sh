@@ -23,45 +23,22 @@
 #   DATA [../shared/data relative to the repo]  benchmarks and the BSD200 calibration set
 #   PY [/work/main/.venv/bin/python]
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/compress_stages.sh"
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-/work/scratch/dqc17}"
 ITERS="${ITERS:-0,50,200,1000}"
 BATCH="${BATCH:-2}"
 PATCH="${PATCH:-32}"
 STAGES="${STAGES:-ln:2 iln:2 ln:4 iln:4}"
-DATA="${DATA:-$(cd "$REPO/.." && pwd)/shared/data}"
-PY="${PY:-/work/main/.venv/bin/python}"
-export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-
 CAPTION="Protocol: SwinIR-light x4 reference checkpoints; DQC ${ITERS} iterations x batch ${BATCH} of ${PATCH} px LR patches (lr 1e-2, held-out selection every 50 it); 32 calibration patches (64 px) from BSD200; Set5 + Set14 (full); CPU, 1 thread."
 
-mkdir -p "$OUT"
-cd "$REPO"
-echo "$(date -u +%FT%TZ) start: repo $REPO at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), out $OUT"
-done_dirs=()
-for stage in $STAGES; do
-    norm="${stage%%:*}"
-    bits="${stage##*:}"
-    dir="$OUT/${norm}_w${bits}"
-    if [[ -f "$dir/done" ]]; then
-        echo "$(date -u +%FT%TZ) $stage: done earlier, skipped"
-        done_dirs+=("$dir")
-        continue
-    fi
-    echo "$(date -u +%FT%TZ) $stage: running into $dir"
-    "$PY" -m irformer compress run \
-        --model "src/irformer/weights/swinir_light_x4_${norm}.safetensors" \
-        --method 2dquant,compsrt --wbits "$bits" \
-        --calib "$DATA/train/BSD200" \
-        --dqc-iters "$ITERS" --dqc-batch "$BATCH" --dqc-patch "$PATCH" --val-every 50 \
-        --dqc-keep-activations \
-        --bench Set5,Set14 --data-root "$DATA" --latency-repeats 0 --device cpu \
-        --no-progress --caption "$CAPTION" --out "$dir" --resume
-    date -u +%FT%TZ > "$dir/done"
-    done_dirs+=("$dir")
-    echo "$(date -u +%FT%TZ) $stage: finished"
-done
-"$PY" -m irformer compress report "${done_dirs[@]}" --out "$OUT/tables" --caption "$CAPTION"
-echo "$(date -u +%FT%TZ) all stages done; tables in $OUT/tables"
+stage_args() {
+    local norm="${1%%:*}" bits="${1##*:}"
+    NAME="${norm}_w${bits}"
+    ARGS=(--model "src/irformer/weights/swinir_light_x4_${norm}.safetensors"
+          --method 2dquant,compsrt --wbits "$bits"
+          --dqc-iters "$ITERS" --dqc-batch "$BATCH" --dqc-patch "$PATCH" --val-every 50
+          --dqc-keep-activations --latency-repeats 0)
+}
+
+run_stages
