@@ -3,8 +3,8 @@
 #
 # The caller sets STAGES (words), CAPTION, OUT and defines `stage_args STAGE`, which sets
 # NAME (the stage's folder under OUT) and the array ARGS (its own `compress run` arguments:
-# model, method, bits, DQC budget, ...). Every stage also gets the BSD200 calibration set,
-# Set5 + Set14, CPU, --resume. A finished stage leaves OUT/NAME/done and is skipped; a
+# model, method, bits, DQC budget, ...) and may set BENCH (default Set5,Set14). Every stage
+# also gets the BSD200 calibration set, CPU, --resume. A finished stage leaves OUT/NAME/done and is skipped; a
 # killed one resumes (measured rows kept, an interrupted distillation continues from its
 # dqc_state). At the end `irformer compress report` merges the stages into OUT/tables.
 # Environment: DATA [../shared/data relative to the repo], PY [/work/main/.venv/bin/python].
@@ -21,6 +21,7 @@ run_stages() {
     echo "$(date -u +%FT%TZ) start: repo $REPO at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), out $OUT"
     local done_dirs=() stage dir
     for stage in $STAGES; do
+        BENCH=Set5,Set14
         stage_args "$stage"
         dir="$OUT/$NAME"
         if [[ -f "$dir/done" ]]; then
@@ -30,7 +31,7 @@ run_stages() {
         fi
         echo "$(date -u +%FT%TZ) $stage: running into $dir"
         "$PY" -m irformer compress run "${ARGS[@]}" \
-            --calib "$DATA/train/BSD200" --bench Set5,Set14 --data-root "$DATA" --device cpu \
+            --calib "$DATA/train/BSD200" --bench "$BENCH" --data-root "$DATA" --device cpu \
             --no-progress --caption "$CAPTION" --out "$dir" --resume
         date -u +%FT%TZ > "$dir/done"
         done_dirs+=("$dir")
