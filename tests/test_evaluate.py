@@ -384,3 +384,54 @@ def test_cli_several_levels_with_the_input_as_baseline(
     ]
     assert main([*argv[:6], "10,abc", *argv[7:]]) == 2
     assert "--quality '10,abc': 'abc' is not an integer" in capsys.readouterr().err
+
+
+def test_cli_resume_takes_saved_sets_and_finishes(
+    flat_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--resume: the JSON is saved after every set; an interrupted run started again
+    measures only what is missing and ends with the uninterrupted run's record."""
+    import irformer.archs as registry
+    import irformer.engine.evaluate as ev
+
+    torch.manual_seed(0)
+    tiny = {"embed_dim": 12, "depths": (1,), "num_heads": (2,), "window_size": 4}
+    ckpt = registry.save_model_weights(
+        tmp_path / "tiny_dn.safetensors", registry.build_model("swinir_1_dn", **tiny)
+    )
+    write_image(flat_root / "Kodak24" / "k.png", _smooth(24, 28, 30))
+    argv = ["eval", "--model", str(ckpt), "--task", "dn", "--sigma", "15,50"]
+    argv += ["--bench", "CBSD68,Kodak24", "--data-root", str(flat_root), "--no-progress"]
+    full = tmp_path / "full.json"
+    assert main([*argv, "--out-json", str(full)]) == 0
+
+    real = ev.evaluate_benchmark
+    calls: list[tuple[str, float | None]] = []
+
+    def flaky(model: nn.Module, bench: ev.Benchmark, **kw: object) -> ev.BenchmarkResult:
+        calls.append((bench.name, bench.sigma))
+        if len(calls) == 8:  # the model at sigma 50 on Kodak24 (baselines count): interrupted
+            raise KeyboardInterrupt
+        return real(model, bench, **kw)
+
+    monkeypatch.setattr(ev, "evaluate_benchmark", flaky)
+    part = tmp_path / "part.json"
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out-json", str(part), "--resume"])
+    saved = json.loads(part.read_text())
+    assert [(r["model"], r["sigma"], len(r["benchmarks"])) for r in saved] == [
+        ("noisy input", 15.0, 2),
+        ("tiny_dn", 15.0, 2),
+        ("noisy input", 50.0, 2),
+        ("tiny_dn", 50.0, 1),
+    ]
+    calls.clear()
+    assert main([*argv, "--out-json", str(part), "--resume"]) == 0
+    assert calls == [("Kodak24", 50.0)]  # only the missing set ran
+    strip = lambda rs: [  # noqa: E731
+        [(b["benchmark"], b["psnr"], b["ssim"]) for b in r["benchmarks"]] for r in rs
+    ]
+    assert strip(json.loads(part.read_text())) == strip(json.loads(full.read_text()))
+    # Without --out-json there is nothing to resume from; without --resume nothing is overwritten.
+    assert main([*argv, "--resume"]) == 2
+    assert main([*argv, "--out-json", str(part)]) == 2

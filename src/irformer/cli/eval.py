@@ -31,6 +31,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from irformer.cli.options import add_fp16_unsafe_argument, add_precision_arguments, parse_levels
 from irformer.cli.progress import ProgressBars
@@ -41,6 +42,7 @@ from irformer.engine.evaluate import (
     EvaluationResult,
     evaluate,
     prepare_eval_model,
+    read_results_json,
     write_results_csv,
     write_results_json,
 )
@@ -115,6 +117,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write all results as JSON (one object, or a list when there are several "
         "levels or a baseline)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --out-json: save it after every benchmark and, when it exists, take the "
+        "sets it already holds for the same model and settings instead of running them again "
+        "(for long CPU evaluations that may be interrupted)",
+    )
     p.add_argument("--out-csv", type=Path, default=None, help="write per-image results as CSV")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -177,6 +186,32 @@ def _save_dir(
     return save_dir / (f"sigma{sigma:g}" if sigma is not None else f"q{quality}")
 
 
+def _result_key(
+    model: str, task: str, sigma: float | None, quality: int | None, precision: str, autocast: Any
+) -> tuple:
+    """What an earlier result must match to be reused (the level as results store it)."""
+    return (
+        model,
+        task,
+        sigma if task == "dn" else None,
+        quality if task == "car" else None,
+        precision,
+        autocast,
+    )
+
+
+def _earlier_results(path: Path) -> dict[tuple, dict[str, Any]]:
+    """``--resume``: the sets an earlier run saved to ``path``, by settings and set name."""
+    if not path.exists():
+        return {}
+    found: dict[tuple, dict[str, Any]] = {}
+    for r in read_results_json(path):
+        key = _result_key(r.model, r.task, r.sigma, r.quality, r.precision, r.autocast)
+        found.setdefault(key, {}).update({b.benchmark: b for b in r.benchmarks})
+    logger.info("--resume: %d earlier sets in %s", sum(map(len, found.values())), path)
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     prepared = prepare_eval_model(
         args.model, task=args.task, scale=args.scale, random_weights=args.random_weights
@@ -190,9 +225,12 @@ def run(args: argparse.Namespace) -> int:
     qualities = parse_levels(args.quality if task == "car" else None, int, "--quality")
     root = default_data_root(args.data_root)
     benchmarks = benchmark_names(args.bench, task, root)
+    if args.resume and args.out_json is None:
+        raise ValueError("--resume needs --out-json (the file it saves to and resumes from)")
+    earlier = _earlier_results(args.out_json) if args.resume else {}
     for out in (args.out_json, args.out_csv):
-        if out is not None:  # fail before a long run, not after it
-            check_writable(out, overwrite=args.overwrite)
+        if out is not None and not (args.resume and out == args.out_json):
+            check_writable(out, overwrite=args.overwrite)  # fail before a long run
     if args.save_dir is not None:
         check_folder_writable(args.save_dir)
     precision, autocast = args.precision, args.autocast
@@ -210,6 +248,28 @@ def run(args: argparse.Namespace) -> int:
             for quality in qualities:
                 runs = [(baseline, prepared.baseline_name)] if with_baseline else []
                 for net, label in [*runs, (prepared.model, prepared.name)]:
+                    key = _result_key(label, task, sigma, quality, precision, autocast)
+                    measured: list[Any] = []
+
+                    def save_partial(
+                        bench: Any, key: tuple = key, measured: list = measured
+                    ) -> None:
+                        measured.append(bench)
+                        sets = {b.benchmark: b for b in earlier.get(key, {}).values()}
+                        sets.update({b.benchmark: b for b in measured})
+                        partial = EvaluationResult(
+                            model=key[0],
+                            task=task,
+                            scale=scale if task == "sr" else 1,
+                            sigma=key[2],
+                            quality=key[3],
+                            precision=precision,
+                            autocast=autocast,
+                            device=str(args.device),
+                            benchmarks=tuple(sets.values()),
+                        )
+                        write_results_json([*results, partial], args.out_json, overwrite=True)
+
                     results.append(
                         evaluate(
                             net,
@@ -229,12 +289,14 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed,
                             progress=bars,
                             model_name=label,
+                            reuse=earlier.get(key),
+                            on_benchmark=save_partial if args.resume else None,
                         )
                     )
     print(format_table(results))
     written = results[0] if len(results) == 1 else results
     if args.out_json is not None:
-        write_results_json(written, args.out_json, overwrite=args.overwrite)
+        write_results_json(written, args.out_json, overwrite=args.overwrite or args.resume)
         print(f"wrote {args.out_json}")
     if args.out_csv is not None:
         write_results_csv(written, args.out_csv, overwrite=args.overwrite)

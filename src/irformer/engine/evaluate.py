@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ __all__ = [
     "evaluate_benchmark",
     "load_model_for_eval",
     "prepare_eval_model",
+    "read_results_json",
     "resolve_device",
     "write_results_csv",
     "write_results_json",
@@ -393,6 +394,8 @@ def evaluate(
     progress: Progress | None = None,
     model_name: str | None = None,
     random_weights: bool = False,
+    reuse: Mapping[str, BenchmarkResult] | None = None,
+    on_benchmark: Callable[[BenchmarkResult], None] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model`` on named ``benchmarks`` for ``task`` (``sr``/``dn``/``car``/``dr``).
 
@@ -403,6 +406,9 @@ def evaluate(
     ``precision`` casts the model's weights and features (a module passed in is
     cast in place), ``autocast`` runs fp32 weights under ``torch.autocast``
     (:mod:`irformer.engine.precision`); non-finite outputs are counted per image.
+    ``reuse`` maps set names to results of an earlier, interrupted run of the same
+    settings, which are taken instead of measured again; ``on_benchmark`` is called
+    with each newly measured set (e.g. to save partial results).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -434,6 +440,10 @@ def evaluate(
         net = PrecisionModel(net, cast)
     results = []
     for bench in resolved:
+        if reuse is not None and bench.name in reuse:
+            logger.info("%s %s: taken from the earlier run", name, bench.name)
+            results.append(reuse[bench.name])
+            continue
         res = evaluate_benchmark(
             net,
             bench,
@@ -452,6 +462,8 @@ def evaluate(
             res.num_images,
         )
         results.append(res)
+        if on_benchmark is not None:
+            on_benchmark(res)
     return EvaluationResult(
         model=name,
         task=task,
@@ -521,6 +533,41 @@ def write_results_csv(
                 )
     atomic_write(path, buf.getvalue())
     return path
+
+
+def read_results_json(path: str | Path) -> list[EvaluationResult]:
+    """The results in a file :func:`write_results_json` wrote (one object or a list)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read evaluation results from {path}: {exc}") from exc
+
+    def number(v: Any) -> Any:
+        return float(v) if isinstance(v, str) and v in ("inf", "-inf") else v
+
+    out = []
+    for d in data if isinstance(data, list) else [data]:
+        try:
+            benches = tuple(
+                BenchmarkResult(
+                    **{
+                        **{k: number(v) for k, v in b.items() if k not in _DERIVED},
+                        "images": tuple(
+                            ImageResult(**{k: number(v) for k, v in i.items()}) for i in b["images"]
+                        ),
+                    }
+                )
+                for b in d["benchmarks"]
+            )
+            out.append(EvaluationResult(**{**d, "benchmarks": benches}))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not an irformer evaluation record: {exc}") from exc
+    return out
+
+
+_DERIVED = ("num_images", "nonfinite_pixels")
+"""Keys :meth:`EvaluationResult.to_dict` adds to each set (properties, not fields)."""
 
 
 def write_results_json(
