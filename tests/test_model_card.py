@@ -81,3 +81,40 @@ def test_card_refuses_a_file_without_irformer_metadata(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(official))
     with pytest.raises(ValueError, match="no irformer metadata"):
         model_card(official)
+
+
+def test_card_of_a_multi_level_record(tmp_path: Path) -> None:
+    """A blind DN model's eval file is a list (levels x {noisy input, model}): the card
+    lists the model's rows per level, leaves the baseline out and gives one command."""
+    import json
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_dn_iln.safetensors"
+    save_model_weights(weights, build_model("swinir", norm="iln", **TINY))
+    records = []
+    for sigma, base, ours in ((15.0, 24.6, 31.2), (50.0, 14.4, 25.9)):
+        for model, psnr in (("noisy input", base), ("tiny_dn_iln", ours)):
+            bench = {"benchmark": "CBSD68", "psnr": psnr, "ssim": 0.8, "num_images": 68}
+            records.append(
+                {
+                    "model": model,
+                    "task": "dn",
+                    "scale": 1,
+                    "sigma": sigma,
+                    "quality": None,
+                    "precision": "fp32",
+                    "benchmarks": [bench],
+                }
+            )
+    record = tmp_path / "docs" / "reference" / "eval_tiny_dn_iln.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps(records))
+    sources = find_card_sources(weights, tmp_path)
+    assert sources.evaluations == (record,)
+    card = model_card(weights, sources, root=tmp_path)
+    assert front_matter(card)["metrics"] == {
+        "CBSD68 (sigma 15)": {"psnr": 31.2, "ssim": 0.8},
+        "CBSD68 (sigma 50)": {"psnr": 25.9, "ssim": 0.8},
+    }
+    assert "| CBSD68 (sigma 50) | 68 | 25.90 | 0.8000 |" in card and "24.60" not in card
+    assert "--task dn --sigma 15,50 --bench CBSD68" in card

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,20 +75,42 @@ def find_card_sources(weights: str | os.PathLike[str], root: str | os.PathLike[s
     notes = root / CARD_DOC
     return CardSources(
         config=config if config.is_file() else None,
-        evaluations=tuple(e for e in evaluations if _eval_record(e).get("model") == stem)
+        evaluations=tuple(e for e in evaluations if _own_records(e, stem, strict=True))
         or tuple(evaluations),
         notes=notes if notes.is_file() else None,
     )
 
 
-def _eval_record(path: Path) -> dict[str, object]:
+def _eval_records(path: Path) -> list[dict[str, object]]:
+    """An ``irformer eval --out-json`` file: one record, or a list (several noise levels or
+    JPEG qualities, baseline rows)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not an irformer eval JSON record ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+    records = data if isinstance(data, list) else [data]
+    if not records or not all(
+        isinstance(r, dict) and isinstance(r.get("benchmarks"), list) for r in records
+    ):
         raise ValueError(f"{path}: not an irformer eval JSON record (no 'benchmarks' list)")
-    return data
+    return records
+
+
+def _own_records(path: Path, stem: str, *, strict: bool = False) -> list[dict[str, object]]:
+    """The records of ``path`` that measured ``stem`` (all of them when none names it,
+    unless ``strict``): the baseline rows of a multi-level file are left out."""
+    records = _eval_records(path)
+    own = [r for r in records if r.get("model") == stem]
+    return own if own or strict else records
+
+
+def _level(record: Mapping[str, object]) -> str:
+    """`` (sigma 15)`` / `` (quality 40)`` for DN / CAR records, empty otherwise."""
+    if record.get("sigma") is not None:
+        return f" (sigma {float(record['sigma']):g})"  # type: ignore[arg-type]
+    if record.get("quality") is not None:
+        return f" (quality {record['quality']})"
+    return ""
 
 
 def _sha256(path: Path) -> str:
@@ -118,15 +140,17 @@ def _license() -> str:
     return text.strip() or "see the irformer repository's licence"
 
 
-def _eval_command(record: Mapping[str, object], weights: str, out_json: str) -> str:
+def _eval_command(records: Sequence[Mapping[str, object]], weights: str, out_json: str) -> str:
+    """The ``irformer eval`` command that wrote one file (all its levels)."""
+    record = records[0]
     benches = ",".join(str(b["benchmark"]) for b in record["benchmarks"])  # type: ignore[index, union-attr]
     parts = ["irformer eval", f"--model {weights}", f"--task {record.get('task', 'sr')}"]
     if record.get("task", "sr") == "sr":
         parts.append(f"--scale {record.get('scale')}")
-    if record.get("sigma") is not None:
-        parts.append(f"--sigma {record['sigma']}")
-    if record.get("quality") is not None:
-        parts.append(f"--quality {record['quality']}")
+    for key in ("sigma", "quality"):
+        levels = list(dict.fromkeys(r[key] for r in records if r.get(key) is not None))
+        if levels:
+            parts.append(f"--{key} " + ",".join(f"{v:g}" for v in levels))
     parts.append(f"--bench {benches} --data-root ../shared/data")
     if record.get("precision", "fp32") != "fp32":
         parts.append(f"--precision {record['precision']}")
@@ -169,7 +193,7 @@ def model_card(
     shown = _relative(path, root_path)
 
     config = load_config(sources.config) if sources.config is not None else None
-    evaluations = [(_eval_record(p), p) for p in sources.evaluations]
+    evaluations = [(_own_records(p, stem), p) for p in sources.evaluations]
 
     front: dict[str, object] = {
         "name": stem,
@@ -200,11 +224,12 @@ def model_card(
         }
     if evaluations:
         front["metrics"] = {
-            str(b["benchmark"]): {
+            f"{b['benchmark']}{_level(record)}": {
                 "psnr": round(float(b["psnr"]), 2),
                 "ssim": round(float(b["ssim"]), 4),
             }
-            for record, _ in evaluations
+            for records, _ in evaluations
+            for record in records
             for b in record["benchmarks"]  # type: ignore[union-attr]
         }
 
@@ -263,16 +288,17 @@ def model_card(
             "| benchmark | images | PSNR | SSIM |",
             "|---|---|---|---|",
         ]
-        for record, _ in evaluations:
-            for b in record["benchmarks"]:  # type: ignore[union-attr]
-                lines.append(
-                    f"| {b['benchmark']} | {b.get('num_images', '?')} | {float(b['psnr']):.2f} "
-                    f"| {float(b['ssim']):.4f} |"
-                )
+        for records, _ in evaluations:
+            for record in records:
+                for b in record["benchmarks"]:  # type: ignore[union-attr]
+                    lines.append(
+                        f"| {b['benchmark']}{_level(record)} | {b.get('num_images', '?')} "
+                        f"| {float(b['psnr']):.2f} | {float(b['ssim']):.4f} |"
+                    )
         lines += ["", "Reproduce (from the repository root, benchmark data beside it):", ""]
         lines.append("```bash")
-        for record, src in evaluations:
-            lines.append(_eval_command(record, shown, _relative(src, root_path)))
+        for records, src in evaluations:
+            lines.append(_eval_command(records, shown, _relative(src, root_path)))
         lines.append("```")
     else:
         lines.append("Not recorded (no `irformer eval --out-json` record given).")
