@@ -2,6 +2,7 @@
 
     python docs/reference/blind_tables.py            # reads docs/reference/eval_swinir_1_*.json
     python docs/reference/blind_tables.py --dir DIR  # records elsewhere (same file names)
+    python docs/reference/blind_tables.py --val      # validation curves from train_*.jsonl
 
 For each task: one block of rows per noise level / JPEG quality -- the degraded
 input itself, ``ln``, ``iln`` and the gap ``iln - ln`` -- and, where the i-LN paper
@@ -127,10 +128,47 @@ def table(task: str, folder: Path) -> str:
     return "\n".join(lines)
 
 
+def validation_table(task: str, folder: Path) -> str:
+    """PSNR / SSIM of the runs' validation (the config's ``val``) at each iteration it ran,
+    ``ln`` vs ``iln``, from ``train_swinir_1_<task>_<norm>.jsonl`` (a run's metrics.jsonl;
+    a resumed run's repeated iterations keep their last value)."""
+    curves: dict[str, dict[int, dict[str, float]]] = {}
+    sets: set[str] = set()
+    for norm in ("ln", "iln"):
+        path = folder / f"train_swinir_1_{task}_{norm}.jsonl"
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            vals = {k.split("/")[-1]: v for k, v in row.items() if k.startswith("val/")}
+            sets |= {k.split("/")[1] for k in row if k.startswith("val/")}
+            if vals:
+                curves.setdefault(norm, {})[int(row["iter"])] = vals
+    lines = [
+        f"| iteration | `ln` {'/'.join(sorted(sets))} PSNR / SSIM | `iln` | `iln` - `ln` |",
+        "|---|---|---|---|",
+    ]
+    for it in sorted(set(curves.get("ln", {})) & set(curves.get("iln", {}))):
+        ln, iln = curves["ln"][it], curves["iln"][it]
+        lines.append(
+            f"| {it} | {ln['psnr']:.3f} / {ln['ssim']:.4f} | {iln['psnr']:.3f} / "
+            f"{iln['ssim']:.4f} | {iln['psnr'] - ln['psnr']:+.3f} / "
+            f"{iln['ssim'] - ln['ssim']:+.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=HERE, help="folder of the eval_*.json files")
+    parser.add_argument(
+        "--val", action="store_true", help="the validation curves (train_*.jsonl) instead"
+    )
     args = parser.parse_args(argv)
+    if args.val:
+        for task, title in (("dn", "Colour denoising"), ("car", "JPEG artifact removal")):
+            print(
+                f"### {title}: validation during training\n\n{validation_table(task, args.dir)}\n"
+            )
+        return 0
     for task, title in (("dn", "Colour denoising"), ("car", "JPEG artifact removal")):
         print(f"### {title}\n\n{table(task, args.dir)}\n")
     return 0

@@ -140,6 +140,15 @@ def _license() -> str:
     return text.strip() or "see the irformer repository's licence"
 
 
+_DEGRADED_ON_THE_FLY = {
+    "sr": "LR (MATLAB bicubic)",
+    "dn": "noisy inputs",
+    "car": "JPEG inputs",
+    "dr": "rainy inputs",
+}
+"""What the training stream makes from each clean patch, per task."""
+
+
 def _eval_command(records: Sequence[Mapping[str, object]], weights: str, out_json: str) -> str:
     """The ``irformer eval`` command that wrote one file (all its levels)."""
     record = records[0]
@@ -265,7 +274,8 @@ def model_card(
             f"From `{cfg_src}`:",
             "",
             f"- data: {', '.join(f'`{d}`' for d in config.data.train)} "
-            f"({config.data.task}, LR made on the fly)",
+            f"({config.data.task}, {_DEGRADED_ON_THE_FLY.get(config.data.task, 'inputs')} made "
+            "on the fly)",
             f"- {config.train.iters:,} iterations x batch {config.data.batch_size} of "
             f"{config.data.patch_size}-px GT patches = "
             f"{config.train.iters * config.data.batch_size:,} patches",
