@@ -23,6 +23,7 @@ from typing import Any
 
 from irformer.cli.progress import ProgressBars
 from irformer.compress.methods import METHODS, method_names
+from irformer.compress.methods.base import QKV_INPUTS
 from irformer.compress.methods.compsrt import ABLATIONS
 from irformer.compress.prune import PRUNE_MODES
 from irformer.data.benchmarks import DEFAULT_DATA_ROOT, default_data_root
@@ -184,7 +185,7 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--qkv-inputs",
-        choices=("shared", "split"),
+        choices=QKV_INPUTS,
         default="shared",
         help="input quantisers of a fused qkv: one (shared) or one per q/k/v as "
         "2DQuant's and CompSRT's code (split)",

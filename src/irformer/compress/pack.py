@@ -174,6 +174,11 @@ class StorageReport:
         }
 
 
+def _mask_key(name: str, kind: str) -> str:
+    """The file key of a layer's keep-mask: dense (one bit per entry) or per row."""
+    return f"{name}.weight.row_mask" if kind == "rows" else f"{name}.weight.mask"
+
+
 def _excluded_keys(model: nn.Module) -> set[str]:
     """State keys replaced by packed data: quantised weights and their masks."""
     keys = set()
@@ -250,14 +255,10 @@ def save_packed(
             idx = wq.indices(ql.weight).to(torch.int64)
             if wq.mask is not None:
                 kept = idx[wq.mask]
-                if info.mask_kind == "rows":
-                    tensors[f"{name}.weight.row_mask"] = torch.from_numpy(
-                        pack_bits(wq.mask[:, 0].to(torch.uint8), 1)
-                    )
-                else:
-                    tensors[f"{name}.weight.mask"] = torch.from_numpy(
-                        pack_bits(wq.mask.to(torch.uint8), 1)
-                    )
+                bits = wq.mask[:, 0] if info.mask_kind == "rows" else wq.mask
+                tensors[_mask_key(name, info.mask_kind)] = torch.from_numpy(
+                    pack_bits(bits.to(torch.uint8), 1)
+                )
             else:
                 kept = idx
             tensors[f"{name}.weight.packed"] = torch.from_numpy(pack_bits(kept, wq.bits))
@@ -329,11 +330,12 @@ def _layer_indices(
     kept = torch.from_numpy(unpack_bits(packed, info["bits"], info["kept"]))
     if not info["pruned"]:
         return kept.reshape(out, n_in), None
-    if info.get("mask", "dense") == "rows":
-        rows = unpack_bits(tensors[f"{name}.weight.row_mask"].numpy(), 1, out)
+    kind = info.get("mask", "dense")
+    if kind == "rows":
+        rows = unpack_bits(tensors[_mask_key(name, kind)].numpy(), 1, out)
         mask = torch.from_numpy(rows.astype(bool))[:, None].expand(out, n_in).clone()
     else:
-        mask_bits = unpack_bits(tensors[f"{name}.weight.mask"].numpy(), 1, numel)
+        mask_bits = unpack_bits(tensors[_mask_key(name, kind)].numpy(), 1, numel)
         mask = torch.from_numpy(mask_bits.astype(bool)).reshape(out, n_in)
     idx = torch.zeros(out, n_in, dtype=torch.int64)
     idx[mask] = kept
@@ -369,7 +371,7 @@ def load_packed(path: str | Path, skeleton: nn.Module) -> nn.Module:
         idx, mask = _layer_indices(tensors, name, info)
         tensors.pop(f"{name}.weight.packed")
         if mask is not None:
-            tensors.pop(f"{name}.weight.{'row_mask' if info.get('mask') == 'rows' else 'mask'}")
+            tensors.pop(_mask_key(name, info.get("mask", "dense")))
             wq.mask = mask.to(qls[name].weight.device)
         indices[name] = idx
         wq.calibrated = True

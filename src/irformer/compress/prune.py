@@ -24,11 +24,13 @@ Three modes (:data:`PruneMode`):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from irformer.compress.hadamard import next_power_of_two
 
 __all__ = [
     "MAX_THRESHOLD_SAMPLE",
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 PruneMode = Literal["magnitude", "channel", "official"]
-PRUNE_MODES: tuple[str, ...] = ("magnitude", "channel", "official")
+PRUNE_MODES: tuple[str, ...] = get_args(PruneMode)
 
 MAX_THRESHOLD_SAMPLE = 1_000_000
 """Tensors larger than this get their threshold from a random sample (CompSRT)."""
@@ -118,7 +120,7 @@ def official_prune(
     if fraction == 0.0:
         return x
     rows = x.shape[0] // groups
-    padded_rows = 1 << (rows - 1).bit_length()
+    padded_rows = next_power_of_two(rows)
     out = []
     for block in x.reshape(groups, rows, -1):
         flat = F.pad(block, (0, 0, 0, padded_rows - rows)).reshape(-1)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from irformer.compress.fused import rotated_fake_quantize, use_fused
-from irformer.compress.hadamard import rotate, unrotate
+from irformer.compress.hadamard import next_power_of_two, rotate, unrotate
 from irformer.compress.prune import (
     PRUNE_MODES,
     PruneMode,
@@ -580,7 +580,7 @@ class WeightQuantizer(nn.Module):
         and the zero rows padding each block to a power of two."""
         groups = self.quantizer.groups
         rows = y.shape[0] // groups
-        padding = ((1 << (rows - 1).bit_length()) - rows) * y.shape[1]
+        padding = (next_power_of_two(rows) - rows) * y.shape[1]
         lowers, uppers = [], []
         for block in self._official_pruned(y).reshape(groups, -1):
             vals = torch.cat([block, block.new_zeros(padding)])

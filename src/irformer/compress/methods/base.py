@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,7 @@ from irformer.safe_load import torch_load_weights_only
 __all__ = [
     "ACT_ROLES",
     "ATTENTION_OPERANDS",
+    "QKV_INPUTS",
     "DistillCheckpoint",
     "DistillLog",
     "QkvInputs",
@@ -83,6 +84,7 @@ logger = logging.getLogger(__name__)
 QkvInputs = Literal["shared", "split"]
 """Input quantisers of a fused qkv Linear: one (``shared``, what an integer kernel
 runs) or one per q, k, v row block (``split``, 2DQuant's and CompSRT's code)."""
+QKV_INPUTS: tuple[str, ...] = get_args(QkvInputs)
 
 ATTENTION_OPERANDS: tuple[str, ...] = ("quant_q", "quant_k", "quant_attn", "quant_v")
 """:class:`QuantizedOperands`' quantisers: q, k, post-softmax map, v (before the two matmuls)."""
@@ -134,8 +136,10 @@ class QuantConfig:
             raise ValueError(
                 f"unknown prune_mode {self.prune_mode!r}; valid: {', '.join(PRUNE_MODES)}"
             )
-        if self.qkv_inputs not in ("shared", "split"):
-            raise ValueError(f"unknown qkv_inputs {self.qkv_inputs!r}; valid: shared, split")
+        if self.qkv_inputs not in QKV_INPUTS:
+            raise ValueError(
+                f"unknown qkv_inputs {self.qkv_inputs!r}; valid: {', '.join(QKV_INPUTS)}"
+            )
 
     def with_overrides(self, **kwargs: Any) -> QuantConfig:
         unknown = set(kwargs) - set(asdict(self))
