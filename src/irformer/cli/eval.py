@@ -249,26 +249,9 @@ def run(args: argparse.Namespace) -> int:
                 runs = [(baseline, prepared.baseline_name)] if with_baseline else []
                 for net, label in [*runs, (prepared.model, prepared.name)]:
                     key = _result_key(label, task, sigma, quality, precision, autocast)
-                    measured: list[Any] = []
 
-                    def save_partial(
-                        bench: Any, key: tuple = key, measured: list = measured
-                    ) -> None:
-                        measured.append(bench)
-                        sets = {b.benchmark: b for b in earlier.get(key, {}).values()}
-                        sets.update({b.benchmark: b for b in measured})
-                        partial = EvaluationResult(
-                            model=key[0],
-                            task=task,
-                            scale=scale if task == "sr" else 1,
-                            sigma=key[2],
-                            quality=key[3],
-                            precision=precision,
-                            autocast=autocast,
-                            device=str(args.device),
-                            benchmarks=tuple(sets.values()),
-                        )
-                        write_results_json([*results, partial], args.out_json, overwrite=True)
+                    def save_partial(so_far: EvaluationResult) -> None:
+                        write_results_json([*results, so_far], args.out_json, overwrite=True)
 
                     results.append(
                         evaluate(

@@ -19,6 +19,7 @@ a set in its table and exits with status 1.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -395,7 +396,7 @@ def evaluate(
     model_name: str | None = None,
     random_weights: bool = False,
     reuse: Mapping[str, BenchmarkResult] | None = None,
-    on_benchmark: Callable[[BenchmarkResult], None] | None = None,
+    on_benchmark: Callable[[EvaluationResult], None] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model`` on named ``benchmarks`` for ``task`` (``sr``/``dn``/``car``/``dr``).
 
@@ -408,7 +409,7 @@ def evaluate(
     (:mod:`irformer.engine.precision`); non-finite outputs are counted per image.
     ``reuse`` maps set names to results of an earlier, interrupted run of the same
     settings, which are taken instead of measured again; ``on_benchmark`` is called
-    with each newly measured set (e.g. to save partial results).
+    after each newly measured set with the result so far (e.g. to save it).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -438,7 +439,17 @@ def evaluate(
     if precision != "fp32":
         cast = RestoreOptions(precision=precision, sanitize=False, locate_nonfinite=False)
         net = PrecisionModel(net, cast)
-    results = []
+    so_far = EvaluationResult(
+        model=name,
+        task=task,
+        scale=eff_scale,
+        sigma=sigma if task == "dn" else None,
+        quality=quality if task == "car" else None,
+        precision=precision,
+        autocast=autocast,
+        device=str(dev),
+    )
+    results: list[BenchmarkResult] = []
     for bench in resolved:
         if reuse is not None and bench.name in reuse:
             logger.info("%s %s: taken from the earlier run", name, bench.name)
@@ -463,18 +474,8 @@ def evaluate(
         )
         results.append(res)
         if on_benchmark is not None:
-            on_benchmark(res)
-    return EvaluationResult(
-        model=name,
-        task=task,
-        scale=eff_scale,
-        sigma=sigma if task == "dn" else None,
-        quality=quality if task == "car" else None,
-        precision=precision,
-        autocast=autocast,
-        device=str(dev),
-        benchmarks=tuple(results),
-    )
+            on_benchmark(dataclasses.replace(so_far, benchmarks=tuple(results)))
+    return dataclasses.replace(so_far, benchmarks=tuple(results))
 
 
 CSV_COLUMNS: tuple[str, ...] = (
