@@ -11,8 +11,10 @@ import torch
 
 from irformer.archs import build_model, save_model_weights
 from irformer.cli import main
+from irformer.compress.methods import method_config
 from irformer.data.degradations import matlab_imresize
 from irformer.data.io import write_image
+from irformer.experiments.compression import row_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -227,6 +229,8 @@ def test_official_compatible_modes(
             "channel",
             "--qkv-inputs",
             "split",
+            "--dqc-loss",
+            "official",
             "--save-packed",
             "--out",
             str(out),
@@ -236,6 +240,10 @@ def test_official_compatible_modes(
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows[1]["method"] == "compsrt (channel pruning, split qkv inputs)"
     assert rows[1]["config"]["prune_mode"] == "channel" and rows[1]["packed_file_bytes"] > 0
+    # Without distillation the loss scaling changes nothing, so the name leaves it out.
+    assert rows[1]["config"]["dqc_loss"] == "official"
+    distilled = method_config("compsrt", wbits=2, abits=2, dqc_iters=5, dqc_loss="official")
+    assert row_method(distilled) == "compsrt (official DQC loss)"
     assert (
         "| compsrt (channel pruning, split qkv inputs) | 2/2 | 0.4 |"
         in (out / "quality.md").read_text()

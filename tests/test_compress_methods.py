@@ -171,6 +171,36 @@ def test_distillation_keeps_best_heldout_bounds(data) -> None:
     assert final == pytest.approx(best, rel=1e-5)
 
 
+def test_official_dqc_loss_divides_by_element_counts(data) -> None:
+    """``dqc_loss="official"``: the first step's L1 is the mean L1 over one sample's
+    output element count and the feature term shrinks by the feature element count,
+    so with Adam's eps the same lr moves the bounds less."""
+    calib, _ = data
+    model = tiny_swinir()
+    fixed = calib[:2]
+    cfg = method_config("dquant2d", wbits=3, abits=3, dqc_iters=3, dqc_lr=1e-2)
+    logs, moves = {}, {}
+    start = learnable_quantizer_parameters(
+        quantize_model(model, cfg.with_overrides(dqc_iters=0), calib).model
+    )
+    for loss in ("mean", "official"):
+        result = quantize_model(
+            model, cfg.with_overrides(dqc_loss=loss), calib, iter(lambda: fixed, None)
+        )
+        logs[loss] = result.distill
+        after = learnable_quantizer_parameters(result.model)
+        moves[loss] = sum(
+            float((a.detach() - b.detach()).abs().sum()) for a, b in zip(after, start, strict=True)
+        )
+    with torch.no_grad():
+        per_sample = model(fixed)[0].numel()
+    assert logs["official"].pixel[0] == pytest.approx(logs["mean"].pixel[0] / per_sample, rel=1e-5)
+    assert 0 < logs["official"].feature[0] < logs["mean"].feature[0] / 100
+    assert 0 < moves["official"] < moves["mean"]
+    with pytest.raises(ValueError, match="dqc_loss"):
+        QuantConfig(dqc_loss="sum")  # type: ignore[arg-type]
+
+
 def test_ptq4vit_uses_twin_uniform(data) -> None:
     calib, _ = data
     model = tiny_swinir()

@@ -212,6 +212,13 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dqc-lr", type=float, default=None, help="bound learning rate (1e-2)")
     p.add_argument(
+        "--dqc-loss",
+        choices=("mean", "official"),
+        default="mean",
+        help="DQC loss scaling: mean L1 + mean MSE (default), or the 2DQuant/CompSRT code's "
+        "division by element counts, under which Adam's eps damps small bound gradients",
+    )
+    p.add_argument(
         "--dqc-keep-activations",
         action="store_true",
         help="keep every activation for DQC's backward (faster; several times the memory: "
@@ -308,6 +315,7 @@ def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> Compression
         dqc_batch=args.dqc_batch,
         dqc_patch=args.dqc_patch,
         dqc_lr=args.dqc_lr,
+        dqc_loss=args.dqc_loss,
         dqc_recompute=not args.dqc_keep_activations,
         dqc_fused=args.dqc_kernel == "fused",
         val_every=args.val_every,

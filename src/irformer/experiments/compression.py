@@ -129,6 +129,9 @@ class CompressionSettings:
     dqc_patch: int | None = None
     """LR patch side of the DQC stream and the held-out batch (None: ``calib_patch``)."""
     dqc_lr: float | None = None
+    dqc_loss: str = "mean"
+    """DQC loss scaling (``QuantConfig.dqc_loss``): ``mean`` or the reference code's
+    ``official``."""
     dqc_recompute: bool = True
     """Checkpoint residual groups during DQC (memory; see ``distill_bounds``)."""
     dqc_fused: bool = True
@@ -258,6 +261,8 @@ def row_method(cfg: QuantConfig) -> str:
         parts.append(f"{cfg.prune_mode} pruning")
     if cfg.qkv_inputs != "shared":
         parts.append(f"{cfg.qkv_inputs} qkv inputs")
+    if cfg.dqc_iters and cfg.dqc_loss != "mean":
+        parts.append(f"{cfg.dqc_loss} DQC loss")
     return f"{cfg.method} ({', '.join(parts)})" if parts else cfg.method
 
 
@@ -274,6 +279,8 @@ def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
         over["dqc_iters"] = iters
     if settings.dqc_lr is not None:
         over["dqc_lr"] = settings.dqc_lr
+    if settings.dqc_loss != "mean":
+        over["dqc_loss"] = settings.dqc_loss
     if settings.rotation is not None and default.rotation is not None:
         over["rotation"] = settings.rotation
     if settings.rotation_skip and default.rotation is not None:

@@ -82,9 +82,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QkvInputs = Literal["shared", "split"]
+DqcLoss = Literal["mean", "official"]
 """Input quantisers of a fused qkv Linear: one (``shared``, what an integer kernel
 runs) or one per q, k, v row block (``split``, 2DQuant's and CompSRT's code)."""
 QKV_INPUTS: tuple[str, ...] = get_args(QkvInputs)
+DQC_LOSSES: tuple[str, ...] = get_args(DqcLoss)
 
 ATTENTION_OPERANDS: tuple[str, ...] = ("quant_q", "quant_k", "quant_attn", "quant_v")
 """:class:`QuantizedOperands`' quantisers: q, k, post-softmax map, v (before the two matmuls)."""
@@ -128,6 +130,12 @@ class QuantConfig:
     dqc_iters: int = 0
     dqc_lr: float = 1e-2
     dqc_betas: tuple[float, float] = (0.9, 0.99)
+    dqc_loss: DqcLoss = "mean"
+    """``mean``: mean L1 + mean MSE. ``official``: the 2DQuant/CompSRT code's scaling,
+    the mean L1 divided by one sample's output element count and the mean MSE by the
+    feature tensor's element count. Adam is scale-free except for its ``eps`` (1e-8):
+    the official scale puts most bound gradients near or below ``eps``, which damps
+    their steps, so the same lr moves the bounds less (see :func:`distill_bounds`)."""
     feature_weight: float = 5.0
     grad_clip: float = 1.0
 
@@ -136,6 +144,8 @@ class QuantConfig:
             raise ValueError(
                 f"unknown prune_mode {self.prune_mode!r}; valid: {', '.join(PRUNE_MODES)}"
             )
+        if self.dqc_loss not in DQC_LOSSES:
+            raise ValueError(f"unknown dqc_loss {self.dqc_loss!r}; valid: {', '.join(DQC_LOSSES)}")
         if self.qkv_inputs not in QKV_INPUTS:
             raise ValueError(
                 f"unknown qkv_inputs {self.qkv_inputs!r}; valid: {', '.join(QKV_INPUTS)}"
@@ -595,6 +605,9 @@ def distill_bounds(
     residual groups of MSE between per-sample-normalised features (2DQuant,
     ``loss_weight 5``). Adam, ``cfg.dqc_lr``/``dqc_betas``, gradients clipped
     to +-``grad_clip`` by value; stops on a non-finite loss (CompSRT 7.4).
+    ``cfg.dqc_loss="official"`` divides both terms by element counts as the
+    reference code does (see :class:`QuantConfig`); the logged losses are then
+    on that scale too.
     Note that with Frobenius-normalised features and mean reduction the
     feature term is orders of magnitude smaller than the L1 term, as in the
     reference code: the output loss drives the bounds.
@@ -638,6 +651,10 @@ def distill_bounds(
     fp_model.eval()
     qmodel.eval()
     opt = torch.optim.Adam(params, lr=cfg.dqc_lr, betas=cfg.dqc_betas)
+
+    def feature_scale(f: Tensor) -> int:
+        return f.numel() if cfg.dqc_loss == "official" else 1
+
     q_groups = [m for _, m in residual_groups(qmodel)]
     f_groups = [m for _, m in residual_groups(fp_model)]
     use_features = cfg.feature_weight > 0 and len(q_groups) == len(f_groups) > 0
@@ -720,11 +737,13 @@ def distill_bounds(
                 pixel = F.l1_loss(out_q, out_f)
                 feature = sum(
                     (
-                        F.mse_loss(_normalised(fq), _normalised(ff))
+                        F.mse_loss(_normalised(fq), _normalised(ff)) / feature_scale(fq)
                         for fq, ff in zip(feats_q, feats_f, strict=True)
                     ),
                     start=torch.zeros((), device=out_q.device),
                 )
+                if cfg.dqc_loss == "official":
+                    pixel = pixel / (out_q.numel() // out_q.shape[0])
                 loss = pixel + cfg.feature_weight * feature
                 if not torch.isfinite(loss):
                     log.stopped_early = f"non-finite loss at iteration {step}"
