@@ -213,6 +213,21 @@ def test_bad_arguments(setup: dict[str, Path], capsys: pytest.CaptureFixture[str
     assert "different numbers" in capsys.readouterr().err
 
 
+def test_per_width_dqc_lr(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """--dqc-lr W=LR sets each weight width's learning rate; unnamed widths keep 1e-2."""
+    base = ["compress", "run", "--model", str(setup["ckpt"]), "--calib", str(setup["calib"])]
+    base += ["--data-root", str(setup["data"]), "--bench", "Set5", "--device", "cpu"]
+    base += ["--calib-batch", "2", "--patch", "16", "--dqc-iters", "0", "--dqc-batch", "2"]
+    base += ["--latency-repeats", "0", "--method", "2dquant", "--wbits", "3,2"]
+    out = setup["root"] / "lr"
+    assert main([*base, "--dqc-lr", "3=3e-3", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    lrs = {r["wbits"]: r["config"]["dqc_lr"] for r in rows if r["method"] != "fp32"}
+    assert lrs == {3: 3e-3, 2: 1e-2}
+    assert main([*base, "--dqc-lr", "3:1e-3", "--out", str(out / "bad")]) == 2
+    assert "--dqc-lr '3:1e-3': expected a number or W=LR pairs" in capsys.readouterr().err
+
+
 def test_official_compatible_modes(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

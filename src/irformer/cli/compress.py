@@ -210,7 +210,12 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
         help="activation quantisers during DQC: the fused CPU kernel (default; several times "
         "faster, same values up to float rounding) or PyTorch ops",
     )
-    p.add_argument("--dqc-lr", type=float, default=None, help="bound learning rate (1e-2)")
+    p.add_argument(
+        "--dqc-lr",
+        default=None,
+        help="DQC learning rate (default 1e-2): one value, or one per weight width as "
+        "W=LR pairs, e.g. 4=1e-3,3=1e-3,2=1e-2 (widths not named keep 1e-2)",
+    )
     p.add_argument(
         "--dqc-loss",
         choices=("mean", "official"),
@@ -297,6 +302,25 @@ def _dqc_iters(text: str | None) -> tuple[int | None, tuple[int, ...]]:
     return max(counts), tuple(sorted(set(counts)))
 
 
+def _dqc_lr(text: str | None) -> float | dict[int, float] | None:
+    """``--dqc-lr``: one learning rate, or ``W=LR`` pairs keyed by weight bits."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            lrs: float | dict[int, float] = float(text)
+        else:
+            lrs = {int(w): float(lr) for w, lr in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise ValueError(
+            f"--dqc-lr {text!r}: expected a number or W=LR pairs such as 4=1e-3,2=1e-2"
+        ) from None
+    values = lrs.values() if isinstance(lrs, dict) else [lrs]
+    if any(not lr > 0 for lr in values):
+        raise ValueError(f"--dqc-lr {text!r}: learning rates must be > 0")
+    return lrs
+
+
 def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> CompressionSettings:
     """The parsed :func:`_add_quantization_args`; ``extra``: further settings (``run``'s)."""
     iters, checkpoints = _dqc_iters(args.dqc_iters)
@@ -314,7 +338,7 @@ def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> Compression
         dqc_checkpoints=checkpoints,
         dqc_batch=args.dqc_batch,
         dqc_patch=args.dqc_patch,
-        dqc_lr=args.dqc_lr,
+        dqc_lr=_dqc_lr(args.dqc_lr),
         dqc_loss=args.dqc_loss,
         dqc_recompute=not args.dqc_keep_activations,
         dqc_fused=args.dqc_kernel == "fused",

@@ -128,7 +128,9 @@ class CompressionSettings:
     dqc_batch: int = 16
     dqc_patch: int | None = None
     """LR patch side of the DQC stream and the held-out batch (None: ``calib_patch``)."""
-    dqc_lr: float | None = None
+    dqc_lr: float | dict[int, float] | None = None
+    """DQC learning rate: one value, or one per weight width (``{4: 1e-3, 2: 1e-2}``;
+    a width not named keeps the method's default). None: the default (1e-2)."""
     dqc_loss: str = "mean"
     """DQC loss scaling (``QuantConfig.dqc_loss``): ``mean`` or the reference code's
     ``official``."""
@@ -266,7 +268,7 @@ def row_method(cfg: QuantConfig) -> str:
     return f"{cfg.method} ({', '.join(parts)})" if parts else cfg.method
 
 
-def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
+def _overrides(settings: CompressionSettings, method: str, wbits: int) -> dict[str, Any]:
     over: dict[str, Any] = {}
     if settings.prune:
         over["prune"] = settings.prune
@@ -277,8 +279,11 @@ def _overrides(settings: CompressionSettings, method: str) -> dict[str, Any]:
     iters = max(settings.dqc_checkpoints) if settings.dqc_checkpoints else settings.dqc_iters
     if iters is not None and default.dqc_iters:  # the methods that distil (2DQuant, CompSRT)
         over["dqc_iters"] = iters
-    if settings.dqc_lr is not None:
-        over["dqc_lr"] = settings.dqc_lr
+    lr = settings.dqc_lr
+    if isinstance(lr, dict):
+        lr = lr.get(wbits)
+    if lr is not None:
+        over["dqc_lr"] = lr
     if settings.dqc_loss != "mean":
         over["dqc_loss"] = settings.dqc_loss
     if settings.rotation is not None and default.rotation is not None:
@@ -326,7 +331,7 @@ def quantize_with_settings(
     overrides, calibrated on ``calib`` and (2DQuant/CompSRT) distilled on a patch
     stream from the settings' folder (``on_checkpoint`` at the settings' DQC
     checkpoints; resumable from ``state_path``)."""
-    cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method))
+    cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method, wbits))
     stream = patch_stream(
         settings.calib_dir,
         scale=settings.scale,
@@ -416,7 +421,9 @@ def run_compression(
     held_out: Tensor | None = None
     for method in settings.methods:
         for wbits, abits in settings.bits:
-            cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method))
+            cfg = method_config(
+                method, wbits=wbits, abits=abits, **_overrides(settings, method, wbits)
+            )
             marks = sorted(set(settings.dqc_checkpoints)) if cfg.dqc_iters else []
             name = row_method(cfg)
             final: RowKey = (
