@@ -218,12 +218,21 @@ def test_per_width_dqc_lr(setup: dict[str, Path], capsys: pytest.CaptureFixture[
     base = ["compress", "run", "--model", str(setup["ckpt"]), "--calib", str(setup["calib"])]
     base += ["--data-root", str(setup["data"]), "--bench", "Set5", "--device", "cpu"]
     base += ["--calib-batch", "2", "--patch", "16", "--dqc-iters", "0", "--dqc-batch", "2"]
-    base += ["--latency-repeats", "0", "--method", "2dquant", "--wbits", "3,2"]
+    base += ["--latency-repeats", "0", "--method", "2dquant,compsrt", "--wbits", "3,2"]
     out = setup["root"] / "lr"
-    assert main([*base, "--dqc-lr", "3=3e-3", "--out", str(out)]) == 0
+    assert main([*base, "--dqc-lr", "3=3e-3", "--dqc-scalar-lr", "1e-3", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    lrs = {r["wbits"]: r["config"]["dqc_lr"] for r in rows if r["method"] != "fp32"}
-    assert lrs == {3: 3e-3, 2: 1e-2}
+    lrs = {
+        (r["method"], r["wbits"]): (r["config"]["dqc_lr"], r["config"]["dqc_scalar_lr"])
+        for r in rows
+        if r["method"] != "fp32"
+    }
+    assert lrs == {
+        ("dquant2d", 3): (3e-3, None),
+        ("dquant2d", 2): (1e-2, None),
+        ("compsrt", 3): (3e-3, 1e-3),
+        ("compsrt", 2): (1e-2, 1e-3),
+    }
     assert main([*base, "--dqc-lr", "3:1e-3", "--out", str(out / "bad")]) == 2
     assert "--dqc-lr '3:1e-3': expected a number or W=LR pairs" in capsys.readouterr().err
 

@@ -171,6 +171,20 @@ def test_distillation_keeps_best_heldout_bounds(data) -> None:
     assert final == pytest.approx(best, rel=1e-5)
 
 
+def test_scalar_lr_is_separate_from_the_bound_lr(data) -> None:
+    """``dqc_scalar_lr=0`` freezes CompSRT's alpha/beta at 0 while its bounds train."""
+    calib, _ = data
+    model = tiny_swinir()
+    cfg = method_config("compsrt", wbits=3, abits=3, dqc_iters=3, dqc_scalar_lr=0.0)
+    start = quantize_model(model, cfg.with_overrides(dqc_iters=0), calib).model
+    result = quantize_model(model, cfg, calib, batches(4)).model
+    scalars = learnable_quantizer_parameters(result, bounds=False)
+    assert scalars and all(float(p.abs().max()) == 0 for p in scalars)
+    bounds = [m.quantizer.lower for m in result.modules() if hasattr(m, "quantizer")]
+    before = [m.quantizer.lower for m in start.modules() if hasattr(m, "quantizer")]
+    assert any(not torch.equal(a, b) for a, b in zip(bounds, before, strict=True))
+
+
 def test_official_dqc_loss_divides_by_element_counts(data) -> None:
     """``dqc_loss="official"``: the first step's L1 is the mean L1 over one sample's
     output element count and the feature term shrinks by the feature element count,

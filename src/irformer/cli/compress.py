@@ -217,6 +217,12 @@ def _add_quantization_args(p: argparse.ArgumentParser) -> None:
         "W=LR pairs, e.g. 4=1e-3,3=1e-3,2=1e-2 (widths not named keep 1e-2)",
     )
     p.add_argument(
+        "--dqc-scalar-lr",
+        default=None,
+        help="learning rate of CompSRT's alpha/beta, like --dqc-lr (default: --dqc-lr, one "
+        "Adam group as the reference code)",
+    )
+    p.add_argument(
         "--dqc-loss",
         choices=("mean", "official"),
         default="mean",
@@ -302,7 +308,7 @@ def _dqc_iters(text: str | None) -> tuple[int | None, tuple[int, ...]]:
     return max(counts), tuple(sorted(set(counts)))
 
 
-def _dqc_lr(text: str | None) -> float | dict[int, float] | None:
+def _dqc_lr(text: str | None, flag: str = "--dqc-lr") -> float | dict[int, float] | None:
     """``--dqc-lr``: one learning rate, or ``W=LR`` pairs keyed by weight bits."""
     if text is None:
         return None
@@ -313,11 +319,11 @@ def _dqc_lr(text: str | None) -> float | dict[int, float] | None:
             lrs = {int(w): float(lr) for w, lr in (part.split("=") for part in text.split(","))}
     except ValueError:
         raise ValueError(
-            f"--dqc-lr {text!r}: expected a number or W=LR pairs such as 4=1e-3,2=1e-2"
+            f"{flag} {text!r}: expected a number or W=LR pairs such as 4=1e-3,2=1e-2"
         ) from None
     values = lrs.values() if isinstance(lrs, dict) else [lrs]
     if any(not lr > 0 for lr in values):
-        raise ValueError(f"--dqc-lr {text!r}: learning rates must be > 0")
+        raise ValueError(f"{flag} {text!r}: learning rates must be > 0")
     return lrs
 
 
@@ -339,6 +345,7 @@ def _settings(args: argparse.Namespace, scale: int, **extra: Any) -> Compression
         dqc_batch=args.dqc_batch,
         dqc_patch=args.dqc_patch,
         dqc_lr=_dqc_lr(args.dqc_lr),
+        dqc_scalar_lr=_dqc_lr(args.dqc_scalar_lr, "--dqc-scalar-lr"),
         dqc_loss=args.dqc_loss,
         dqc_recompute=not args.dqc_keep_activations,
         dqc_fused=args.dqc_kernel == "fused",

@@ -131,6 +131,8 @@ class CompressionSettings:
     dqc_lr: float | dict[int, float] | None = None
     """DQC learning rate: one value, or one per weight width (``{4: 1e-3, 2: 1e-2}``;
     a width not named keeps the method's default). None: the default (1e-2)."""
+    dqc_scalar_lr: float | dict[int, float] | None = None
+    """CompSRT's alpha/beta learning rate, like ``dqc_lr`` (None: ``dqc_lr``)."""
     dqc_loss: str = "mean"
     """DQC loss scaling (``QuantConfig.dqc_loss``): ``mean`` or the reference code's
     ``official``."""
@@ -279,11 +281,12 @@ def _overrides(settings: CompressionSettings, method: str, wbits: int) -> dict[s
     iters = max(settings.dqc_checkpoints) if settings.dqc_checkpoints else settings.dqc_iters
     if iters is not None and default.dqc_iters:  # the methods that distil (2DQuant, CompSRT)
         over["dqc_iters"] = iters
-    lr = settings.dqc_lr
-    if isinstance(lr, dict):
-        lr = lr.get(wbits)
-    if lr is not None:
-        over["dqc_lr"] = lr
+    for key in ("dqc_lr", "dqc_scalar_lr"):
+        lr = getattr(settings, key)
+        if isinstance(lr, dict):  # one per weight width
+            lr = lr.get(wbits)
+        if lr is not None and (key == "dqc_lr" or default.scalar_decomposition):
+            over[key] = lr
     if settings.dqc_loss != "mean":
         over["dqc_loss"] = settings.dqc_loss
     if settings.rotation is not None and default.rotation is not None:

@@ -129,6 +129,9 @@ class QuantConfig:
     noise_seed: int = 0
     dqc_iters: int = 0
     dqc_lr: float = 1e-2
+    dqc_scalar_lr: float | None = None
+    """Learning rate of CompSRT's alpha/beta (None: ``dqc_lr``, as the reference code,
+    which puts bounds and scalars in one Adam group)."""
     dqc_betas: tuple[float, float] = (0.9, 0.99)
     dqc_loss: DqcLoss = "mean"
     """``mean``: mean L1 + mean MSE. ``official``: the 2DQuant/CompSRT code's scaling,
@@ -603,7 +606,8 @@ def distill_bounds(
 
     Loss = L1(quantised output, FP output) + ``feature_weight`` x sum over
     residual groups of MSE between per-sample-normalised features (2DQuant,
-    ``loss_weight 5``). Adam, ``cfg.dqc_lr``/``dqc_betas``, gradients clipped
+    ``loss_weight 5``). Adam, ``cfg.dqc_lr`` (``dqc_scalar_lr`` for alpha/beta
+    where set)/``dqc_betas``, gradients clipped
     to +-``grad_clip`` by value; stops on a non-finite loss (CompSRT 7.4).
     ``cfg.dqc_loss="official"`` divides both terms by element counts as the
     reference code does (see :class:`QuantConfig`); the logged losses are then
@@ -650,7 +654,15 @@ def distill_bounds(
         p.requires_grad_(True)
     fp_model.eval()
     qmodel.eval()
-    opt = torch.optim.Adam(params, lr=cfg.dqc_lr, betas=cfg.dqc_betas)
+    scalars = {id(p) for p in learnable_quantizer_parameters(qmodel, bounds=False)}
+    groups = [
+        {"params": [p for p in params if id(p) not in scalars], "lr": cfg.dqc_lr},
+        {
+            "params": [p for p in params if id(p) in scalars],
+            "lr": cfg.dqc_lr if cfg.dqc_scalar_lr is None else cfg.dqc_scalar_lr,
+        },
+    ]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], betas=cfg.dqc_betas)
 
     def feature_scale(f: Tensor) -> int:
         return f.numel() if cfg.dqc_loss == "official" else 1
