@@ -21,6 +21,7 @@
 #        STAGES="$(echo sweep_w{3,4}_p{1..7})" OUT=/work/scratch/sweep17 benchmarks/compress_variants.sh
 # Environment (defaults in brackets):
 #   OUT [/work/scratch/modes17]  ITERS [200]  BATCH [2]  PATCH [32]  NORM [ln]
+#   LR [1e-2], SCALAR_LR [LR]: `--dqc-lr` and CompSRT's `--dqc-scalar-lr` (a value or W=LR pairs)
 #   STAGES ["base split_qkv prune prune_official channel_w2 channel_w3 channel_w4"]
 #   DATA, PY: see compress_stages.sh
 set -euo pipefail
@@ -31,8 +32,10 @@ ITERS="${ITERS:-200}"
 BATCH="${BATCH:-2}"
 PATCH="${PATCH:-32}"
 NORM="${NORM:-ln}"
+LR="${LR:-1e-2}"
+SCALAR_LR="${SCALAR_LR:-$LR}"
 STAGES="${STAGES:-base split_qkv prune prune_official channel_w2 channel_w3 channel_w4}"
-CAPTION="Protocol: SwinIR-light x4 ${NORM} reference checkpoint; CompSRT, DQC ${ITERS} iterations x batch ${BATCH} of ${PATCH} px LR patches (lr 1e-2, held-out selection every 50 it); 32 calibration patches (64 px) from BSD200; Set5 + Set14 (full); CPU, 1 thread. Each row changes one setting against the default (W2A2, no pruning, one qkv input quantiser)."
+CAPTION="Protocol: SwinIR-light x4 ${NORM} reference checkpoint; CompSRT, DQC ${ITERS} iterations x batch ${BATCH} of ${PATCH} px LR patches (lr ${LR}, alpha/beta lr ${SCALAR_LR}; W=LR pairs are per weight width; held-out selection every 50 it); 32 calibration patches (64 px) from BSD200; Set5 + Set14 (full); CPU, 1 thread. Each row changes one setting against the default (W2A2, no pruning, one qkv input quantiser)."
 
 stage_args() {
     local bits=2 lat=0 extra=()  # latency only where storage differs: 3 runs, 128 px
@@ -51,6 +54,7 @@ stage_args() {
     ARGS=(--model "src/irformer/weights/swinir_light_x4_${NORM}.safetensors"
           --method compsrt --wbits "$bits" "${extra[@]}"
           --dqc-iters "$ITERS" --dqc-batch "$BATCH" --dqc-patch "$PATCH" --val-every 50
+          --dqc-lr "$LR" --dqc-scalar-lr "$SCALAR_LR"
           --dqc-keep-activations --latency-repeats "$lat")
 }
 

@@ -18,7 +18,8 @@
 #            > /work/scratch/x4tables17/log.txt 2>&1 &
 # Environment (defaults in brackets):
 #   OUT [/work/scratch/x4tables17]  ITERS [200]  BATCH [2]  PATCH [32]
-#   LR [1e-2]: `--dqc-lr`, one value or W=LR pairs per weight width (e.g. 4=1e-3,3=1e-3,2=1e-2)
+#   LR [1e-2], SCALAR_LR [LR]: `--dqc-lr` and CompSRT's `--dqc-scalar-lr` (alpha/beta), one
+#   value or W=LR pairs per weight width (e.g. 4=1e-3,3=1e-3,2=1e-2)
 #   STAGES ["ablation_ln ablation_iln table_ln table_iln"]   DATA, PY: see compress_stages.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/compress_stages.sh"
@@ -28,8 +29,9 @@ ITERS="${ITERS:-200}"
 BATCH="${BATCH:-2}"
 PATCH="${PATCH:-32}"
 LR="${LR:-1e-2}"
+SCALAR_LR="${SCALAR_LR:-$LR}"
 STAGES="${STAGES:-ablation_ln ablation_iln table_ln table_iln}"
-CAPTION="Protocol: SwinIR-light x4 reference checkpoints; DQC ${ITERS} iterations x batch ${BATCH} of ${PATCH} px LR patches for the distilling methods (lr ${LR}; W=LR pairs are per weight width; held-out selection every 50 it; the paper: 4,000 x 16); 32 calibration patches (64 px) from BSD200; CPU, 1 thread."
+CAPTION="Protocol: SwinIR-light x4 reference checkpoints; DQC ${ITERS} iterations x batch ${BATCH} of ${PATCH} px LR patches for the distilling methods (lr ${LR}, alpha/beta lr ${SCALAR_LR}; W=LR pairs are per weight width; held-out selection every 50 it; the paper: 4,000 x 16); 32 calibration patches (64 px) from BSD200; CPU, 1 thread."
 
 stage_args() {
     local norm="${1#*_}" methods bits
@@ -47,6 +49,7 @@ stage_args() {
     ARGS=(--model "src/irformer/weights/swinir_light_x4_${norm}.safetensors"
           --method "$methods" --wbits "$bits"
           --dqc-iters "$ITERS" --dqc-batch "$BATCH" --dqc-patch "$PATCH" --dqc-lr "$LR" --val-every 50
+          --dqc-scalar-lr "$SCALAR_LR"
           --dqc-keep-activations --latency-repeats 0)
 }
 
