@@ -172,10 +172,15 @@ def test_report_merges_parallel_runs(
     assert "also in" in capsys.readouterr().err
     other = setup["root"] / "part_dquant"
     args = [*base, "--model", str(setup["ckpt"]), "--out", str(other), "--method", "dquant2d"]
-    assert main([*args, "--dqc-iters", "0"]) == 0
+    assert main([*args, "--dqc-iters", "0", "--latency-repeats", "0"]) == 0
     assert main(["compress", "report", str(runs[0]), str(other), "--out", str(merged)]) == 0
     rows = [json.loads(line) for line in (merged / "rows.jsonl").read_text().splitlines()]
     assert [r["method"] for r in rows] == ["fp32", "minmax", "dquant2d"]
+    # The shared FP row keeps a latency whichever run timed it comes first.
+    assert main(["compress", "report", str(other), str(runs[0]), "--out", str(merged)]) == 0
+    rows = [json.loads(line) for line in (merged / "rows.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["fp32", "dquant2d", "minmax"]
+    assert rows[0]["latency_ms"] > 0
     assert main(["compress", "report", str(setup["root"]), "--out", str(merged)]) != 0
     assert "rows.jsonl does not exist" in capsys.readouterr().err
 

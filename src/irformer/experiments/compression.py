@@ -1041,10 +1041,14 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path, *, caption: str = "") ->
     rows: list[CompressionRow] = []
     seen: dict[RowKey, Path] = {}
     fp_scores: dict[str, dict[str, tuple[float, float]]] = {}
+    fp_index: dict[str, int] = {}
     for run_dir in run_dirs:
         for row in read_rows(run_dir):
             key = row.key()
             if row.method == "fp32" and fp_scores.get(row.model) == row.scores:
+                kept = rows[fp_index[row.model]]
+                if math.isnan(kept.latency_ms) and not math.isnan(row.latency_ms):
+                    rows[fp_index[row.model]] = row  # the same model, timed in this run
                 continue
             if key in seen:
                 raise ValueError(
@@ -1054,6 +1058,7 @@ def merge_runs(run_dirs: Sequence[Path], out_dir: Path, *, caption: str = "") ->
             seen[key] = run_dir
             if row.method == "fp32":
                 fp_scores[row.model] = row.scores
+                fp_index[row.model] = len(rows)
             rows.append(row)
     benchmarks = list(dict.fromkeys(b for r in rows for b in r.scores))
     out_dir.mkdir(parents=True, exist_ok=True)
