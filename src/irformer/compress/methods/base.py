@@ -82,10 +82,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QkvInputs = Literal["shared", "split"]
-DqcLoss = Literal["mean", "official"]
 """Input quantisers of a fused qkv Linear: one (``shared``, what an integer kernel
 runs) or one per q, k, v row block (``split``, 2DQuant's and CompSRT's code)."""
 QKV_INPUTS: tuple[str, ...] = get_args(QkvInputs)
+DqcLoss = Literal["mean", "official"]
+"""DQC loss scaling: irformer's means, or the reference code's (see ``QuantConfig.dqc_loss``)."""
 DQC_LOSSES: tuple[str, ...] = get_args(DqcLoss)
 
 ATTENTION_OPERANDS: tuple[str, ...] = ("quant_q", "quant_k", "quant_attn", "quant_v")
