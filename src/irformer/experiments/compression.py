@@ -35,6 +35,7 @@ from irformer.compress.fused import fused_fake_quant
 from irformer.compress.methods import QuantResult, method_config, quantize_model
 from irformer.compress.methods.base import (
     DistillCheckpoint,
+    DqcLoss,
     QkvInputs,
     QuantConfig,
     quantizer_drift,
@@ -133,7 +134,7 @@ class CompressionSettings:
     a width not named keeps the method's default). None: the default (1e-2)."""
     dqc_scalar_lr: float | dict[int, float] | None = None
     """CompSRT's alpha/beta learning rate, like ``dqc_lr`` (None: ``dqc_lr``)."""
-    dqc_loss: str = "mean"
+    dqc_loss: DqcLoss = "mean"
     """DQC loss scaling (``QuantConfig.dqc_loss``): ``mean`` or the reference code's
     ``official``."""
     dqc_recompute: bool = True
