@@ -309,7 +309,8 @@ def test_budget_curve_from_one_run_and_resume(
 ) -> None:
     """``--dqc-iters 0,2,4`` runs 4 iterations once, scoring at 0, 2 and 4 (budget.md
     with drift); a run killed after some rows resumes with ``--resume`` and measures
-    only what is missing, with the same numbers as an uninterrupted run."""
+    only what is missing, with the same numbers as an uninterrupted run, and refuses to
+    resume under other settings."""
     base = ["compress", "run", "--model", str(setup["ckpt"]), "--method", "2dquant,compsrt"]
     base += ["--wbits", "3", "--calib", str(setup["calib"]), "--calib-batch", "2"]
     base += ["--patch", "16", "--dqc-patch", "8", "--dqc-batch", "2", "--val-every", "2"]
@@ -357,6 +358,15 @@ def test_budget_curve_from_one_run_and_resume(
         json.dumps(r["scores"]) for r in rows
     )
     assert (part / "dqc_state").is_dir()
+    # Resuming under another learning rate would mix two protocols in one folder: refused,
+    # naming the row and the setting, and the folder is left as it was.
+    before = (part / "rows.jsonl").read_text()
+    lr = base.index("--dqc-lr") + 1
+    other = [*base[:lr], "0.01", *base[lr + 1 :]]
+    assert main([*other, "--out", str(part), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "dquant2d W3A3 row was measured with other settings (dqc_lr 0.05 -> 0.01)" in err
+    assert (part / "rows.jsonl").read_text() == before
 
 
 def test_paper_benchmarks_and_significance(

@@ -457,6 +457,7 @@ def run_compression(
                 score,
                 done,
                 emit,
+                cfg.to_dict(),
             )
             start = time.perf_counter()
             result = quantize_with_settings(
@@ -519,10 +520,12 @@ class _BudgetCurve:
         score: Evaluator,
         done: Collection[RowKey],
         emit: Callable[[CompressionRow], None],
+        config: dict[str, Any],
     ) -> None:
         self.label, self.method, self.wbits, self.abits, self.prune = what
         self.final_mark = final_mark
         self.score, self.done, self.emit = score, done, emit
+        self.config = config
         self.model: nn.Module | None = None
         self.snapshot: dict[str, dict[str, Tensor]] = {}
         self.scoring_seconds = 0.0
@@ -559,6 +562,7 @@ class _BudgetCurve:
             dqc_kept=kept,
             dqc_val_loss=val,
             drift=quantizer_drift(self.model, self.snapshot),
+            config=self.config,
         )
         self.scoring_seconds += time.perf_counter() - start
         logger.info(
@@ -912,6 +916,38 @@ def _rows_jsonl(rows: Sequence[CompressionRow]) -> str:
     return "".join(json.dumps(asdict(r), default=str) + "\n" for r in rows)
 
 
+def check_resumed_configs(
+    rows: Sequence[CompressionRow], settings: CompressionSettings, rows_file: Path
+) -> None:
+    """Refuse to resume a folder whose rows were measured under other settings.
+
+    Rows are keyed by model, method, widths and pruning, not by every setting, so
+    without this a resume with another learning rate or budget would keep the old
+    rows beside new ones under one caption. Settings a row does not record (rows
+    written before the setting existed) are not compared.
+    """
+    for method in settings.methods:
+        for wbits, abits in settings.bits:
+            cfg = method_config(
+                method, wbits=wbits, abits=abits, **_overrides(settings, method, wbits)
+            )
+            name = row_method(cfg)
+            wanted = json.loads(json.dumps(cfg.to_dict(), default=str))
+            for row in rows:
+                if (row.method, row.wbits, row.abits, row.prune) != (name, wbits, abits, cfg.prune):
+                    continue
+                differ = sorted(
+                    k for k in wanted.keys() & row.config.keys() if wanted[k] != row.config[k]
+                )
+                if differ:
+                    changes = ", ".join(f"{k} {row.config[k]!r} -> {wanted[k]!r}" for k in differ)
+                    raise ValueError(
+                        f"{rows_file}: the {row.model} {name} W{wbits}A{abits} row was measured "
+                        f"with other settings ({changes}); resume with the settings that wrote "
+                        "the folder, or write to a new --out"
+                    )
+
+
 def _rows_per_config(settings: CompressionSettings, method: str) -> int:
     """Rows one (method, bits) gives: one per budget checkpoint for a distilling method."""
     if settings.dqc_checkpoints and method_config(method, wbits=4, abits=4).dqc_iters:
@@ -956,6 +992,7 @@ def run_experiment(
     rows: list[CompressionRow] = []
     if settings.resume and rows_file.is_file():
         rows = read_rows(out_dir, drop_truncated_last=True)
+        check_resumed_configs(rows, settings, rows_file)
         atomic_write(rows_file, _rows_jsonl(rows))
         logger.info("resuming %s: %d rows already measured", out_dir, len(rows))
     else:
