@@ -92,11 +92,13 @@ def table(task: str, folder: Path) -> str:
             if record is None:
                 continue
             means = _means(record)
-            cells = [cell(*means[s], 3 if dn else 2) for s in sets]
+            cells = [cell(*means[s], 3 if dn else 2) if s in means else "-" for s in sets]
             lines.append(f"| {shown} | {label} | " + " | ".join(cells) + " |")
         ln, iln = _means(by_norm["ln"][level]), _means(by_norm["iln"][level])
         gaps = [
             f"**{gap(ln[s][0], iln[s][0], 3 if dn else 2)}** / {gap(ln[s][1], iln[s][1], 4)}"
+            if s in ln and s in iln
+            else "-"  # a record still being written: this set is not scored yet
             for s in sets
         ]
         lines.append(f"| {shown} | `iln` - `ln` (ours) | " + " | ".join(gaps) + " |")
