@@ -118,8 +118,17 @@ def test_run_writes_tables(setup: dict[str, Path], capsys: pytest.CaptureFixture
         assert r["megabytes"] < rows[0]["megabytes"]
     quality = (out / "quality.md").read_text()
     assert "| compsrt | 4/4 | 0.4 |" in quality and "Set5 PSNR" in quality
-    assert "bits/param" in (out / "complexity.md").read_text()
-    assert len(list((out / "packed" / "tiny_ln").glob("*.safetensors"))) == 4
+    complexity = (out / "complexity.md").read_text()
+    assert "bits/param" in complexity and "| packed file MB |" in complexity
+    files = sorted((out / "packed" / "tiny_ln").glob("*.safetensors"))
+    assert len(files) == 4
+    # The packed column is each file's size on disk (the FP/int8 rows have none).
+    assert sorted(r["packed_file_bytes"] for r in rows[2:]) == sorted(
+        f.stat().st_size for f in files
+    )
+    w4 = next(line for line in complexity.splitlines() if "| compsrt | 4/4 |" in line)
+    assert f"| {rows[5]['packed_file_bytes'] / 1e6:.4f} |" in w4
+    assert "| fp32 | 32/32 | 0 |" in complexity and "| 32.00 | - |" in complexity
     assert "compsrt W4A4" in capsys.readouterr().out
     assert {r["model"] for r in rows} == {"tiny (ln)"}
 

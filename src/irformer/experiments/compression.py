@@ -42,7 +42,7 @@ from irformer.compress.methods.base import (
     quantizer_snapshot,
 )
 from irformer.compress.pack import load_packed, save_packed, storage_report
-from irformer.compress.prune import PruneMode
+from irformer.compress.prune import PruneMode, megabytes
 from irformer.compress.sensitivity import (
     level_usage,
     quantizer_groups,
@@ -700,16 +700,26 @@ def drop_table(rows: Sequence[CompressionRow], benchmarks: Sequence[str]) -> str
 
 
 def complexity_table(rows: Sequence[CompressionRow], device: str) -> str:
-    """Markdown: size, bits per quantised weight and measured latency (Table 4)."""
+    """Markdown: size, bits per quantised weight and measured latency (Table 4).
+
+    MB is the storage model's count; where a run saved packed files (``--save-packed``)
+    a column gives each file's size on disk, which adds the file format's headers."""
+    packed = any(r.packed_file_bytes is not None for r in rows)
     lines = [
         "| Model | Method | W/A | Prune | MB | bits/param (stored) | bits/param (nominal) "
-        f"| latency ms ({device}) |",
-        "|---|---|---|---|---|---|---|---|",
+        + ("| packed file MB " if packed else "")
+        + f"| latency ms ({device}) |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if packed else ""),
     ]
     for r in rows:
+        on_disk = ""
+        if packed:
+            size = r.packed_file_bytes
+            on_disk = f"{megabytes(size):.4f} | " if size is not None else "- | "
         lines.append(
             f"| {r.model} | {r.method} | {_bits(r)} | {r.prune:g} | {r.megabytes:.4f} | "
-            f"{r.bits_per_param:.3f} | {r.nominal_bits_per_param:.2f} | {r.latency_ms:.2f} |"
+            f"{r.bits_per_param:.3f} | {r.nominal_bits_per_param:.2f} | {on_disk}"
+            f"{r.latency_ms:.2f} |"
         )
     if any(r.method == "int8_dynamic" for r in rows):
         lines.append("")
