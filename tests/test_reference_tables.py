@@ -48,5 +48,5 @@ def test_a_partly_written_record_shows_dashes(tmp_path: Path) -> None:
     gap = next(line for line in text.splitlines() if line.startswith(f"| {level} | `iln` - `ln`"))
     sets = [b["benchmark"] for b in own[0]["benchmarks"]]
     assert gap.split(" | ")[2 + sets.index(dropped)].strip(" |") == "-"
-    with pytest.raises(FileNotFoundError, match="eval_swinir_1_car_ln.json"):  # no records
+    with pytest.raises(FileNotFoundError, match=r"eval_swinir_1_car_ln\.json"):  # no records
         tables.table("car", tmp_path)
