@@ -297,6 +297,14 @@ def _overrides(settings: CompressionSettings, method: str, wbits: int) -> dict[s
     return over
 
 
+def settings_config(
+    settings: CompressionSettings, method: str, wbits: int, abits: int
+) -> QuantConfig:
+    """The method's defaults at these widths with the settings' overrides: what one
+    row of a run measures (and what a resumed row must have been measured with)."""
+    return method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method, wbits))
+
+
 def calibration_batches(settings: CompressionSettings) -> tuple[Tensor, Tensor]:
     """The calibration batch and the held-out batch (DQC's bound selection), fixed
     by the settings' seed so every method of a run sees the same patches."""
@@ -335,7 +343,7 @@ def quantize_with_settings(
     overrides, calibrated on ``calib`` and (2DQuant/CompSRT) distilled on a patch
     stream from the settings' folder (``on_checkpoint`` at the settings' DQC
     checkpoints; resumable from ``state_path``)."""
-    cfg = method_config(method, wbits=wbits, abits=abits, **_overrides(settings, method, wbits))
+    cfg = settings_config(settings, method, wbits, abits)
     stream = patch_stream(
         settings.calib_dir,
         scale=settings.scale,
@@ -425,9 +433,7 @@ def run_compression(
     held_out: Tensor | None = None
     for method in settings.methods:
         for wbits, abits in settings.bits:
-            cfg = method_config(
-                method, wbits=wbits, abits=abits, **_overrides(settings, method, wbits)
-            )
+            cfg = settings_config(settings, method, wbits, abits)
             marks = sorted(set(settings.dqc_checkpoints)) if cfg.dqc_iters else []
             name = row_method(cfg)
             final: RowKey = (
@@ -938,9 +944,7 @@ def check_resumed_configs(
     """
     for method in settings.methods:
         for wbits, abits in settings.bits:
-            cfg = method_config(
-                method, wbits=wbits, abits=abits, **_overrides(settings, method, wbits)
-            )
+            cfg = settings_config(settings, method, wbits, abits)
             name = row_method(cfg)
             wanted = json.loads(json.dumps(cfg.to_dict(), default=str))
             for row in rows:
